@@ -21,8 +21,8 @@ import numpy as np
 from streamrnn.errors import ModelFileError, StreamrnnError
 from streamrnn.kernels import cells as _cells
 from streamrnn.kernels.stream import forward_sequences
+from streamrnn.modelfile import SUPPORTED_FORMAT_VERSION as FORMAT_VERSION
 
-FORMAT_VERSION = 1
 CELLS = ("rnn", "lstm", "gru")
 _GATES = {"rnn": 1, "lstm": 4, "gru": 3}
 
@@ -251,7 +251,12 @@ class Model:
 
     @classmethod
     def from_keras(cls, path: str | Path, **options: Any) -> "Model":
-        """Import a Keras 3 ``.weights.h5`` file (LSTM/GRU layers then a Dense head)."""
+        """Import Keras 3 weights: a ``.weights.h5`` file or a ``.keras`` archive.
+
+        A stack of LSTM, GRU or SimpleRNN layers (one cell type, tanh/sigmoid activations)
+        followed by a Dense head. For a ``.weights.h5`` without biases pass ``reset_after=``;
+        for a relu SimpleRNN pass ``nonlinearity="relu"`` (a ``.keras`` archive says both).
+        """
         from streamrnn.keras_import import load_keras_weights
 
         return load_keras_weights(cls, Path(path), **options)
@@ -261,7 +266,6 @@ class Model:
     def packed(self) -> PackedWeights:
         """Weights in the kernels' layout (computed once; a Model is treated as immutable)."""
         h = self.hidden
-        g = _GATES[self.cell]
         code = {"gru": _cells.GRU, "lstm": _cells.LSTM}.get(
             self.cell, _cells.RNN_RELU if self.nonlinearity == "relu" else _cells.RNN_TANH)
         per = 2 if self.cell == "lstm" else 1
@@ -280,7 +284,6 @@ class Model:
             b.append(np.ascontiguousarray(bias, np.float32))
             bhn.append(rec_n)
             peep.append(np.ascontiguousarray(layer["peep"]) if self.peephole else np.zeros((3, hs), np.float32))
-        del g
         return PackedWeights(code, bool(self.reset_after), np.asarray(h, np.int64), offsets,
                              self.state_width, tuple(wx), tuple(wh), tuple(b), tuple(bhn),
                              tuple(peep), np.ascontiguousarray(self.head_weight.T), self.head_bias.copy())
@@ -339,31 +342,44 @@ class Model:
         from streamrnn.modelfile import read_model_file
 
         tensors, meta = read_model_file(Path(path))
-        return cls.from_parts(tensors, meta, source=str(path))
+        return cls.from_parts(tensors, meta, source=str(Path(path)))
 
     @classmethod
     def from_parts(cls, tensors: dict[str, np.ndarray], meta: dict[str, Any], source: str = "model") -> "Model":
+        """Build a model from a file's tensors and metadata; every problem is a ModelFileError."""
         try:
-            n_layers = len(meta["hidden"])
-            layers = [{k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"layers.{i}.")}
-                      for i in range(n_layers)]
-            known = {f"layers.{i}.{k}" for i, layer in enumerate(layers) for k in layer}
-            known |= {"head.weight", "head.bias", "scaler.mean", "scaler.scale"}
-            unknown = set(tensors) - known
-            if unknown:
-                raise ModelFileError(f"{source}: unexpected tensors {sorted(unknown)[:5]}")
-            return cls(cell=meta["cell"], layers=layers, head_weight=tensors["head.weight"],
-                       head_bias=tensors["head.bias"], reset_after=bool(meta["reset_after"]),
-                       peephole=bool(meta["peephole"]), nonlinearity=meta.get("nonlinearity", "tanh"),
-                       feature_names=list(meta["feature_names"]), scaler_mean=tensors["scaler.mean"],
-                       scaler_scale=tensors["scaler.scale"], thresholds=dict(meta.get("thresholds", {})),
-                       name=str(meta.get("name", "model")), version=str(meta.get("version", "1")),
-                       created=str(meta.get("created", "")), training=dict(meta.get("training", {})),
-                       streamrnn_version=str(meta.get("streamrnn_version", "")))
+            return cls._from_parts(tensors, meta)
         except ModelFileError as exc:
-            raise ModelFileError(f"{source}: {exc}") from None if not str(exc).startswith(source) else exc
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise ModelFileError(f"{source}: incomplete model metadata ({exc!r})") from None
+            msg = str(exc)
+            raise ModelFileError(msg if msg.startswith(f"{source}: ") else f"{source}: {msg}") from None
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise ModelFileError(f"{source}: incomplete or inconsistent model metadata ({exc!r})") from None
+
+    @classmethod
+    def _from_parts(cls, tensors: dict[str, np.ndarray], meta: dict[str, Any]) -> "Model":
+        required = {"head.weight", "head.bias", "scaler.mean", "scaler.scale"}
+        missing = sorted(required - set(tensors))
+        if missing:
+            raise ModelFileError(f"missing tensor(s) {missing}")
+        n_layers = len(meta["hidden"])
+        layers = [{k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"layers.{i}.")}
+                  for i in range(n_layers)]
+        known = {f"layers.{i}.{k}" for i, layer in enumerate(layers) for k in layer} | required
+        unknown = set(tensors) - known
+        if unknown:
+            raise ModelFileError(f"unexpected tensors {sorted(unknown)[:5]}")
+        model = cls(cell=meta["cell"], layers=layers, head_weight=tensors["head.weight"],
+                    head_bias=tensors["head.bias"], reset_after=bool(meta["reset_after"]),
+                    peephole=bool(meta["peephole"]), nonlinearity=meta.get("nonlinearity", "tanh"),
+                    feature_names=list(meta["feature_names"]), scaler_mean=tensors["scaler.mean"],
+                    scaler_scale=tensors["scaler.scale"], thresholds=dict(meta.get("thresholds", {})),
+                    name=str(meta.get("name", "model")), version=str(meta.get("version", "1")),
+                    created=str(meta.get("created", "")), training=dict(meta.get("training", {})),
+                    streamrnn_version=str(meta.get("streamrnn_version", "")))
+        if model.hidden != list(meta["hidden"]) or model.n_features != meta.get("n_features", model.n_features):
+            raise ModelFileError(f"metadata says hidden={meta['hidden']}, n_features={meta.get('n_features')} "
+                                 f"but the weights have hidden={model.hidden}, n_features={model.n_features}")
+        return model
 
 
 def _to_numpy(t: Any) -> np.ndarray:
