@@ -193,6 +193,7 @@ class Detector:
     @classmethod
     def restore(cls, model: Model, data: bytes, **options) -> "Detector":
         """A detector that continues exactly where the one that wrote ``data`` stopped."""
-        table = StreamTable.restore(data, max_streams=options.pop("max_streams", None),
-                                    idle_timeout_ms=options.pop("idle_timeout_ms", None))
+        # Limits default to the snapshot's own settings (``...``); pass a value to override.
+        table = StreamTable.restore(data, max_streams=options.pop("max_streams", ...),
+                                    idle_timeout_ms=options.pop("idle_timeout_ms", ...))
         return cls(model, table=table, **options)
