@@ -10,7 +10,11 @@ go through:
   streaming service does. Slow, so timed on a bounded number of events;
 * **peer 2 (torch batched)**: per wave (the k-th event of every stream in the batch, the same
   wave plan as ours), gather the wave's states from an (S, W) tensor with ``index_select``,
-  one cell call, the head, scatter back with ``index_copy_``. For N=1 the waves are one event.
+  one cell call, the head, scatter back with ``index_copy_``. For N=1 the waves are one event;
+* **peer 3 (torch whole sequence)**: ``nn.LSTM``/``nn.GRU`` + ``nn.Linear`` over each micro-batch
+  rearranged as (T = events per stream, B = streams) in one call, the state carried from batch
+  to batch: the strongest peer, but an offline one (it needs every stream's events up front,
+  and the rearranging is done before the clock starts). No target; printed for scale.
 
 Micro-batches: N=1: 1000 events of the one stream; N=1000: 10000 events, 10 per stream,
 interleaved in random order; N=100000: 100000 events, one per stream, shuffled (other N:
@@ -18,7 +22,7 @@ max(1000, N) events, about 10 per stream if N is small).
 
 All three compute the same network: the model is ``Model.from_torch(nn.LSTM(D, H),
 nn.Linear(H, D))`` and the peers' cells carry the LSTM's weights; a parity line checks their
-predictions agree to 1e-4 for every configuration. Our FLOP rate (events/s x
+predictions agree to 1e-4 for every configuration (peer 3: the final per-stream predictions). Our FLOP rate (events/s x
 ``Model.flops_per_event()``) is compared with NumPy's float32 GEMM rate (2048 x 2048 x 2048)
 measured in the same run with the same thread count.
 
@@ -267,8 +271,28 @@ class PeerBatched:
         return prev
 
 
+class PeerSequence:
+    """Peer 3: the whole micro-batch as (T, B, D) through nn.LSTM/nn.GRU and the head, one call."""
+
+    def __init__(self, rnn, head, n_streams: int):
+        self.rnn, self.head = rnn, head
+        self.n = n_streams
+        self.hx = None
+
+    def arrange(self, slots: np.ndarray, xs: np.ndarray) -> torch.Tensor:
+        """(T, N, D) tensor of each stream's events in arrival order (every stream has T events)."""
+        order = np.argsort(slots, kind="stable")
+        t = slots.shape[0] // self.n
+        return torch.from_numpy(np.ascontiguousarray(xs[order].reshape(self.n, t, -1).transpose(1, 0, 2)))
+
+    def step(self, seq: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            out, self.hx = self.rnn(seq, self.hx)
+            return self.head(out)
+
+
 # --------------------------------------------------------------------------- parity
-def parity(cell: str, model: Model, step, head, hidden: int, n_streams: int, seed: int) -> float:
+def parity(cell: str, model: Model, rnn, step, head, hidden: int, n_streams: int, seed: int) -> float:
     """Max |difference| of the predictions of ours and both peers on a fresh batch (inf if NaNs differ).
 
     Up to 100 streams (spread over the N slots) with 4 events each, interleaved, so the
@@ -299,6 +323,10 @@ def parity(cell: str, model: Model, step, head, hidden: int, n_streams: int, see
     final = ours.pred[np.unique(slots)]
     final_p2 = p2.pred[torch.from_numpy(np.unique(slots))].numpy()
     worst = max(worst, float(np.abs(final - final_p2).max()))
+    uniq = np.unique(slots)
+    p3 = PeerSequence(rnn, head, uniq.shape[0])
+    final_p3 = p3.step(p3.arrange(np.searchsorted(uniq, slots), xs))[-1].numpy()
+    worst = max(worst, float(np.abs(final - final_p3).max()))
     return worst
 
 
@@ -356,7 +384,7 @@ def run_config(cell: str, h: int, d: int, n: int, gemm: float, seed: int) -> dic
     rnn, head, step = torch_pair(cell, d, h, seed)
     model = Model.from_torch(rnn, head)
     flops = model.flops_per_event()
-    diff = parity(cell, model, step, head, h, n, seed + 1)
+    diff = parity(cell, model, rnn, step, head, h, n, seed + 1)
 
     batches = make_batches(n, d, seed + 2)
     ev_batch = batches[0][0].shape[0]
@@ -370,6 +398,11 @@ def run_config(cell: str, h: int, d: int, n: int, gemm: float, seed: int) -> dic
     r_p2, n_p2 = timed_rate(lambda i: p2.step(*batches[i % N_BATCHES]), ev_batch,
                             PEER2_REPEAT_S, PEER2_REPEATS)
     del p2
+
+    p3 = PeerSequence(rnn, head, n)
+    seqs = [p3.arrange(*b) for b in batches]
+    r_p3, n_p3 = timed_rate(lambda i: p3.step(seqs[i % N_BATCHES]), ev_batch, PEER2_REPEAT_S, PEER2_REPEATS)
+    del p3, seqs
 
     # Peer 1 on the first PEER1_EVENTS events of the micro-batch stream: one untimed pass
     # (its streams exist afterwards, as they would in a running service), then timed passes.
@@ -390,9 +423,10 @@ def run_config(cell: str, h: int, d: int, n: int, gemm: float, seed: int) -> dic
         "cell": cell, "hidden": h, "features": d, "streams": n, "events_per_batch": ev_batch,
         "flops_per_event": flops,
         "ours_events_per_s": r_ours, "peer1_events_per_s": r_p1, "peer2_events_per_s": r_p2,
-        "ours_over_peer1": r_ours / r_p1, "ours_over_peer2": r_ours / r_p2,
+        "peer3_events_per_s": r_p3,
+        "ours_over_peer1": r_ours / r_p1, "ours_over_peer2": r_ours / r_p2, "ours_over_peer3": r_ours / r_p3,
         "ours_gflops": r_ours * flops / 1e9, "gemm_fraction": frac,
-        "events_timed": {"ours": n_ours, "peer1": PEER1_EVENTS * PEER1_REPEATS, "peer2": n_p2},
+        "events_timed": {"ours": n_ours, "peer1": PEER1_EVENTS * PEER1_REPEATS, "peer2": n_p2, "peer3": n_p3},
         "parity_max_abs_diff": diff, "parity_ok": diff <= PARITY_TOL,
         "pass_peer1": r_ours / r_p1 >= TARGET_PEER1,
         "pass_peer2": r_ours / r_p2 >= TARGET_PEER2,
@@ -416,7 +450,8 @@ def _pf(flag) -> str:
 
 
 COLUMNS = [("cell", 4), ("H", 3), ("D", 2), ("N", 6), ("ours ev/s", 9), ("peer1 ev/s", 10),
-           ("peer2 ev/s", 10), ("ours/peer1", 15), ("ours/peer2", 13), ("GFLOP/s", 7),
+           ("peer2 ev/s", 10), ("peer3 ev/s", 10), ("ours/peer1", 15), ("ours/peer2", 13),
+           ("ours/peer3", 10), ("GFLOP/s", 7),
            ("of GEMM", 12), ("parity", 14), ("bg", 4)]
 
 
@@ -429,8 +464,10 @@ def format_row(r: dict) -> str:
     return _row([
         r["cell"], r["hidden"], r["features"], r["streams"],
         _si(r["ours_events_per_s"]), _si(r["peer1_events_per_s"]), _si(r["peer2_events_per_s"]),
+        _si(r["peer3_events_per_s"]),
         f"{r['ours_over_peer1']:.1f}x {_pf(r['pass_peer1'])}",
         f"{r['ours_over_peer2']:.2f}x {_pf(r['pass_peer2'])}",
+        f"{r['ours_over_peer3']:.2f}x",
         f"{r['ours_gflops']:.1f}",
         f"{r['gemm_fraction']:.3f} {_pf(r['pass_fraction'])}",
         f"{r['parity_max_abs_diff']:.1e} {'ok' if r['parity_ok'] else 'FAIL'}",
@@ -500,7 +537,9 @@ def main(argv=None) -> int:
           f"(- = no target); parity = max |pred diff| of ours vs both peers, tolerance {PARITY_TOL:g}")
     print("bg = CPU cores used by other processes while the row ran (should be ~0.0; if not, rerun)")
     print("peer1 = torch cell + head per event, state in a dict; peer2 = torch batched per wave "
-          "(index_select / cell / head / index_copy_); all under inference_mode")
+          "(index_select / cell / head / index_copy_);")
+    print("peer3 = torch nn.LSTM/nn.GRU + head over the whole batch as (T, streams, D), one call (offline, "
+          "no target); all under inference_mode")
     print()
     header = _row([name for name, _ in COLUMNS])
     print(header)
@@ -541,7 +580,7 @@ def main(argv=None) -> int:
     if noisy or (gemm_load.cores or 0) > NOISY_CORES:
         print(f"WARNING: {len(noisy)} row(s) (GEMM bg {_bg(gemm_load.cores)}) ran while other processes used "
               f"> {NOISY_CORES} cores; their numbers are unreliable (try --settle 120 --retries 2)")
-    print(f"timed: ours {OURS_REPEATS} x >= {OURS_REPEAT_S} s, peer2 {PEER2_REPEATS} x >= {PEER2_REPEAT_S} s, "
+    print(f"timed: ours {OURS_REPEATS} x >= {OURS_REPEAT_S} s, peer2/peer3 {PEER2_REPEATS} x >= {PEER2_REPEAT_S} s, "
           f"peer1 {PEER1_REPEATS} x {PEER1_EVENTS} events per config (median of repeats); "
           f"total {elapsed:.0f} s")
 

@@ -2,11 +2,23 @@
 
 Every option can be overridden by an environment variable before import, e.g.
 ``STREAMRNN_FASTMATH=0`` to compile strict IEEE kernels while debugging.
+
+Numba's on-disk cache keys a compiled kernel by its own file's source and its argument
+types only: not by the compile options, and not by the other files whose functions it
+inlined. Left alone, a kernel compiled with other options, or before a kernel it calls was
+edited, would be loaded silently. So this module installs a cache locator for streamrnn's
+files (:class:`KernelCacheLocator`) that keeps each option set in its own cache directory
+and invalidates a cached kernel whenever its module or any streamrnn module it uses
+(transitively: the modules of the functions it imports) changes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
+from pathlib import Path
+from types import ModuleType
 
 
 def _flag(name: str, default: bool) -> bool:
@@ -33,9 +45,7 @@ CACHE: bool = _flag("STREAMRNN_CACHE", True)
 #: NumPy error model: no per-division zero checks, so inner loops vectorise.
 ERROR_MODEL: str = "numpy"
 
-#: Rows processed together by one thread in the step kernels: each weight row loaded
-#: from cache is reused for this many streams.
-ROW_BLOCK: int = int(os.environ.get("STREAMRNN_ROW_BLOCK", "4"))
+_PACKAGE = Path(__file__).resolve().parent
 
 
 def jit_options(parallel: bool = False) -> dict:
@@ -47,3 +57,87 @@ def jit_options(parallel: bool = False) -> dict:
         "parallel": PARALLEL and parallel,
         "nogil": True,
     }
+
+
+def options_tag() -> str:
+    """Short name of the compile options in force (one cache directory per option set)."""
+    fm = sorted(FASTMATH) if FASTMATH else []
+    text = repr((fm, PARALLEL, ERROR_MODEL))
+    return "opts-" + hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def module_dependencies(module_name: str) -> list[str]:
+    """streamrnn modules ``module_name`` uses, itself included, transitively: the modules
+    of the functions, kernels and modules in its namespace (sorted names)."""
+    seen: set[str] = set()
+    todo = [module_name]
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in sys.modules:
+            continue
+        seen.add(name)
+        for value in vars(sys.modules[name]).values():
+            dep = value.__name__ if isinstance(value, ModuleType) else getattr(value, "__module__", None)
+            if isinstance(dep, str) and dep.split(".")[0] == "streamrnn" and dep not in seen:
+                todo.append(dep)
+    return sorted(seen)
+
+
+def sources_digest(module_name: str) -> str:
+    """Hash of the source files of ``module_name`` and every streamrnn module it uses: a
+    cached kernel may have inlined functions from any of them."""
+    h = hashlib.sha256()
+    for name in module_dependencies(module_name):
+        path = getattr(sys.modules[name], "__file__", None)
+        if path:
+            h.update(name.encode())
+            h.update(Path(path).read_bytes())
+    return h.hexdigest()
+
+
+def _install_cache_locator():
+    """Put :class:`KernelCacheLocator` first in Numba's locator list; returns the class."""
+    from numba.core import caching
+
+    class KernelCacheLocator(caching._CacheLocator):
+        """Numba's own locator for a streamrnn file, with the options in the cache path and
+        the kernel sources' digest in the freshness stamp."""
+
+        _digests: dict[str, str] = {}  # per module, hashed once per process
+
+        def __init__(self, inner, module_name):
+            self._inner = inner
+            self._module = module_name
+
+        @classmethod
+        def from_function(cls, py_func, py_file):
+            try:
+                inside = Path(py_file).resolve().is_relative_to(_PACKAGE)
+            except (OSError, ValueError):
+                return None
+            if not inside:
+                return None
+            for other in caching.CacheImpl._locator_classes:
+                if other is not cls:
+                    inner = other.from_function(py_func, py_file)
+                    if inner is not None:
+                        return cls(inner, py_func.__module__)
+            return None
+
+        def get_cache_path(self):
+            return os.path.join(self._inner.get_cache_path(), options_tag())
+
+        def get_source_stamp(self):
+            digests = KernelCacheLocator._digests
+            if self._module not in digests:
+                digests[self._module] = sources_digest(self._module)
+            return (self._inner.get_source_stamp(), digests[self._module])
+
+        def get_disambiguator(self):
+            return self._inner.get_disambiguator()
+
+    caching.CacheImpl._locator_classes.insert(0, KernelCacheLocator)
+    return KernelCacheLocator
+
+
+KernelCacheLocator = _install_cache_locator()

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from numba import njit
 from scipy.special import expit
 
 from streamrnn import Model
+from streamrnn.kernels import cells
 from streamrnn.kernels.activations import sigmoid32, tanh32
+from streamrnn.kernels.stream import forward_sequences, scratch_pool, step_events
 from tests import naive
 
 TOL = 1e-5
@@ -119,3 +129,209 @@ def test_from_torch_rejects_bidirectional_and_wrong_head():
         Model.from_torch(torch.nn.GRU(1, 4, bidirectional=True), torch.nn.Linear(8, 1))
     with pytest.raises(ValueError, match="next input"):
         Model.from_torch(torch.nn.GRU(2, 4), torch.nn.Linear(4, 3))
+
+
+# ------------------------------------------------------------------ register-tiled kernels
+# Sizes whose gate columns (G*H) end in a partial tile: 32-column panels plus 16-wide and
+# narrower tails, so every tile shape the micro-kernel has is exercised.
+TILE_MODELS = [
+    {"cell": "gru", "hidden": [11], "n_features": 1},                       # 33 = 32 + 1
+    {"cell": "gru", "hidden": [24], "n_features": 3, "reset_after": False},  # 72 = 2x32 + 8
+    {"cell": "lstm", "hidden": [12], "n_features": 2, "peephole": True},     # 48 = 32 + 16
+    {"cell": "lstm", "hidden": [8, 20], "n_features": 1},
+    {"cell": "rnn", "hidden": [40], "n_features": 3},                        # 40 = 32 + 8
+    {"cell": "rnn", "hidden": [5], "n_features": 2, "nonlinearity": "relu"},
+]
+_TILE_CACHE: dict = {}
+
+
+def _tile_model(i):
+    if i not in _TILE_CACHE:
+        _TILE_CACHE[i] = Model.random(seed=20 + i, **TILE_MODELS[i])
+    return _TILE_CACHE[i]
+
+
+@pytest.mark.parametrize("nx,nh,ncols", [(1, 64, 256), (3, 11, 33), (0, 24, 72), (5, 0, 15), (2, 7, 48)])
+def test_block_product_matches_float64_and_ignores_row_slot(nx, nh, ncols):
+    rng = np.random.default_rng(nx * 100 + nh + ncols)
+    wx = rng.standard_normal((max(nx, 1), ncols + 5), dtype=np.float32)
+    wh = rng.standard_normal((max(nh, 1), ncols + 5), dtype=np.float32)
+    bias = rng.standard_normal(ncols + 3, dtype=np.float32)
+    xp = rng.standard_normal((max(nx, 1), cells.TILE_ROWS), dtype=np.float32)
+    hp = rng.standard_normal((max(nh, 1), cells.TILE_ROWS), dtype=np.float32)
+    acc = np.zeros((cells.TILE_ROWS, ncols + 2), np.float32)
+    # Offsets in the weights (col 4), the bias (bcol 3) and the output (acc_col 2).
+    cells.block_product(acc, 2, bias, 3, 4, ncols, xp, nx, wx, hp, nh, wh)
+    ref = (bias[3:3 + ncols].astype(np.float64)
+           + xp[:nx].T.astype(np.float64) @ wx[:nx, 4:4 + ncols]
+           + hp[:nh].T.astype(np.float64) @ wh[:nh, 4:4 + ncols])
+    np.testing.assert_allclose(acc[:, 2:], ref, rtol=1e-5, atol=1e-5)
+    # The same row in every slot of the tile, beside different neighbours: identical bits.
+    for slot in range(cells.TILE_ROWS):
+        xq = rng.standard_normal(xp.shape, dtype=np.float32)
+        hq = rng.standard_normal(hp.shape, dtype=np.float32)
+        xq[:, slot], hq[:, slot] = xp[:, 0], hp[:, 0]
+        out = np.zeros_like(acc)
+        cells.block_product(out, 2, bias, 3, 4, ncols, xq, nx, wx, hq, nh, wh)
+        assert np.array_equal(out[slot], acc[0])
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("h", [24, 40])
+def test_predict_matches_torch_at_partial_tiles(kind, h):
+    rnn, head = _torch_pair(kind, 2, 3, h, batch_first=True, seed=h)
+    model = Model.from_torch(rnn, head)
+    x = np.random.default_rng(h).standard_normal((5, 30, 3)).astype(np.float32)
+    with torch.no_grad():
+        ref = head(rnn(torch.from_numpy(x))[0]).numpy()
+    np.testing.assert_allclose(model.predict(x), ref, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("i", range(len(TILE_MODELS)))
+def test_tile_models_match_naive_reference(i):
+    model = _tile_model(i)
+    x = np.random.default_rng(i).standard_normal((25, model.n_features)).astype(np.float32)
+    np.testing.assert_allclose(model.predict(x), naive.forward(model, x), atol=TOL)
+
+
+@pytest.mark.parametrize("i", range(len(TILE_MODELS)))
+def test_parallel_waves_equal_each_sequence_alone_bit_for_bit(i):
+    # 150 sequences: the parallel wave path (chunks of tiles on all threads, a partial last
+    # tile); each alone: one row in a tile of 4, on the calling thread.
+    model = _tile_model(i)
+    x = np.random.default_rng(i).standard_normal((150, 6, model.n_features)).astype(np.float32)
+    batched = model.predict(x)
+    for b in (0, 1, 77, 149):
+        assert np.array_equal(batched[b], model.predict(x[b]))
+
+
+def _step_in_batches(model, slots, xs, cuts, n_slots):
+    p = model.packed
+    state = np.zeros((n_slots, p.state_width), np.float32)
+    pred = np.full((n_slots, model.n_outputs), np.nan, np.float32)
+    scratch = np.zeros(n_slots, np.int32)
+    prev = np.empty((slots.shape[0], model.n_outputs), np.float32)
+    bounds = [0, *sorted(cuts), slots.shape[0]]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if a < b:
+            step_events(slots[a:b], xs[a:b], state, pred, prev[a:b], scratch, 2, *p.kernel_args())
+    return prev, pred
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(i=st.integers(0, len(TILE_MODELS) - 1), n_streams=st.integers(1, 9), length=st.integers(1, 8),
+       seed=st.integers(0, 2**32 - 1), n_cuts=st.integers(0, 12))
+def test_step_events_any_interleaving_and_batching_equals_forward_bit_for_bit(i, n_streams, length, seed,
+                                                                                n_cuts):
+    model = _tile_model(i)
+    rng = np.random.default_rng(seed)
+    d = model.n_features
+    seqs = rng.standard_normal((n_streams, length, d)).astype(np.float32)
+    slots = np.repeat(np.arange(n_streams, dtype=np.int64), length)
+    rng.shuffle(slots)
+    pos = np.zeros(n_streams, np.int64)
+    xs = np.empty((slots.shape[0], d), np.float32)
+    for e, s in enumerate(slots):
+        xs[e] = seqs[s, pos[s]]
+        pos[s] += 1
+    prev, pred = _step_in_batches(model, slots, xs, rng.integers(0, slots.shape[0], n_cuts), n_streams)
+    p = model.packed
+    state = np.zeros((n_streams, p.state_width), np.float32)
+    ref = forward_sequences(seqs, state, 2, *p.kernel_args())  # (B, T, O), network units
+    for s in range(n_streams):
+        got = prev[slots == s]
+        assert np.isnan(got[0]).all()
+        assert np.array_equal(got[1:], ref[s, :-1])
+        assert np.array_equal(pred[s], ref[s, -1])
+
+
+@pytest.mark.parametrize("i", [0, 1, 2])
+def test_step_events_split_across_threads_equals_forward_bit_for_bit(i):
+    # 150 streams of uneven lengths: the batch is split by stream into parallel chunks
+    # (n_threads=2), and also run on one thread; both equal each stream's forward alone.
+    model = _tile_model(i)
+    rng = np.random.default_rng(40 + i)
+    lengths = rng.integers(1, 6, 150)
+    seqs = [rng.standard_normal((n, model.n_features)).astype(np.float32) for n in lengths]
+    slots = np.repeat(np.arange(150, dtype=np.int64), lengths)
+    rng.shuffle(slots)
+    pos = np.zeros(150, np.int64)
+    xs = np.empty((slots.shape[0], model.n_features), np.float32)
+    for e, s in enumerate(slots):
+        xs[e] = seqs[s][pos[s]]
+        pos[s] += 1
+    p = model.packed
+    outs = []
+    for n_threads in (2, 1):
+        state = np.zeros((150, p.state_width), np.float32)
+        pred = np.full((150, model.n_outputs), np.nan, np.float32)
+        prev = np.empty((slots.shape[0], model.n_outputs), np.float32)
+        step_events(slots, xs, state, pred, prev, np.zeros(150, np.int32), n_threads, *p.kernel_args())
+        outs.append(prev)
+    assert np.array_equal(outs[0], outs[1], equal_nan=True)
+    for s in (0, 1, 74, 149):
+        ref = forward_sequences(seqs[s][None], np.zeros((1, p.state_width), np.float32), 1, *p.kernel_args())[0]
+        got = outs[0][slots == s]
+        assert np.isnan(got[0]).all() and np.array_equal(got[1:], ref[:-1])
+
+
+def test_scratch_pool_sizes_cover_inputs_wider_than_hidden():
+    hidden = np.array([8, 4], np.int64)
+    xp, hp, acc, accn, blk = scratch_pool(3, hidden, 20, 30)
+    assert xp.shape == (3, 20, cells.TILE_ROWS) and hp.shape == (3, 8, cells.TILE_ROWS)
+    assert acc.shape == (3, cells.TILE_ROWS, 32) and accn.shape == (3, cells.TILE_ROWS, 8)
+    assert blk.shape == (3, 2, cells.TILE_ROWS)
+    model = Model.random("lstm", n_features=20, hidden=[4], seed=3)
+    x = np.random.default_rng(5).standard_normal((40, 20)).astype(np.float32)
+    np.testing.assert_allclose(model.predict(x), naive.forward(model, x), atol=TOL)
+
+
+# ------------------------------------------------------------------------ on-disk cache
+_CACHE_PROBE = """
+import numpy as np
+from streamrnn.kernels import cells
+dst = np.empty((3, 4), np.float32)
+cells.pack_rows(dst, np.arange(12, dtype=np.float32).reshape(4, 3), np.array([1, 2]), 2, 0, 3)
+assert np.array_equal(dst[:, 0], [3, 4, 5]) and not dst[:, 2:].any()
+st = cells.pack_rows.stats
+print(sum(st.cache_hits.values()), sum(st.cache_misses.values()), bool(cells.pack_rows.targetoptions["fastmath"]))
+"""
+
+
+def test_kernel_cache_keeps_option_sets_apart_and_tracks_every_kernel_file(tmp_path):
+    # A private copy of the package, so a kernel file can be edited and the cache is fresh.
+    root = Path(__file__).resolve().parent.parent
+    shutil.copytree(root / "streamrnn", tmp_path / "streamrnn",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+
+    def probe(**env):
+        full = {k: v for k, v in os.environ.items() if not k.startswith("STREAMRNN_")}
+        full.update(PYTHONPATH=str(tmp_path), NUMBA_CACHE_DIR=str(tmp_path / "cache"), **env)
+        out = subprocess.run([sys.executable, "-c", _CACHE_PROBE], env=full, cwd=tmp_path,
+                             capture_output=True, text=True, check=True)
+        hits, misses, fastmath = out.stdout.split()
+        return int(hits), int(misses), fastmath == "True"
+
+    assert probe() == (0, 1, True)  # compiled and saved
+    assert probe() == (1, 0, True)  # loaded
+    # Other options: compiled with them, not the default build loaded from disk.
+    assert probe(STREAMRNN_FASTMATH="0") == (0, 1, False)
+    assert probe(STREAMRNN_FASTMATH="0") == (1, 0, False)
+    assert probe() == (1, 0, True)  # the default build is still there
+    # A kernel file cells.py does not use (scoring.py) edited: still valid.
+    with open(tmp_path / "streamrnn" / "kernels" / "scoring.py", "a") as fh:
+        fh.write("\n# edited\n")
+    assert probe() == (1, 0, True)
+    # pack_rows lives in cells.py, but kernels inline the functions they call: a file it
+    # uses (activations.py) edited must invalidate it.
+    with open(tmp_path / "streamrnn" / "kernels" / "activations.py", "a") as fh:
+        fh.write("\n# edited\n")
+    assert probe() == (0, 1, True)
+
+
+def test_module_dependencies_follow_imported_kernels():
+    from streamrnn.config import module_dependencies
+    deps = module_dependencies("streamrnn.kernels.stream")
+    assert {"streamrnn.kernels.stream", "streamrnn.kernels.cells", "streamrnn.kernels.activations",
+            "streamrnn.config"} <= set(deps)
+    assert "streamrnn.kernels.scoring" not in deps

@@ -1,18 +1,32 @@
-"""One recurrent step for a block of rows (streams), every cell the engine has.
+"""One recurrent step for a block of up to ``TILE_ROWS`` rows (streams), every cell the engine has.
 
 Layout follows PyTorch: gate blocks stacked along the output axis, LSTM (i, f, g, o), GRU
-(r, z, n). Weights arrive pre-transposed, ``wx`` (D_in, G*H) and ``wh`` (H, G*H), so the
-innermost loop runs over contiguous output columns and vectorises.
+(r, z, n). Weights arrive pre-transposed, ``wx`` (D_in, G*H) and ``wh`` (H, G*H), so a
+weight row is contiguous over output columns.
+
+The products run in a register-blocked micro-kernel: the inputs of the block's rows are
+first packed into a small (K, TILE_ROWS) buffer, then each tile of TILE_ROWS rows x PANEL
+columns is accumulated in registers (a stack array LLVM promotes) with the k loop inside,
+so every weight vector loaded is used for all rows of the block and no accumulator goes
+through memory per k.
 
 Every output element is accumulated in one fixed order (bias, then input features, then
-recurrent units, each in index order), whatever the number of rows in the block. That is
-what makes a stream's numbers independent of how its events were batched or interleaved.
+recurrent units, each in index order, one fused multiply-add per term), whatever the number
+of rows in the block or the width of the tile that computes it. That is what makes a
+stream's numbers independent of how its events were batched or interleaved.
+
+Indices that add a runtime offset are cast to unsigned (``_U``): Numba skips its
+negative-index wraparound for unsigned indices, and that select otherwise turns contiguous
+vector loads into gathers.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import carray, njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from streamrnn.config import jit_options
 from streamrnn.kernels.activations import relu32, sigmoid32, tanh32
@@ -22,126 +36,215 @@ RNN_RELU = 1
 LSTM = 2
 GRU = 3
 
+#: Rows (streams) stepped together: each weight vector loaded is reused for all of them.
+TILE_ROWS = 4
+#: Output columns of one register tile (two AVX-512 or four AVX2 vectors).
+PANEL = 32
+#: Width of the narrow tile used for the last columns (G*H not a multiple of PANEL).
+NARROW = 16
+
 _OPTS = jit_options()
 _ONE = np.float32(1.0)  # a bare 1 would promote the gate maths to float64
+_ZERO = np.float32(0.0)
+_U = np.uint64
 
 
-@njit(**_OPTS)
-def _init_bias(acc, rn, b, ncols):
-    for r in range(rn):
-        for j in range(ncols):
-            acc[r, j] = b[j]
+@intrinsic
+def _stack_f32(typingctx, n):
+    """Pointer to ``n`` (a literal) float32s on the stack of the calling function.
 
-
-@njit(**_OPTS)
-def _accumulate_rows(acc, rn, src, rows, col0, w, ncols):
-    """acc[r, :ncols] += src[rows[r], col0:col0+K] @ w[:, :ncols] for r < rn."""
-    for k in range(w.shape[0]):
-        for r in range(rn):
-            v = src[rows[r], col0 + k]
-            for j in range(ncols):
-                acc[r, j] += v * w[k, j]
-
-
-@njit(**_OPTS)
-def _accumulate_gru_recurrent(acc, accn, rn, state, rows, off, wh, hsz):
-    """Recurrent part of a GRU with the reset gate after the product (PyTorch)."""
-    h2 = 2 * hsz
-    for k in range(hsz):
-        for r in range(rn):
-            v = state[rows[r], off + k]
-            for j in range(h2):
-                acc[r, j] += v * wh[k, j]
-            for j in range(hsz):
-                accn[r, j] += v * wh[k, h2 + j]
-
-
-@njit(**_OPTS)
-def _accumulate_reset_hidden(accn, rn, rh, wh, hsz):
-    """accn += (r * h) @ W_hn: the reset-before-product GRU (Cho et al., Keras reset_after=False)."""
-    h2 = 2 * hsz
-    for k in range(hsz):
-        for r in range(rn):
-            v = rh[r, k]
-            for j in range(hsz):
-                accn[r, j] += v * wh[k, h2 + j]
-
-
-@njit(**_OPTS)
-def layer_step(cell, reset_after, rn, src, src_rows, src_col, state, rows, off, hsz,
-               wx, wh, b, bhn, peep, acc, accn, rh):
-    """Advance one layer for ``rn`` rows in place.
-
-    src[src_rows[r], src_col:src_col+D_in] is the layer input of row r (the events for the
-    first layer, the state row of the layer below otherwise); state[rows[r], off:off+H] is
-    h and, for LSTM, state[rows[r], off+H:off+2H] is c. acc, accn and rh are scratch.
+    A fixed-size stack array indexed with constants (after unrolling) is promoted to
+    registers by LLVM; a heap array from np.empty never is.
     """
+    if not isinstance(n, types.IntegerLiteral):
+        return None
+    size = n.literal_value
+
+    def codegen(context, builder, signature, args):
+        arr = cgutils.alloca_once(builder, ir.ArrayType(ir.FloatType(), size))
+        zero = ir.Constant(ir.IntType(32), 0)
+        return builder.gep(arr, [zero, zero])
+
+    return types.CPointer(types.float32)(n), codegen
+
+
+@njit(**_OPTS)
+def _panel(acc, acc_col, bias, bcol, col, xp, nx, wx, hp, nh, wh):
+    """acc[r, acc_col:+PANEL] = bias[bcol:+PANEL] + xp[:nx, r] @ wx[:nx, col:+PANEL]
+    + hp[:nh, r] @ wh[:nh, col:+PANEL] for the TILE_ROWS rows, in registers."""
+    t = carray(_stack_f32(128), (4, 32))  # (TILE_ROWS, PANEL)
+    for r in range(4):
+        for j in range(32):
+            t[r, j] = bias[_U(bcol + j)]
+    for k in range(nx):
+        v0 = xp[k, 0]
+        v1 = xp[k, 1]
+        v2 = xp[k, 2]
+        v3 = xp[k, 3]
+        for j in range(32):
+            w = wx[k, _U(col + j)]
+            t[0, j] += v0 * w
+            t[1, j] += v1 * w
+            t[2, j] += v2 * w
+            t[3, j] += v3 * w
+    for k in range(nh):
+        v0 = hp[k, 0]
+        v1 = hp[k, 1]
+        v2 = hp[k, 2]
+        v3 = hp[k, 3]
+        for j in range(32):
+            w = wh[k, _U(col + j)]
+            t[0, j] += v0 * w
+            t[1, j] += v1 * w
+            t[2, j] += v2 * w
+            t[3, j] += v3 * w
+    for r in range(4):
+        for j in range(32):
+            acc[r, _U(acc_col + j)] = t[r, j]
+
+
+@njit(**_OPTS)
+def _panel_narrow(acc, acc_col, bias, bcol, col, width, xp, nx, wx, hp, nh, wh):
+    """As ``_panel`` for ``width`` <= NARROW columns (the tail of a row of gates)."""
+    t = carray(_stack_f32(64), (4, 16))  # (TILE_ROWS, NARROW)
+    for r in range(4):
+        for j in range(width):
+            t[r, j] = bias[_U(bcol + j)]
+    for k in range(nx):
+        v0 = xp[k, 0]
+        v1 = xp[k, 1]
+        v2 = xp[k, 2]
+        v3 = xp[k, 3]
+        for j in range(width):
+            w = wx[k, _U(col + j)]
+            t[0, j] += v0 * w
+            t[1, j] += v1 * w
+            t[2, j] += v2 * w
+            t[3, j] += v3 * w
+    for k in range(nh):
+        v0 = hp[k, 0]
+        v1 = hp[k, 1]
+        v2 = hp[k, 2]
+        v3 = hp[k, 3]
+        for j in range(width):
+            w = wh[k, _U(col + j)]
+            t[0, j] += v0 * w
+            t[1, j] += v1 * w
+            t[2, j] += v2 * w
+            t[3, j] += v3 * w
+    for r in range(4):
+        for j in range(width):
+            acc[r, _U(acc_col + j)] = t[r, j]
+
+
+@njit(**_OPTS)
+def block_product(acc, acc_col, bias, bcol, col, ncols, xp, nx, wx, hp, nh, wh):
+    """acc[:, acc_col:+ncols] = bias[bcol:+ncols] + xp[:nx].T @ wx[:nx, col:+ncols]
+    + hp[:nh].T @ wh[:nh, col:+ncols] for the TILE_ROWS packed rows (nx or nh may be 0)."""
+    j = 0
+    while j + PANEL <= ncols:
+        _panel(acc, acc_col + j, bias, bcol + j, col + j, xp, nx, wx, hp, nh, wh)
+        j += PANEL
+    while j < ncols:
+        width = min(NARROW, ncols - j)
+        _panel_narrow(acc, acc_col + j, bias, bcol + j, col + j, width, xp, nx, wx, hp, nh, wh)
+        j += width
+
+
+@njit(**_OPTS)
+def pack_rows(dst, src, rows, rn, col, n):
+    """dst[k, r] = src[rows[r], col + k] for k < n; rows rn..TILE_ROWS-1 are zero (computed, unused)."""
+    for r in range(TILE_ROWS):
+        if r < rn:
+            row = src[rows[r]]
+            for k in range(n):
+                dst[k, r] = row[_U(col + k)]
+        else:
+            for k in range(n):
+                dst[k, r] = _ZERO
+
+
+@njit(**_OPTS)
+def _gru_gates(rn, state, rows, off, hsz, acc, accn, reset_after):
+    h2 = 2 * hsz
+    for r in range(rn):
+        row = state[rows[r]]
+        for j in range(hsz):
+            rg = sigmoid32(acc[r, j])
+            zg = sigmoid32(acc[r, _U(hsz + j)])
+            if reset_after:
+                ng = tanh32(acc[r, _U(h2 + j)] + rg * accn[r, j])
+            else:
+                ng = tanh32(acc[r, _U(h2 + j)] + accn[r, j])
+            h = row[_U(off + j)]
+            row[_U(off + j)] = (_ONE - zg) * ng + zg * h
+
+
+@njit(**_OPTS)
+def _lstm_gates(rn, state, rows, off, hsz, acc, peep):
+    offc = off + hsz
+    for r in range(rn):
+        row = state[rows[r]]
+        for j in range(hsz):
+            c = row[_U(offc + j)]
+            ig = sigmoid32(acc[r, j] + peep[0, j] * c)
+            fg = sigmoid32(acc[r, _U(hsz + j)] + peep[1, j] * c)
+            gg = tanh32(acc[r, _U(2 * hsz + j)])
+            cn = fg * c + ig * gg
+            og = sigmoid32(acc[r, _U(3 * hsz + j)] + peep[2, j] * cn)
+            row[_U(offc + j)] = cn
+            row[_U(off + j)] = og * tanh32(cn)
+
+
+@njit(**_OPTS)
+def _rnn_gates(cell, rn, state, rows, off, hsz, acc):
+    for r in range(rn):
+        row = state[rows[r]]
+        for j in range(hsz):
+            if cell == RNN_RELU:
+                row[_U(off + j)] = relu32(acc[r, j])
+            else:
+                row[_U(off + j)] = tanh32(acc[r, j])
+
+
+@njit(**_OPTS)
+def layer_step(cell, reset_after, rn, src, src_rows, src_col, n_in, state, rows, off, hsz,
+               wx, wh, b, bhn, peep, xp, hp, acc, accn):
+    """Advance one layer for ``rn`` <= TILE_ROWS rows in place.
+
+    src[src_rows[r], src_col:src_col+n_in] is the layer input of row r (the events for the
+    first layer, the state row of the layer below otherwise); state[rows[r], off:off+H] is
+    h and, for LSTM, state[rows[r], off+H:off+2H] is c. xp (>= n_in, TILE_ROWS),
+    hp (>= H, TILE_ROWS), acc (TILE_ROWS, >= G*H) and accn (TILE_ROWS, >= H) are scratch.
+    """
+    pack_rows(xp, src, src_rows, rn, src_col, n_in)
+    pack_rows(hp, state, rows, rn, off, hsz)
     if cell == GRU:
         h2 = 2 * hsz
-        _init_bias(acc, rn, b, 3 * hsz)
-        _accumulate_rows(acc, rn, src, src_rows, src_col, wx, 3 * hsz)
-        _init_bias(accn, rn, bhn, hsz)
-        if reset_after:
-            _accumulate_gru_recurrent(acc, accn, rn, state, rows, off, wh, hsz)
-        else:
-            _accumulate_rows(acc, rn, state, rows, off, wh, h2)
-            for r in range(rn):
-                s = rows[r]
-                for j in range(hsz):
-                    rh[r, j] = sigmoid32(acc[r, j]) * state[s, off + j]
-            _accumulate_reset_hidden(accn, rn, rh, wh, hsz)
-        for r in range(rn):
-            s = rows[r]
-            for j in range(hsz):
-                rg = sigmoid32(acc[r, j])
-                zg = sigmoid32(acc[r, hsz + j])
-                if reset_after:
-                    ng = tanh32(acc[r, h2 + j] + rg * accn[r, j])
-                else:
-                    ng = tanh32(acc[r, h2 + j] + accn[r, j])
-                h = state[s, off + j]
-                state[s, off + j] = (_ONE - zg) * ng + zg * h
+        block_product(acc, 0, b, 0, 0, h2, xp, n_in, wx, hp, hsz, wh)
+        block_product(acc, h2, b, h2, h2, hsz, xp, n_in, wx, hp, 0, wh)
+        if not reset_after:
+            # Cho et al.: the n gate's recurrent product sees r * h instead of h.
+            for k in range(hsz):
+                for r in range(TILE_ROWS):
+                    hp[k, r] = sigmoid32(acc[r, k]) * hp[k, r]
+        block_product(accn, 0, bhn, 0, h2, hsz, xp, 0, wx, hp, hsz, wh)
+        _gru_gates(rn, state, rows, off, hsz, acc, accn, reset_after)
     elif cell == LSTM:
-        g4 = 4 * hsz
-        _init_bias(acc, rn, b, g4)
-        _accumulate_rows(acc, rn, src, src_rows, src_col, wx, g4)
-        _accumulate_rows(acc, rn, state, rows, off, wh, g4)
-        offc = off + hsz
-        for r in range(rn):
-            s = rows[r]
-            for j in range(hsz):
-                c = state[s, offc + j]
-                ig = sigmoid32(acc[r, j] + peep[0, j] * c)
-                fg = sigmoid32(acc[r, hsz + j] + peep[1, j] * c)
-                gg = tanh32(acc[r, 2 * hsz + j])
-                cn = fg * c + ig * gg
-                og = sigmoid32(acc[r, 3 * hsz + j] + peep[2, j] * cn)
-                state[s, offc + j] = cn
-                state[s, off + j] = og * tanh32(cn)
+        block_product(acc, 0, b, 0, 0, 4 * hsz, xp, n_in, wx, hp, hsz, wh)
+        _lstm_gates(rn, state, rows, off, hsz, acc, peep)
     else:
-        _init_bias(acc, rn, b, hsz)
-        _accumulate_rows(acc, rn, src, src_rows, src_col, wx, hsz)
-        _accumulate_rows(acc, rn, state, rows, off, wh, hsz)
-        for r in range(rn):
-            s = rows[r]
-            for j in range(hsz):
-                if cell == RNN_RELU:
-                    state[s, off + j] = relu32(acc[r, j])
-                else:
-                    state[s, off + j] = tanh32(acc[r, j])
+        block_product(acc, 0, b, 0, 0, hsz, xp, n_in, wx, hp, hsz, wh)
+        _rnn_gates(cell, rn, state, rows, off, hsz, acc)
 
 
 @njit(**_OPTS)
-def head_step(rn, state, rows, off, wo, bo, out, out_rows):
+def head_step(rn, state, rows, off, hsz, wo, bo, out, out_rows, hp, acc):
     """out[out_rows[r], :] = state[rows[r], off:off+H] @ wo + bo (the linear head)."""
     n_out = wo.shape[1]
+    pack_rows(hp, state, rows, rn, off, hsz)
+    block_product(acc, 0, bo, 0, 0, n_out, hp, hsz, wo, hp, 0, wo)
     for r in range(rn):
-        o = out_rows[r]
+        o = out[out_rows[r]]
         for j in range(n_out):
-            out[o, j] = bo[j]
-    for k in range(wo.shape[0]):
-        for r in range(rn):
-            v = state[rows[r], off + k]
-            o = out_rows[r]
-            for j in range(n_out):
-                out[o, j] += v * wo[k, j]
+            o[j] = acc[r, j]

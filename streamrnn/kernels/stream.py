@@ -1,10 +1,16 @@
 """Streaming and whole-sequence forward passes built on ``cells.layer_step``.
 
-A micro-batch interleaves events of many streams. It is cut into *waves*: wave k holds the
-k-th event of every stream present, so within a wave every stream appears at most once and
-rows can be stepped in parallel, while waves run in order and keep each stream's events in
-arrival order. A whole-sequence forward over B sequences is the same thing with one wave per
-time step, so both share one row kernel and give identical numbers.
+A micro-batch interleaves events of many streams. It is first ordered into *waves*: wave k
+holds the k-th event of every stream present, in arrival order. Walking that order, runs of
+up to ``TILE_ROWS`` consecutive events of distinct streams are stepped together as one tile
+(each is its stream's next event, so every stream still sees its events in arrival order).
+
+For parallelism the streams, not the waves, are split: each chunk owns the streams with
+``slot % n_chunks == c`` and walks their events wave by wave, so a whole micro-batch is one
+parallel region with no barrier between waves (on a busy machine a barrier per wave is
+where the time goes). A whole-sequence forward over B sequences is the same with one wave
+per time step. Each output element is computed by the same code in the same order however
+the events were batched, chunked or tiled, so all give identical numbers.
 """
 
 from __future__ import annotations
@@ -12,83 +18,163 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from streamrnn.config import ROW_BLOCK, jit_options
-from streamrnn.kernels.cells import head_step, layer_step
+from streamrnn.config import jit_options
+from streamrnn.kernels.cells import TILE_ROWS, head_step, layer_step
 
 _OPTS = jit_options()
 _PAR_OPTS = jit_options(parallel=True)
 
-#: Waves smaller than this run on the calling thread: starting a parallel region costs
-#: more than stepping a few streams.
+#: Batches with fewer distinct streams than this run on the calling thread: starting a
+#: parallel region costs more than stepping a few streams.
 SERIAL_WAVE = 64
+#: Chunks per thread the streams are split into (balances the load).
+CHUNKS_PER_THREAD = 4
 
 
 @njit(**_OPTS)
-def _step_rows(lo, hi, ev, sl, xs, state, pred, prev_out,
-               cell, reset_after, hidden, offsets, wx, wh, b, bhn, peep, wo, bo,
-               acc, accn, rh, ev_blk, sl_blk):
-    """Step rows lo..hi of a wave in blocks of ROW_BLOCK, with caller-owned scratch."""
+def scratch_pool(n_chunks, hidden, n_in, n_out):
+    """Scratch for ``n_chunks`` concurrent row blocks, allocated once per kernel call.
+
+    Returns (xp, hp, acc, accn, blk): packed layer inputs (C, K, TILE_ROWS), packed hidden
+    states (C, H, TILE_ROWS), gate accumulators (C, TILE_ROWS, G) and (C, TILE_ROWS, H), and
+    the block's event and slot indices (C, 2, TILE_ROWS).
+    """
+    hmax = 1
+    for h in hidden:
+        hmax = max(hmax, h)
+    kmax = max(n_in, hmax)
+    gmax = max(4 * hmax, n_out)
+    return (np.empty((n_chunks, kmax, TILE_ROWS), np.float32),
+            np.empty((n_chunks, hmax, TILE_ROWS), np.float32),
+            np.empty((n_chunks, TILE_ROWS, gmax), np.float32),
+            np.empty((n_chunks, TILE_ROWS, hmax), np.float32),
+            np.empty((n_chunks, 2, TILE_ROWS), np.int64))
+
+
+@njit(**_OPTS)
+def _step_block(rn, src, src_col, src_rows, state, rows, pred,
+                cell, reset_after, hidden, offsets, wx, wh, b, bhn, peep, wo, bo, xp, hp, acc, accn):
+    """Step ``rn`` <= TILE_ROWS distinct streams (state rows ``rows``) on their inputs
+    src[src_rows[r], src_col:], then store the head's prediction in pred[rows[r]]."""
     n_layers = hidden.shape[0]
-    top = offsets[n_layers - 1]
+    layer_step(cell, reset_after, rn, src, src_rows, src_col, wx[0].shape[0], state, rows, offsets[0],
+               hidden[0], wx[0], wh[0], b[0], bhn[0], peep[0], xp, hp, acc, accn)
+    for layer in range(1, n_layers):
+        layer_step(cell, reset_after, rn, state, rows, offsets[layer - 1], hidden[layer - 1],
+                   state, rows, offsets[layer], hidden[layer], wx[layer], wh[layer], b[layer],
+                   bhn[layer], peep[layer], xp, hp, acc, accn)
+    head_step(rn, state, rows, offsets[n_layers - 1], hidden[n_layers - 1], wo, bo, pred, rows, hp, acc)
+
+
+@njit(**_OPTS)
+def _step_list(lo, hi, ev, sl, xs, state, pred, prev_out,
+               cell, reset_after, hidden, offsets, wx, wh, b, bhn, peep, wo, bo,
+               xp, hp, acc, accn, blk):
+    """Score-then-step events ev[lo:hi] of slots sl[lo:hi], a list in which each stream's
+    events are in arrival order, with one chunk's scratch.
+
+    Runs of up to TILE_ROWS consecutive events of distinct streams form a tile: each is its
+    stream's next event, since the stream's earlier ones came earlier in the list.
+    """
     n_out = wo.shape[1]
-    for r0 in range(lo, hi, ROW_BLOCK):
-        rn = min(ROW_BLOCK, hi - r0)
-        for r in range(rn):
-            ev_blk[r] = ev[r0 + r]
-            sl_blk[r] = sl[r0 + r]
+    ev_blk = blk[0]
+    sl_blk = blk[1]
+    i = lo
+    while i < hi:
+        rn = 0
+        while i < hi and rn < TILE_ROWS:
+            s = sl[i]
+            fresh = True
+            for r in range(rn):
+                fresh = fresh and sl_blk[r] != s
+            if not fresh:
+                break
+            ev_blk[rn] = ev[i]
+            sl_blk[rn] = s
+            rn += 1
+            i += 1
         for r in range(rn):
             e = ev_blk[r]
             s = sl_blk[r]
             for j in range(n_out):
                 prev_out[e, j] = pred[s, j]
-        layer_step(cell, reset_after, rn, xs, ev_blk, 0, state, sl_blk, offsets[0], hidden[0],
-                   wx[0], wh[0], b[0], bhn[0], peep[0], acc, accn, rh)
-        for layer in range(1, n_layers):
-            layer_step(cell, reset_after, rn, state, sl_blk, offsets[layer - 1], state, sl_blk,
-                       offsets[layer], hidden[layer], wx[layer], wh[layer], b[layer],
-                       bhn[layer], peep[layer], acc, accn, rh)
-        head_step(rn, state, sl_blk, top, wo, bo, pred, sl_blk)
-
-
-@njit(**_OPTS)
-def _scratch(hidden):
-    hmax = 0
-    for h in hidden:
-        hmax = max(hmax, h)
-    acc = np.empty((ROW_BLOCK, 4 * hmax), np.float32)
-    accn = np.empty((ROW_BLOCK, hmax), np.float32)
-    rh = np.empty((ROW_BLOCK, hmax), np.float32)
-    return acc, accn, rh, np.empty(ROW_BLOCK, np.int64), np.empty(ROW_BLOCK, np.int64)
+        _step_block(rn, xs, 0, ev_blk, state, sl_blk, pred, cell, reset_after, hidden, offsets,
+                    wx, wh, b, bhn, peep, wo, bo, xp, hp, acc, accn)
 
 
 @njit(**_PAR_OPTS)
-def _step_wave_parallel(n, n_threads, ev, sl, xs, state, pred, prev_out,
-                        cell, reset_after, hidden, offsets, wx, wh, b, bhn, peep, wo, bo):
-    # A few chunks per thread balance the load; each chunk owns its scratch, and rows of
-    # one wave are distinct streams, so chunks never write the same state row.
-    # (n_threads comes from the caller: numba.get_num_threads() here would stop caching.)
-    n_chunks = min(n_threads * 4, (n + ROW_BLOCK - 1) // ROW_BLOCK)
+def _step_chunks_parallel(starts, ev, sl, xs, state, pred, prev_out,
+                          cell, reset_after, hidden, offsets, wx, wh, b, bhn, peep, wo, bo,
+                          xp, hp, acc, accn, blk):
+    # Chunks own disjoint sets of streams, so they never write the same state or pred row,
+    # and each owns one slice of the scratch pool.
+    for c in prange(starts.shape[0] - 1):
+        _step_list(starts[c], starts[c + 1], ev, sl, xs, state, pred, prev_out, cell, reset_after,
+                   hidden, offsets, wx, wh, b, bhn, peep, wo, bo, xp[c], hp[c], acc[c], accn[c], blk[c])
+
+
+@njit(**_OPTS)
+def _split_by_stream(order, ev_slots, n_chunks):
+    """Stable partition of the wave order by chunk (slot % n_chunks): (events, slots, starts)."""
+    n = order.shape[0]
+    starts = np.zeros(n_chunks + 1, np.int64)
+    for i in range(n):
+        starts[ev_slots[i] % n_chunks + 1] += 1
+    for c in range(n_chunks):
+        starts[c + 1] += starts[c]
+    fill = starts[:-1].copy()
+    ev = np.empty(n, np.int64)
+    sl = np.empty(n, np.int64)
+    for i in range(n):
+        c = ev_slots[i] % n_chunks
+        ev[fill[c]] = order[i]
+        sl[fill[c]] = ev_slots[i]
+        fill[c] += 1
+    return ev, sl, starts
+
+
+@njit(**_OPTS)
+def _n_chunks(n_threads, n_streams):
+    if n_threads <= 1 or n_streams < SERIAL_WAVE:
+        return 1
+    return min(n_threads * CHUNKS_PER_THREAD, (n_streams + TILE_ROWS - 1) // TILE_ROWS)
+
+
+@njit(**_OPTS)
+def _tile_ranges(n, n_chunks):
+    """Bounds of n_chunks contiguous ranges over n rows, each a multiple of TILE_ROWS long."""
     per = (n + n_chunks - 1) // n_chunks
-    per = (per + ROW_BLOCK - 1) // ROW_BLOCK * ROW_BLOCK
-    for c in prange(n_chunks):
-        lo = c * per
-        hi = min(n, lo + per)
-        if lo < hi:
-            acc, accn, rh, ev_blk, sl_blk = _scratch(hidden)
-            _step_rows(lo, hi, ev, sl, xs, state, pred, prev_out, cell, reset_after, hidden,
-                       offsets, wx, wh, b, bhn, peep, wo, bo, acc, accn, rh, ev_blk, sl_blk)
+    per = (per + TILE_ROWS - 1) // TILE_ROWS * TILE_ROWS
+    starts = np.empty(n_chunks + 1, np.int64)
+    for c in range(n_chunks + 1):
+        starts[c] = min(n, c * per)
+    return starts
+
+
+@njit(**_OPTS)
+def step_wave_scratch(n, ev, sl, xs, state, pred, prev_out,
+                      cell, reset_after, hidden, offsets, wx, wh, b, bhn, peep, wo, bo,
+                      xp, hp, acc, accn, blk):
+    """One wave (``n`` rows of distinct streams) with a pool from ``scratch_pool``: its
+    first dimension is the number of chunks the rows are split into (1: serial)."""
+    n_chunks = 1 if n < SERIAL_WAVE else min(xp.shape[0], (n + TILE_ROWS - 1) // TILE_ROWS)
+    if n_chunks <= 1:
+        _step_list(0, n, ev, sl, xs, state, pred, prev_out, cell, reset_after, hidden,
+                   offsets, wx, wh, b, bhn, peep, wo, bo, xp[0], hp[0], acc[0], accn[0], blk[0])
+        return
+    starts = _tile_ranges(n, n_chunks)
+    _step_chunks_parallel(starts, ev, sl, xs, state, pred, prev_out, cell, reset_after, hidden,
+                          offsets, wx, wh, b, bhn, peep, wo, bo, xp, hp, acc, accn, blk)
 
 
 @njit(**_OPTS)
 def _step_wave(n, n_threads, ev, sl, xs, state, pred, prev_out,
                cell, reset_after, hidden, offsets, wx, wh, b, bhn, peep, wo, bo):
-    if n < SERIAL_WAVE:
-        acc, accn, rh, ev_blk, sl_blk = _scratch(hidden)
-        _step_rows(0, n, ev, sl, xs, state, pred, prev_out, cell, reset_after, hidden,
-                   offsets, wx, wh, b, bhn, peep, wo, bo, acc, accn, rh, ev_blk, sl_blk)
-    else:
-        _step_wave_parallel(n, n_threads, ev, sl, xs, state, pred, prev_out, cell, reset_after, hidden,
-                            offsets, wx, wh, b, bhn, peep, wo, bo)
+    """One wave, allocating its own scratch (callers stepping many waves should allocate a
+    pool once with ``scratch_pool`` and call ``step_wave_scratch``)."""
+    pool = scratch_pool(_n_chunks(n_threads, n), hidden, wx[0].shape[0], wo.shape[1])
+    step_wave_scratch(n, ev, sl, xs, state, pred, prev_out, cell, reset_after, hidden,
+                      offsets, wx, wh, b, bhn, peep, wo, bo, pool[0], pool[1], pool[2], pool[3], pool[4])
 
 
 @njit(**_OPTS)
@@ -133,14 +219,48 @@ def step_events(slots, xs, state, pred, prev_out, scratch, n_threads,
     becomes the prediction for that stream's next event.
     """
     order, starts = plan_waves(slots, scratch)
-    ev_slots = np.empty(order.shape[0], np.int64)
-    for i in range(order.shape[0]):
+    n = order.shape[0]
+    if n == 0:
+        return
+    ev_slots = np.empty(n, np.int64)
+    for i in range(n):
         ev_slots[i] = slots[order[i]]
-    for k in range(starts.shape[0] - 1):
-        lo = starts[k]
-        hi = starts[k + 1]
-        _step_wave(hi - lo, n_threads, order[lo:hi], ev_slots[lo:hi], xs, state, pred, prev_out,
-                   cell, reset_after, hidden, offsets, wx, wh, b, bhn, peep, wo, bo)
+    n_chunks = _n_chunks(n_threads, starts[1] - starts[0])  # wave 0 has every stream once
+    xp, hp, acc, accn, blk = scratch_pool(n_chunks, hidden, wx[0].shape[0], wo.shape[1])
+    if n_chunks == 1:
+        _step_list(0, n, order, ev_slots, xs, state, pred, prev_out, cell, reset_after, hidden,
+                   offsets, wx, wh, b, bhn, peep, wo, bo, xp[0], hp[0], acc[0], accn[0], blk[0])
+    else:
+        ev, sl, cstarts = _split_by_stream(order, ev_slots, n_chunks)
+        _step_chunks_parallel(cstarts, ev, sl, xs, state, pred, prev_out, cell, reset_after, hidden,
+                              offsets, wx, wh, b, bhn, peep, wo, bo, xp, hp, acc, accn, blk)
+
+
+@njit(**_OPTS)
+def _forward_chunk(lo, hi, x2, n_steps, state, pred, out,
+                   cell, reset_after, hidden, offsets, wx, wh, b, bhn, peep, wo, bo, xp, hp, acc, accn, blk):
+    """Sequences lo..hi through all time steps; x2 is (B, T*D), out (B, T, O)."""
+    n_feat = wx[0].shape[0]
+    n_out = wo.shape[1]
+    rows = blk[0]
+    for t in range(n_steps):
+        for r0 in range(lo, hi, TILE_ROWS):
+            rn = min(TILE_ROWS, hi - r0)
+            for r in range(rn):
+                rows[r] = r0 + r
+            _step_block(rn, x2, t * n_feat, rows, state, rows, pred, cell, reset_after, hidden, offsets,
+                        wx, wh, b, bhn, peep, wo, bo, xp, hp, acc, accn)
+            for r in range(rn):
+                for j in range(n_out):
+                    out[r0 + r, t, j] = pred[r0 + r, j]
+
+
+@njit(**_PAR_OPTS)
+def _forward_parallel(starts, x2, n_steps, state, pred, out,
+                      cell, reset_after, hidden, offsets, wx, wh, b, bhn, peep, wo, bo, xp, hp, acc, accn, blk):
+    for c in prange(starts.shape[0] - 1):
+        _forward_chunk(starts[c], starts[c + 1], x2, n_steps, state, pred, out, cell, reset_after,
+                       hidden, offsets, wx, wh, b, bhn, peep, wo, bo, xp[c], hp[c], acc[c], accn[c], blk[c])
 
 
 @njit(**_OPTS)
@@ -154,16 +274,14 @@ def forward_sequences(x, state, n_threads, cell, reset_after, hidden, offsets,
     n_out = wo.shape[1]
     out = np.empty((n_seq, n_steps, n_out), np.float32)
     pred = np.empty((n_seq, n_out), np.float32)
-    prev = np.empty((n_seq, n_out), np.float32)
-    xs = np.empty((n_seq, n_feat), np.float32)
-    rows = np.arange(n_seq)
-    for t in range(n_steps):
-        for i in range(n_seq):
-            for d in range(n_feat):
-                xs[i, d] = x[i, t, d]
-        _step_wave(n_seq, n_threads, rows, rows, xs, state, pred, prev,
-                   cell, reset_after, hidden, offsets, wx, wh, b, bhn, peep, wo, bo)
-        for i in range(n_seq):
-            for j in range(n_out):
-                out[i, t, j] = pred[i, j]
+    x2 = np.ascontiguousarray(x).reshape(n_seq, n_steps * n_feat)
+    n_chunks = _n_chunks(n_threads, n_seq)
+    xp, hp, acc, accn, blk = scratch_pool(n_chunks, hidden, n_feat, n_out)
+    starts = _tile_ranges(n_seq, n_chunks)
+    if n_chunks == 1:
+        _forward_chunk(0, n_seq, x2, n_steps, state, pred, out, cell, reset_after, hidden, offsets,
+                       wx, wh, b, bhn, peep, wo, bo, xp[0], hp[0], acc[0], accn[0], blk[0])
+    else:
+        _forward_parallel(starts, x2, n_steps, state, pred, out, cell, reset_after, hidden, offsets,
+                          wx, wh, b, bhn, peep, wo, bo, xp, hp, acc, accn, blk)
     return out
