@@ -1,8 +1,11 @@
-"""Detector: a micro-batch of events in, scored events out.
+"""Detector: a micro-batch of events in, scored events and alert records out.
 
 One engine for every driver: replay, the Kafka daemon and the tests all call
-:meth:`Detector.process`. The network predicts (kernels.stream), the scorer scores
-(kernels.scoring), and the threshold decides; per-stream state lives in a StreamTable.
+:meth:`Detector.process`. One Numba pass per batch (:mod:`streamrnn.kernels.detect`)
+scores each event against its stream's stored one-step-ahead prediction, decides, and
+steps the network; every per-stream quantity (network state, scaler, error statistics,
+hysteresis) lives in a :class:`~streamrnn.state.StreamTable` column, so snapshots carry it
+and results do not depend on how events are batched.
 """
 
 from __future__ import annotations
@@ -13,32 +16,57 @@ import numba
 import numpy as np
 import pyarrow as pa
 
+from streamrnn.alerts import Alert, ModelRef, alert_id
 from streamrnn.errors import StreamrnnError
-from streamrnn.kernels.scoring import normalised_error_scores
-from streamrnn.kernels.stream import step_events
+from streamrnn.kernels import detect as K
 from streamrnn.model import Model
+from streamrnn.scoring import ScoringConfig
 from streamrnn.state import Column, StreamTable
+
+#: Keys of :attr:`Detector.counters`:
+#:
+#: - ``events``: events passed to :meth:`Detector.process`;
+#: - ``scored``: events that got a score (applied and with a prediction);
+#: - ``missing``: events with a NaN/inf/missing value (not applied; the state is untouched);
+#: - ``late_dropped``: events older than their stream's last applied event (policy "drop");
+#: - ``replay_skipped``: events whose offset the stream had already applied;
+#: - ``gap_resets``: events after a gap longer than ``max_gap_ms`` (state reset or decayed);
+#: - ``cold_starts``: first events of new streams (no prediction yet, not scored);
+#: - ``scale_drift``: times a stream's inputs moved outside the training range (RMS over
+#:   ``drift_factor`` scaler units); see :meth:`Detector.drifted_streams`;
+#: - ``alerts_opened`` / ``alerts_closed``: alert episodes opened and closed.
+COUNTERS = ("events", "scored", "missing", "late_dropped", "replay_skipped", "gap_resets",
+            "cold_starts", "scale_drift", "alerts_opened", "alerts_closed")
+_TS_NONE = np.iinfo(np.int64).min
+#: Alerts name at most this many contributing features.
+TOP_FEATURES = 3
 
 
 @dataclass
 class ScoredBatch:
     """Scores for a micro-batch, one row per input event, in input order."""
 
-    stream_ids: list[str] | np.ndarray
+    stream_ids: list[str] | np.ndarray | pa.Array
     timestamps: np.ndarray  # (E,) int64 epoch ms
     values: np.ndarray  # (E, D) raw units as given
-    prediction: np.ndarray  # (E, D) the prediction stored for this event (NaN: none yet)
-    error: np.ndarray  # (E,) RMS of the scaled prediction error
-    score: np.ndarray  # (E,) error normalised by the stream's running error statistics
-    alert: np.ndarray  # (E,) bool
+    prediction: np.ndarray  # (E, D) the prediction stored for this event, raw units (NaN: none)
+    error: np.ndarray  # (E,) error in scaled units (RMS; Gaussian NLL for "gaussian"); NaN: not scored
+    score: np.ndarray  # (E,) in [0, 1], comparable across streams; NaN: not scored
+    alert: np.ndarray  # (E,) bool: the stream is inside an open alert episode at this event
     feature_names: list[str] = field(default_factory=list)
+    applied: np.ndarray | None = None  # (E,) bool: the event reached the stream's state
+    alerts: list[Alert] = field(default_factory=list)  # open/close records, in event order
+    rank: np.ndarray | None = None  # (E,) scored events of the stream since its (re)start before this one; -1: not scored
 
     def __len__(self) -> int:
         return int(self.score.shape[0])
 
     def to_arrow(self) -> pa.Table:
         """One row per event: stream, ts, the features, pred_<feature>, error, score, alert."""
-        cols = {"stream": pa.array(self.stream_ids, pa.string()),
+        ids = self.stream_ids
+        if isinstance(ids, pa.ChunkedArray):
+            ids = ids.combine_chunks()
+        cols = {"stream": ids.cast(pa.string()) if isinstance(ids, pa.Array) else pa.array(ids, pa.string()),
                 "ts": pa.array(self.timestamps, pa.timestamp("ms", tz="UTC"))}
         for j, name in enumerate(self.feature_names):
             cols[name] = pa.array(self.values[:, j])
@@ -56,16 +84,17 @@ class Detector:
     Parameters
     ----------
     model : Model
-    max_streams : int, optional
-        Bound on streams held; the least recently seen is evicted to admit a new one.
-    idle_timeout_ms : int, optional
-        Streams not seen for this long are dropped by :meth:`evict_idle`.
-    threshold : float
-        Score above which an event alerts (default 6 standard deviations).
-    warmup : int
-        No alerts during a stream's first ``warmup`` scored events.
-    error_alpha : float
-        Weight of the newest error in the running mean/variance (about 1/alpha events of memory).
+        Optional attributes used when present: ``head == "gaussian"`` (outputs are means
+        then log-variances), ``stream_scaler`` with ``scaler_for(ids) -> (mean, scale)``
+        (per-stream scalers, copied into the stream's columns when it is first seen),
+        ``thresholds`` (calibration, see :func:`streamrnn.scoring.calibrate`).
+    config : ScoringConfig, optional
+        Scoring and decision settings; ``**config_overrides`` change single fields
+        (``Detector(model, threshold=0.5, warmup=10)``).
+    max_streams, idle_timeout_ms : int, optional
+        Bounds of the stream table (LRU eviction; :meth:`evict_idle`).
+    table : StreamTable, optional
+        Existing state (from :meth:`restore`).
 
     Examples
     --------
@@ -76,124 +105,235 @@ class Detector:
     (True, True)
     """
 
-    def __init__(self, model: Model, *, max_streams: int | None = None,
-                 idle_timeout_ms: int | None = None, threshold: float = 6.0, warmup: int = 10,
-                 error_alpha: float = 0.01, table: StreamTable | None = None) -> None:
-        if not 0 < error_alpha <= 1:
-            raise StreamrnnError(f"error_alpha must be in (0, 1], got {error_alpha}")
+    def __init__(self, model: Model, *, config: ScoringConfig | None = None,
+                 max_streams: int | None = None, idle_timeout_ms: int | None = None,
+                 table: StreamTable | None = None, **config_overrides) -> None:
+        if config is not None and not isinstance(config, ScoringConfig):
+            raise StreamrnnError(f"config must be a ScoringConfig, got {type(config).__name__}")
+        config = config or ScoringConfig()
+        if config_overrides:
+            config = config.replace(**config_overrides)
+        else:
+            config.validate()
         self.model = model
-        self.threshold = float(threshold)
-        self.warmup = int(warmup)
-        self.error_alpha = float(error_alpha)
+        self.config = config
+        self.resolved = config.resolve(model)
         self.table = table if table is not None else StreamTable(
-            self.columns_for(model), max_streams=max_streams, idle_timeout_ms=idle_timeout_ms)
+            self.columns_for(model, config), max_streams=max_streams, idle_timeout_ms=idle_timeout_ms)
         self._check_table(self.table)
         self._scratch = np.zeros(0, np.int32)
-        self.events_seen = 0
-        self.events_missing = 0
+        self._counters = np.zeros(K.N_COUNTERS, np.int64)
+        self._events = 0
+        self._model_ref = ModelRef(str(model.name), str(model.version))
+        self._stream_scaler = getattr(model, "stream_scaler", None) is not None
+
+    @property
+    def method(self) -> str:
+        return self.resolved.method
+
+    @property
+    def threshold(self) -> float:
+        return self.resolved.threshold
+
+    @property
+    def lower_threshold(self) -> float:
+        return self.resolved.lower_threshold
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Event counts since this detector was created; keys in :data:`COUNTERS`."""
+        return {"events": self._events, **dict(zip(COUNTERS[1:], (int(c) for c in self._counters)))}
 
     @staticmethod
-    def columns_for(model: Model) -> dict[str, Column]:
-        """The per-stream columns a detector keeps for ``model``."""
+    def columns_for(model: Model, config: ScoringConfig | None = None) -> dict[str, Column]:
+        """The per-stream columns a detector keeps for ``model`` (and ``config``'s dynamic window)."""
+        d = model.n_features
+        window = config.dynamic_window if config is not None and config.dynamic else 1
         return {
             "state": Column((model.packed.state_width,), np.float32, 0.0),
             "pred": Column((model.n_outputs,), np.float32, np.nan),
-            "err_mean": Column((), np.float32, 0.0),
-            "err_var": Column((), np.float32, 0.0),
+            "x_mean": Column((d,), np.float64, np.asarray(model.scaler_mean, np.float64)),
+            "x_scale": Column((d,), np.float64, np.asarray(model.scaler_scale, np.float64)),
+            "last_ts": Column((), np.int64, _TS_NONE),
+            "err_mean": Column((), np.float64, 0.0),
+            "err_var": Column((), np.float64, 0.0),
+            "err_short": Column((), np.float64, 0.0),
+            "err_vm": Column((d,), np.float64, 0.0),
+            "err_cov": Column((d, d), np.float64, 0.0),
             "n_scored": Column((), np.int64, 0),
+            "warm": Column((), np.int64, 0),
+            "in_alert": Column((), np.int8, 0),
+            "below": Column((), np.int32, 0),
+            "alert_len": Column((), np.int32, 0),
+            "open_ts": Column((), np.int64, _TS_NONE),
+            "drift_m": Column((d,), np.float64, 0.0),
+            "drifted": Column((), np.int8, 0),
+            "dyn_buf": Column((window,), np.float32, 0.0),
+            "dyn_eps": Column((), np.float64, np.inf),
         }
 
     def _check_table(self, table: StreamTable) -> None:
-        state = table.column("state")
-        if state.shape[1:] != (self.model.packed.state_width,) or table.column("pred").shape[1:] != (self.model.n_outputs,):
-            raise StreamrnnError("the stream table's state does not match this model's architecture")
+        want = self.columns_for(self.model, self.config)
+        have = table.columns
+        for name, spec in want.items():
+            got = have.get(name)
+            if got is None or got.shape != spec.shape or got.dtype != spec.dtype:
+                raise StreamrnnError(
+                    f"the stream table's column {name!r} ({got!r}) does not match this model and "
+                    f"scoring config ({spec!r}); was the snapshot written for another model or "
+                    f"dynamic_window?")
 
     # ---------------------------------------------------------------- processing
-    def process(self, stream_ids, values, timestamps) -> ScoredBatch:
-        """Score then step a micro-batch.
+    def process(self, stream_ids, values, timestamps, offsets=None) -> ScoredBatch:
+        """Score then apply a micro-batch.
 
-        ``stream_ids`` (E,) str, ``values`` (E, D) or (E,) when D == 1 in raw units,
-        ``timestamps`` (E,) epoch milliseconds. Each stream's events are applied in the
-        order given; streams may interleave freely.
+        ``stream_ids`` (E,) str (list, NumPy or Arrow), ``values`` (E, D) or (E,) when
+        D == 1 in raw units (NaN = missing), ``timestamps`` (E,) epoch milliseconds,
+        ``offsets`` (E,) int64 input offsets, optional: an event whose offset is not above
+        its stream's last applied offset is skipped (it was applied before a restart).
+        Each stream's events are applied in the order given; streams may interleave.
         """
-        x, ts = self._validate(stream_ids, values, timestamps)
-        n = x.shape[0]
-        pred_raw = np.full((n, self.model.n_features), np.nan, np.float32)
-        error = np.full(n, np.nan)
-        score = np.full(n, np.nan)
-        alert = np.zeros(n, bool)
-        finite = np.isfinite(x).all(axis=1)
-        # A missing or non-finite value never reaches the state: the stream keeps its
-        # prediction and continues from the next valid event.
-        idx = np.flatnonzero(finite) if not finite.all() else None
-        ids_ok = stream_ids if idx is None else [stream_ids[i] for i in idx]
-        if len(ids_ok):
-            xs = self.model.scale(x if idx is None else x[idx])
-            slots, prev = self._step(ids_ok, xs, ts if idx is None else ts[idx])
-            e_ok, s_ok, rank = self._score(slots, xs, prev)
-            sel = slice(None) if idx is None else idx
-            pred_raw[sel] = self.model.unscale(prev[:, : self.model.n_features])
-            error[sel] = e_ok
-            score[sel] = s_ok
-            alert[sel] = self._decide(s_ok, rank)
-        self.events_seen += n
-        self.events_missing += int(n - finite.sum())
-        return ScoredBatch(stream_ids, ts, x, pred_raw, error, score, alert, list(self.model.feature_names))
+        x, ts, off = self._validate(stream_ids, values, timestamps, offsets)
+        n, d = x.shape
+        assigned = self.table.assign(stream_ids, ts)
+        slots = assigned.slots
+        if self._stream_scaler and assigned.new.any():
+            self._copy_stream_scalers(stream_ids, slots, assigned.new)
+        t = self.table
+        cap = t.column("state").shape[0]
+        if self._scratch.shape[0] < cap:
+            self._scratch = np.zeros(cap, np.int32)
+        pred = np.empty((n, d), np.float32)
+        error, score = np.empty(n), np.empty(n)
+        rank = np.empty(n, np.int64)
+        alert, applied = np.empty(n, np.bool_), np.empty(n, np.bool_)
+        code = np.empty(n, np.int8)
+        open_ts = np.empty(n, np.int64)
+        contrib = np.empty((n, d), np.float32)
+        fp, ip = self.resolved.kernel_params(off.shape[0] > 0)
+        cols = [t.column(c) for c in ("state", "pred", "x_mean", "x_scale", "last_ts", "last_offset",
+                                      "err_mean", "err_var", "err_short", "err_vm", "err_cov",
+                                      "n_scored", "warm", "in_alert", "below", "alert_len", "open_ts",
+                                      "drift_m", "drifted", "dyn_buf", "dyn_eps")]
+        K.detect_batch(slots, x, ts, off, fp, ip, numba.get_num_threads(), self._scratch, *cols,
+                       pred, error, score, rank, alert, applied, code, open_ts, contrib,
+                       self._counters, *self.model.packed.kernel_args())
+        self._events += n
+        alerts = self._alert_records(stream_ids, ts, x, pred, score, code, open_ts, contrib)
+        return ScoredBatch(stream_ids, ts, x, pred, error, score, alert, list(self.model.feature_names),
+                           applied, alerts, rank)
 
-    def _validate(self, stream_ids, values, timestamps):
-        x = np.asarray(values, dtype=np.float64) if not isinstance(values, np.ndarray) else values
+    def _copy_stream_scalers(self, stream_ids, slots, new) -> None:
+        idx = np.flatnonzero(new)
+        ids = _ids_at(stream_ids, idx)
+        mean, scale = self.model.scaler_for(ids)
+        mean = np.asarray(mean, np.float64).reshape(len(idx), -1)
+        scale = np.asarray(scale, np.float64).reshape(len(idx), -1)
+        if not (np.isfinite(mean).all() and np.isfinite(scale).all() and (scale > 0).all()):
+            raise StreamrnnError("the model's per-stream scaler gave a non-finite mean or a non-positive scale")
+        self.table.column("x_mean")[slots[idx]] = mean
+        self.table.column("x_scale")[slots[idx]] = scale
+
+    def _alert_records(self, stream_ids, ts, x, pred, score, code, open_ts, contrib) -> list[Alert]:
+        """Alert objects for the few events that opened or closed an episode."""
+        hits = np.flatnonzero(code)
+        if hits.size == 0:
+            return []
+        names = list(self.model.feature_names)
+        ids = _ids_at(stream_ids, hits)
+        out = []
+        for sid, e in zip(ids, hits.tolist()):
+            top = np.argsort(-contrib[e], kind="stable")[:TOP_FEATURES]
+            out.append(Alert(
+                alert_id=alert_id(sid, int(open_ts[e])), stream=sid, ts=int(ts[e]),
+                kind="open" if code[e] == K.OPENED else "close", score=float(score[e]),
+                threshold=self.threshold,
+                values={n: float(x[e, j]) for j, n in enumerate(names)},
+                predicted={n: float(pred[e, j]) for j, n in enumerate(names)},
+                top_features=[names[j] for j in top], model=self._model_ref))
+        return out
+
+    def _validate(self, stream_ids, values, timestamps, offsets):
+        x = values if isinstance(values, np.ndarray) else np.asarray(values, dtype=np.float64)
         if x.ndim == 1 and self.model.n_features == 1:
             x = x[:, None]
         if x.ndim != 2 or x.shape[1] != self.model.n_features:
             raise StreamrnnError(f"values must have shape (events, {self.model.n_features}); got {x.shape}")
-        if not np.issubdtype(x.dtype, np.number):
+        if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
             raise StreamrnnError(f"values must be numeric, not {x.dtype}")
+        x = np.ascontiguousarray(x, np.float64)
         ts = np.asarray(timestamps)
         if ts.shape != (x.shape[0],) or len(stream_ids) != x.shape[0]:
             raise StreamrnnError(f"stream_ids ({len(stream_ids)}), values ({x.shape[0]}) and "
                                  f"timestamps ({ts.shape[0] if ts.ndim else 0}) must have one entry per event")
-        if not np.issubdtype(ts.dtype, np.integer):
-            if np.issubdtype(ts.dtype, np.datetime64):
-                ts = ts.astype("datetime64[ms]").astype(np.int64)
-            else:
-                raise StreamrnnError(f"timestamps must be integer epoch milliseconds, not {ts.dtype}")
-        return x, ts.astype(np.int64, copy=False)
-
-    def _step(self, stream_ids, xs, ts) -> tuple[np.ndarray, np.ndarray]:
-        slots = self.table.assign(stream_ids, ts).slots
-        cap = self.table.column("state").shape[0]
-        if self._scratch.shape[0] < cap:
-            self._scratch = np.zeros(cap, np.int32)
-        prev = np.empty((xs.shape[0], self.model.n_outputs), np.float32)
-        step_events(slots, np.ascontiguousarray(xs), self.table.column("state"), self.table.column("pred"),
-                    prev, self._scratch, numba.get_num_threads(), *self.model.packed.kernel_args())
-        return slots, prev
-
-    def _score(self, slots, xs, prev):
-        n = xs.shape[0]
-        error, score, rank = np.empty(n), np.empty(n), np.empty(n, np.int64)
-        t = self.table
-        normalised_error_scores(slots, xs, prev, t.column("err_mean"),
-                                t.column("err_var"), t.column("n_scored"), self.error_alpha, 1e-12,
-                                error, score, rank)
-        return error, score, rank
-
-    def _decide(self, score: np.ndarray, rank: np.ndarray) -> np.ndarray:
-        # Warm-up: a stream's error statistics mean little until it has some history.
-        return (np.nan_to_num(score, nan=-np.inf) > self.threshold) & (rank >= self.warmup)
+        if np.issubdtype(ts.dtype, np.datetime64):
+            ts = ts.astype("datetime64[ms]").astype(np.int64)
+        elif not np.issubdtype(ts.dtype, np.integer) and ts.size:
+            raise StreamrnnError(f"timestamps must be integer epoch milliseconds, not {ts.dtype}")
+        ts = np.ascontiguousarray(ts, np.int64)
+        if offsets is None:
+            off = np.empty(0, np.int64)
+        else:
+            off = np.asarray(offsets)
+            if off.shape != (x.shape[0],) or not (np.issubdtype(off.dtype, np.integer) or off.size == 0):
+                raise StreamrnnError(f"offsets must be one integer per event; got shape {off.shape}, dtype {off.dtype}")
+            off = np.ascontiguousarray(off, np.int64)
+        return x, ts, off
 
     # ---------------------------------------------------------------- state
+    def drifted_streams(self) -> list[str]:
+        """Streams whose recent inputs lie outside the training range (see ``drift_factor``)."""
+        ids = self.table.ids()
+        if not ids:
+            return []
+        flags = self.table.column("drifted")[self.table.lookup(ids)]
+        return [i for i, f in zip(ids, flags) if f]
+
+    def open_alerts(self) -> dict[str, str]:
+        """Streams inside an open episode -> its alert id."""
+        ids = self.table.ids()
+        if not ids:
+            return {}
+        slots = self.table.lookup(ids)
+        inside = self.table.column("in_alert")[slots] != 0
+        open_ts = self.table.column("open_ts")[slots]
+        return {i: alert_id(i, int(o)) for i, f, o in zip(ids, inside, open_ts) if f}
+
+    def error_statistics(self) -> tuple[np.ndarray, np.ndarray]:
+        """Running error mean and variance (scaled units) of the streams that have scored events."""
+        ids = self.table.ids()
+        if not ids:
+            return np.empty(0), np.empty(0)
+        slots = self.table.lookup(ids)
+        slots = slots[self.table.column("n_scored")[slots] > 0]
+        return self.table.column("err_mean")[slots].copy(), self.table.column("err_var")[slots].copy()
+
     def evict_idle(self, now_ms: int) -> list[str]:
         return self.table.evict_idle(now_ms)
 
     def snapshot(self) -> bytes:
-        """The per-stream state as bytes (Arrow IPC); see :meth:`restore`."""
+        """The per-stream state (network, scaler, scorer and hysteresis) as Arrow IPC bytes."""
         return self.table.snapshot()
 
     @classmethod
     def restore(cls, model: Model, data: bytes, **options) -> "Detector":
-        """A detector that continues exactly where the one that wrote ``data`` stopped."""
+        """A detector that continues exactly where the one that wrote ``data`` stopped.
+
+        ``options`` are the constructor's (give the same scoring config as the writer).
+        """
         # Limits default to the snapshot's own settings (``...``); pass a value to override.
         table = StreamTable.restore(data, max_streams=options.pop("max_streams", ...),
                                     idle_timeout_ms=options.pop("idle_timeout_ms", ...))
         return cls(model, table=table, **options)
+
+
+def _ids_at(stream_ids, idx: np.ndarray) -> list[str]:
+    """The ids at positions ``idx`` as Python strs, whatever container they came in."""
+    if isinstance(stream_ids, (pa.Array, pa.ChunkedArray)):
+        return stream_ids.take(pa.array(idx, pa.int64())).to_pylist()
+    if isinstance(stream_ids, np.ndarray):
+        return [str(s) for s in stream_ids[idx]]
+    return [str(stream_ids[i]) for i in idx.tolist()]
+
+
+__all__ = ["COUNTERS", "Detector", "ScoredBatch"]

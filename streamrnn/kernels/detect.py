@@ -1,0 +1,325 @@
+"""One fused pass per micro-batch: gate, scale, score, decide, substitute, step.
+
+The batch is cut into waves (``plan_waves``: wave k holds every stream's k-th event, so a
+wave has each stream at most once). For each wave a serial pre-pass handles every event
+against its stream's columns (duplicate offsets, missing values, late events, gaps, the
+per-stream scaler, the score, warm-up and hysteresis, the learn-during-alert substitution),
+then the rows that apply step in parallel with ``_step_wave``. Every per-stream quantity
+lives in a StreamTable column and is updated in the stream's event order, so results do
+not depend on how a stream's events are split into batches or interleaved with others.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from streamrnn.config import jit_options
+from streamrnn.kernels.scoring import (GAUSSIAN, LIKELIHOOD, MAHALANOBIS, chi2_sf, cholesky_solve,
+                                       dynamic_threshold, normal_sf, score_from_tail)
+from streamrnn.kernels.stream import _step_wave, plan_waves
+
+_OPTS = jit_options()
+_TS_NONE = np.iinfo(np.int64).min
+
+# Indices into the float parameter vector.
+F_THRESHOLD, F_LOWER, F_ALPHA, F_SHORT_ALPHA, F_MAX_GAP, F_DRIFT, F_PRIOR_MEAN, F_PRIOR_VAR, \
+    F_PRIOR_N, F_DYN_Z_LO, F_DYN_Z_HI, F_DYN_Z_STEP, F_EPS = range(13)
+N_FPARAMS = 13
+# Indices into the integer parameter vector.
+I_METHOD, I_WARMUP, I_CLOSE_AFTER, I_LEARN, I_GAP_DECAY, I_ACCEPT_LATE, I_HAS_OFFSETS, \
+    I_DYNAMIC, I_DYN_REFRESH, I_RELEARN = range(10)
+N_IPARAMS = 10
+# Indices into the counters vector (names in streamrnn.detector.COUNTERS, same order).
+C_SCORED, C_MISSING, C_LATE, C_REPLAY, C_GAP, C_COLD, C_DRIFT, C_OPENED, C_CLOSED = range(9)
+N_COUNTERS = 9
+#: Error statistics are updated with errors clipped to mean - CLIP_LOW sd .. mean + CLIP_HIGH sd.
+CLIP_LOW, CLIP_HIGH = 2.0, 4.0
+#: Events a stream's input statistics need before scale drift is judged.
+DRIFT_MIN_EVENTS = 20
+# Per-event codes in ``out_code``.
+OPENED, CLOSED = 1, 2
+
+
+@njit(**_OPTS)
+def _raw_prediction(e, s, pred, x_mean, x_scale, out_pred):
+    for d in range(out_pred.shape[1]):
+        out_pred[e, d] = np.float32(np.float64(pred[s, d]) * x_scale[s, d] + x_mean[s, d])
+
+
+@njit(**_OPTS)
+def _track_drift(s, xs_row, alpha, factor, n_seen, drift_m, drifted):
+    """EW mean square of the scaled inputs; a stream whose typical magnitude leaves the
+    training range (``factor`` scaler units) is flagged once (returns 1), and unflagged when
+    it comes back under half of that."""
+    d_n = xs_row.shape[0]
+    a = max(alpha, 1.0 / (n_seen + 1))
+    ms = 0.0
+    for d in range(d_n):
+        v = np.float64(xs_row[d])
+        drift_m[s, d] = (1.0 - a) * drift_m[s, d] + a * v * v
+        ms += drift_m[s, d]
+    rms = math.sqrt(ms / d_n)
+    if drifted[s] == 0 and n_seen >= DRIFT_MIN_EVENTS and rms > factor:
+        drifted[s] = 1
+        return 1
+    if drifted[s] != 0 and rms < 0.5 * factor:
+        drifted[s] = 0
+    return 0
+
+
+@njit(**_OPTS)
+def _score_event(e, s, xs, pred, fp, method, n_feat, err_mean, err_var, err_short, err_vm,
+                 err_cov, n_scored, resid, solve, chol, out_error, out_contrib):
+    """Error, tail probability and smoothed error of event e (scaled units).
+
+    Reads the stream's statistics as they were before the event: an anomaly must not
+    dampen its own score. Returns (p, smoothed error); p is NaN when no statistics exist yet.
+    """
+    sq = 0.0
+    for d in range(n_feat):
+        r = np.float64(xs[e, d]) - np.float64(pred[s, d])
+        resid[d] = r
+        sq += r * r
+        out_contrib[e, d] = r * r
+    err = math.sqrt(sq / n_feat)
+    out_error[e] = err
+    # Short-term mean of the error including this event: the likelihood scorer's "recent
+    # error" and the dynamic threshold's smoothed error (same formula as _update_stats).
+    sa = max(fp[F_SHORT_ALPHA], 1.0 / (n_scored[s] + 1.0))
+    short = (1.0 - sa) * err_short[s] + sa * err
+    if method == GAUSSIAN:
+        q = 0.0
+        nll = 0.0
+        for d in range(n_feat):
+            lv = np.float64(pred[s, n_feat + d])
+            z2 = resid[d] * resid[d] * math.exp(-lv)
+            out_contrib[e, d] = z2
+            q += z2
+            nll += 0.5 * (math.log(2.0 * math.pi) + lv + z2)
+        out_error[e] = nll
+        return chi2_sf(q, n_feat), short
+    if method == MAHALANOBIS:
+        if n_scored[s] == 0:
+            return np.nan, short
+        for d in range(n_feat):
+            resid[d] -= err_vm[s, d]
+        if not cholesky_solve(err_cov[s], resid, fp[F_EPS], chol, solve):
+            return np.nan, short
+        q = 0.0
+        for d in range(n_feat):
+            c = resid[d] * solve[d]
+            out_contrib[e, d] = max(c, 0.0)
+            q += c
+        return chi2_sf(q, n_feat), short
+    mu, var = err_mean[s], err_var[s]
+    if n_scored[s] == 0:
+        if fp[F_PRIOR_N] <= 0:
+            return np.nan, short
+        mu, var = fp[F_PRIOR_MEAN], fp[F_PRIOR_VAR]
+    sd = math.sqrt(var + fp[F_EPS])
+    if method == LIKELIHOOD:
+        return normal_sf((short - mu) / sd), short
+    p = normal_sf((err - mu) / sd)
+    if n_scored[s] * fp[F_SHORT_ALPHA] >= 2.0:
+        # Too quiet is anomalous too (a stuck sensor): the recent mean error far below the
+        # long-run mean, against the spread of an EW mean of independent errors.
+        a = fp[F_SHORT_ALPHA]
+        p = min(p, normal_sf((mu - short) / (sd * math.sqrt(a / (2.0 - a)))))
+    return p, short
+
+
+@njit(**_OPTS)
+def _update_stats(e, s, xs, pred, fp, n_feat, err_mean, err_var, err_short, err_vm, err_cov,
+                  n_scored, resid):
+    """Fold event e's error into the stream's exponentially weighted statistics."""
+    k = n_scored[s]
+    if k == 0 and fp[F_PRIOR_N] > 0:
+        err_mean[s] = fp[F_PRIOR_MEAN]
+        err_var[s] = fp[F_PRIOR_VAR]
+    # Early on, average plainly so the statistics settle faster than 1/alpha events; a
+    # calibrated prior counts as F_PRIOR_N events already seen.
+    a = max(fp[F_ALPHA], 1.0 / (k + 1.0 + fp[F_PRIOR_N]))
+    err = 0.0
+    for d in range(n_feat):
+        r = np.float64(xs[e, d]) - np.float64(pred[s, d])
+        resid[d] = r
+        err += r * r
+    err = math.sqrt(err / n_feat)
+    sa = max(fp[F_SHORT_ALPHA], 1.0 / (k + 1.0))
+    err_short[s] = (1.0 - sa) * err_short[s] + sa * err
+    if k * fp[F_SHORT_ALPHA] >= 2.0:
+        # Winsorise once the statistics have settled, so that outliers below the alert
+        # threshold (or a stuck sensor's tiny errors) do not blow up the variance.
+        sd = math.sqrt(err_var[s])
+        err = min(max(err, err_mean[s] - CLIP_LOW * sd), err_mean[s] + CLIP_HIGH * sd)
+    delta = err - err_mean[s]
+    err_mean[s] += a * delta
+    err_var[s] = (1.0 - a) * (err_var[s] + a * delta * delta)
+    for d in range(n_feat):
+        resid[d] -= err_vm[s, d]
+    for i in range(n_feat):
+        for j in range(n_feat):
+            err_cov[s, i, j] = (1.0 - a) * (err_cov[s, i, j] + a * resid[i] * resid[j])
+    for d in range(n_feat):
+        err_vm[s, d] += a * resid[d]
+    n_scored[s] = k + 1
+
+
+@njit(**_OPTS)
+def _dynamic_ok(s, smoothed, fp, ip, warm, dyn_buf, dyn_eps, ordered):
+    """Push the smoothed error into the stream's window; True when it is above the
+    window's dynamic threshold (refreshed every I_DYN_REFRESH events once the window is full)."""
+    w = dyn_buf.shape[1]
+    n = warm[s]
+    dyn_buf[s, n % w] = smoothed
+    if n + 1 < w:
+        return True
+    if (n + 1) % ip[I_DYN_REFRESH] == 0 or not np.isfinite(dyn_eps[s]):
+        start = (n + 1) % w
+        for i in range(w):
+            ordered[i] = dyn_buf[s, (start + i) % w]
+        dyn_eps[s] = dynamic_threshold(ordered, w, fp[F_DYN_Z_LO], fp[F_DYN_Z_HI], fp[F_DYN_Z_STEP])
+    return smoothed > dyn_eps[s]
+
+
+@njit(**_OPTS)
+def detect_batch(slots, x, ts, offsets, fp, ip, n_threads, scratch,
+                 state, pred, x_mean, x_scale, last_ts, last_offset, err_mean, err_var, err_short,
+                 err_vm, err_cov, n_scored, warm, in_alert, below, alert_len, open_ts, drift_m, drifted,
+                 dyn_buf, dyn_eps,
+                 out_pred, out_error, out_score, out_rank, out_alert, out_applied, out_code,
+                 out_open_ts, out_contrib, counters,
+                 cell, reset_after, hidden, offs, wx, wh, b, bhn, peep, wo, bo):
+    """Score and apply a micro-batch of raw events ``x`` (E, D) float64 of streams ``slots``.
+
+    ``offsets`` is empty or one int64 per event. Outputs are per event, in input order:
+    ``out_pred`` raw-unit prediction, ``out_error``, ``out_score`` (NaN when not scored),
+    ``out_rank`` (the stream's scored events since its (re)start before this one, -1 when
+    not scored),
+    ``out_alert`` (inside an open episode), ``out_applied``, ``out_code`` (OPENED/CLOSED/0),
+    ``out_open_ts`` (episode's opening ts where out_code != 0), ``out_contrib`` (per-feature
+    share of the score where out_code != 0). ``counters`` accumulates C_* counts.
+    """
+    n_ev, n_feat = x.shape
+    method = ip[I_METHOD]
+    thr = fp[F_THRESHOLD]
+    lower = fp[F_LOWER]
+    learn = ip[I_LEARN] != 0
+    has_off = ip[I_HAS_OFFSETS] != 0
+    max_gap = fp[F_MAX_GAP]
+    xs = np.empty((n_ev, n_feat), np.float32)
+    prev = np.empty((n_ev, pred.shape[1]), np.float32)
+    resid = np.empty(n_feat)
+    solve = np.empty(n_feat)
+    chol = np.zeros((n_feat, n_feat))
+    ordered = np.empty(dyn_buf.shape[1])
+    order, starts = plan_waves(slots, scratch)
+    wave_ev = np.empty(n_ev, np.int64)
+    wave_sl = np.empty(n_ev, np.int64)
+    for k in range(starts.shape[0] - 1):
+        n_app = 0
+        for i in range(starts[k], starts[k + 1]):
+            e = order[i]
+            s = slots[e]
+            out_applied[e] = False
+            out_code[e] = 0
+            out_score[e] = np.nan
+            out_error[e] = np.nan
+            out_rank[e] = -1
+            _raw_prediction(e, s, pred, x_mean, x_scale, out_pred)
+            out_alert[e] = in_alert[s] != 0
+            if has_off:
+                if offsets[e] <= last_offset[s]:
+                    counters[C_REPLAY] += 1
+                    continue
+                last_offset[s] = offsets[e]
+            finite = True
+            for d in range(n_feat):
+                if not np.isfinite(x[e, d]):
+                    finite = False
+            if not finite:
+                counters[C_MISSING] += 1
+                continue
+            prev_ts = last_ts[s]
+            if prev_ts != _TS_NONE and ts[e] < prev_ts and ip[I_ACCEPT_LATE] == 0:
+                counters[C_LATE] += 1
+                continue
+            scoreable = np.isfinite(pred[s, 0])
+            if prev_ts == _TS_NONE:
+                counters[C_COLD] += 1
+            elif max_gap > 0 and ts[e] - prev_ts > max_gap:
+                counters[C_GAP] += 1
+                warm[s] = 0
+                scoreable = False
+                if ip[I_GAP_DECAY] != 0:
+                    f = np.float32(0.5 ** ((ts[e] - prev_ts) / max_gap))
+                    for j in range(state.shape[1]):
+                        state[s, j] *= f
+                else:
+                    state[s, :] = 0.0
+                    pred[s, :] = np.nan
+                    for d in range(n_feat):
+                        out_pred[e, d] = np.nan
+            last_ts[s] = max(prev_ts, ts[e])
+            for d in range(n_feat):
+                xs[e, d] = np.float32((x[e, d] - x_mean[s, d]) / x_scale[s, d])
+            counters[C_DRIFT] += _track_drift(s, xs[e], fp[F_ALPHA], fp[F_DRIFT], n_scored[s],
+                                              drift_m, drifted)
+            out_applied[e] = True
+            wave_ev[n_app] = e
+            wave_sl[n_app] = s
+            n_app += 1
+            if not scoreable:
+                continue
+            p, smoothed = _score_event(e, s, xs, pred, fp, method, n_feat, err_mean, err_var,
+                                        err_short, err_vm, err_cov, n_scored, resid, solve, chol,
+                                        out_error, out_contrib)
+            score = score_from_tail(p)
+            if np.isfinite(score):
+                counters[C_SCORED] += 1
+            out_score[e] = score
+            out_rank[e] = warm[s]
+            dyn_ok = True
+            if ip[I_DYNAMIC] != 0:
+                dyn_ok = _dynamic_ok(s, smoothed, fp, ip, warm, dyn_buf, dyn_eps, ordered)
+            if in_alert[s] == 0:
+                if warm[s] >= ip[I_WARMUP] and score > thr and dyn_ok:
+                    in_alert[s] = 1
+                    below[s] = 0
+                    alert_len[s] = 0
+                    open_ts[s] = ts[e]
+                    out_code[e] = OPENED
+                    out_open_ts[e] = ts[e]
+                    counters[C_OPENED] += 1
+            elif score < lower or not np.isfinite(score):
+                below[s] += 1
+                if below[s] >= ip[I_CLOSE_AFTER]:
+                    in_alert[s] = 0
+                    out_code[e] = CLOSED
+                    out_open_ts[e] = open_ts[s]
+                    counters[C_CLOSED] += 1
+            else:
+                below[s] = 0
+            out_alert[e] = in_alert[s] != 0
+            warm[s] += 1
+            if in_alert[s] != 0:
+                alert_len[s] += 1
+            if (in_alert[s] != 0 and not learn and alert_len[s] <= ip[I_RELEARN]
+                    and not score < lower):
+                # Inside an episode the stream learns its anomalous points (score at or
+                # above the lower threshold) neither into its state nor into its error
+                # statistics: it steps on its own prediction. Points that look normal again
+                # are learnt, so the state follows the series while the episode waits to
+                # close. An episode longer than I_RELEARN events is a new normal (a level
+                # shift): learn again.
+                for d in range(n_feat):
+                    xs[e, d] = pred[s, d]
+            else:
+                _update_stats(e, s, xs, pred, fp, n_feat, err_mean, err_var, err_short, err_vm,
+                              err_cov, n_scored, resid)
+        if n_app:
+            _step_wave(n_app, n_threads, wave_ev[:n_app], wave_sl[:n_app], xs, state, pred, prev,
+                       cell, reset_after, hidden, offs, wx, wh, b, bhn, peep, wo, bo)

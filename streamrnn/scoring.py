@@ -1,0 +1,294 @@
+"""Scoring configuration, threshold calibration and the score scale.
+
+Scores. Every method turns an event's one-step-ahead prediction error into the
+probability ``p`` of an error at least this large under the stream's normal behaviour and
+reports ``score = clip(-log10(p) / 10, 0, 1)``: 0.3 means p = 1e-3, 0.5 means p = 1e-5,
+1.0 means p <= 1e-10 — the same on every stream, whatever its level or noise.
+
+Methods (``ScoringConfig.method``), errors in the model's scaled units:
+
+``normalised``
+    e = RMS error over features; p = P(Z > (e - m) / s) with m, s the stream's
+    exponentially weighted mean and standard deviation of past errors (``error_alpha``).
+    Errors that stay too small are anomalous too (a stuck sensor): once the stream has
+    ``2 / short_alpha`` scored events, p is the smaller of that and P(Z < (r - m) / s_r),
+    r the recent mean error (EW with ``short_alpha``, including this event) and
+    s_r = s * sqrt(a / (2 - a)) the spread of such a mean of independent errors.
+``likelihood``
+    Numenta's anomaly likelihood: the recent mean error (EW with ``short_alpha``) against
+    the long-run distribution, p = P(Z > (recent - m) / s).
+``gaussian``
+    For models with the Gaussian head (outputs: means then log-variances): q = sum of
+    squared standardised residuals, p = chi-squared tail of q with D degrees of freedom;
+    ``error`` reports the Gaussian negative log-likelihood.
+``mahalanobis``
+    Multivariate: q = (r - m)^T C^-1 (r - m) with the stream's EW mean m and covariance C
+    of the residual vectors r; p = chi-squared tail with D degrees of freedom. Each
+    feature's term of q is its contribution (alerts name the top features).
+
+Decisions: an episode opens when the score exceeds ``threshold`` (after ``warmup`` scored
+events of the stream), and, with ``dynamic = true``, the smoothed error also exceeds the
+stream's nonparametric dynamic threshold (Hundman et al. 2018, over a sliding window of
+``dynamic_window`` smoothed errors); it closes after ``close_after`` consecutive scored
+events below ``lower_threshold``. Inside an episode (``learn_during_alert = false``) the
+anomalous points (score at or above ``lower_threshold``) are not learnt: the stream's state
+steps on its own prediction instead and its error statistics stay as they were; points that
+look normal again are learnt. After ``relearn_after`` events an episode is taken for a new
+normal (a level shift) and everything is learnt again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+
+from streamrnn.errors import StreamrnnError
+from streamrnn.kernels import detect as K
+from streamrnn.kernels.scoring import GAUSSIAN, LIKELIHOOD, MAHALANOBIS, NORMALISED
+
+#: Method names and their kernel codes.
+METHODS = {"normalised": NORMALISED, "gaussian": GAUSSIAN, "likelihood": LIKELIHOOD,
+           "mahalanobis": MAHALANOBIS}
+#: Threshold used when neither the config nor the model's calibration gives one:
+#: p = 1e-6 under the stream's own error distribution.
+DEFAULT_THRESHOLD = 0.6
+#: Highest threshold calibration returns (scores saturate at 1).
+MAX_CALIBRATED = 0.999
+GAP_POLICIES = ("reset", "decay")
+OUT_OF_ORDER_POLICIES = ("drop", "accept")
+
+
+class ScoringConfigError(StreamrnnError):
+    """A bad ``[scoring]`` setting."""
+
+
+@dataclass
+class ScoringConfig:
+    """How events are scored and when alerts open and close (TOML section ``[scoring]``).
+
+    ``None`` fields are filled from the model by :meth:`resolve`: ``method`` from
+    ``model.thresholds["method"]``, else "gaussian" for a Gaussian head, "mahalanobis"
+    for several features, "normalised" otherwise; ``threshold`` from
+    ``model.thresholds["threshold"]`` else :data:`DEFAULT_THRESHOLD`; ``lower_threshold``
+    half the threshold.
+    """
+
+    method: str | None = None
+    threshold: float | None = None
+    lower_threshold: float | None = None
+    close_after: int = 3
+    warmup: int = 20
+    dynamic: bool = False
+    dynamic_window: int = 64
+    dynamic_refresh: int = 8
+    dynamic_z: tuple[float, float, float] = (2.0, 10.0, 0.5)  # lowest z, highest z, step
+    learn_during_alert: bool = False
+    relearn_after: int = 50  # events into an episode after which the stream learns again
+    max_gap_ms: int | None = None
+    gap_policy: str = "reset"
+    out_of_order: str = "drop"
+    error_alpha: float = 0.01
+    short_alpha: float = 0.2
+    drift_factor: float = 4.0
+    prior_events: float = 10.0  # weight of the calibrated error statistics for a new stream
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "ScoringConfig":
+        """Build from a mapping (the ``[scoring]`` TOML table); unknown keys are an error."""
+        d = dict(d or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ScoringConfigError(f"unknown [scoring] setting(s): {', '.join(unknown)}; "
+                                     f"known: {', '.join(sorted(known))}")
+        if "dynamic_z" in d:
+            d["dynamic_z"] = tuple(d["dynamic_z"])
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg
+
+    def replace(self, **changes) -> "ScoringConfig":
+        """A copy with some settings changed (validated; unknown names are an error)."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ScoringConfigError(f"unknown scoring setting(s): {', '.join(unknown)}; "
+                                     f"known: {', '.join(sorted(known))}")
+        cfg = dataclasses.replace(self, **changes)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        def bad(msg):
+            raise ScoringConfigError(f"[scoring] {msg}")
+
+        if self.method is not None and self.method not in METHODS:
+            bad(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        for name in ("threshold", "lower_threshold"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and 0.0 <= v <= 1.0):
+                bad(f"{name} must be a score in [0, 1]; got {v!r}")
+        if (self.threshold is not None and self.lower_threshold is not None
+                and self.lower_threshold > self.threshold):
+            bad(f"lower_threshold ({self.lower_threshold}) must not exceed threshold ({self.threshold})")
+        for name, lo in (("close_after", 1), ("warmup", 0), ("dynamic_window", 2), ("dynamic_refresh", 1),
+                         ("relearn_after", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                bad(f"{name} must be an integer >= {lo}; got {v!r}")
+        if self.max_gap_ms is not None and (isinstance(self.max_gap_ms, bool)
+                                            or not isinstance(self.max_gap_ms, int) or self.max_gap_ms <= 0):
+            bad(f"max_gap_ms must be a positive integer (milliseconds) or absent; got {self.max_gap_ms!r}")
+        if self.gap_policy not in GAP_POLICIES:
+            bad(f"gap_policy must be one of {', '.join(GAP_POLICIES)}; got {self.gap_policy!r}")
+        if self.out_of_order not in OUT_OF_ORDER_POLICIES:
+            bad(f"out_of_order must be one of {', '.join(OUT_OF_ORDER_POLICIES)}; got {self.out_of_order!r}")
+        for name in ("error_alpha", "short_alpha"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and 0.0 < v <= 1.0):
+                bad(f"{name} must be in (0, 1]; got {v!r}")
+        if not (isinstance(self.drift_factor, (int, float)) and self.drift_factor > 0):
+            bad(f"drift_factor must be positive; got {self.drift_factor!r}")
+        if not (isinstance(self.prior_events, (int, float)) and self.prior_events >= 0):
+            bad(f"prior_events must be >= 0; got {self.prior_events!r}")
+        z = self.dynamic_z
+        if (len(z) != 3 or not all(isinstance(v, (int, float)) for v in z)
+                or not (0 < z[0] <= z[1] and z[2] > 0)):
+            bad(f"dynamic_z must be [lowest, highest, step] with 0 < lowest <= highest, step > 0; got {z!r}")
+        for name in ("dynamic", "learn_during_alert"):
+            if not isinstance(getattr(self, name), bool):
+                bad(f"{name} must be true or false; got {getattr(self, name)!r}")
+
+    def resolve(self, model) -> "ResolvedScoring":
+        """Fill the model-dependent defaults; returns the settings the kernel runs with."""
+        cal = dict(getattr(model, "thresholds", None) or {})
+        method = self.method or cal.get("method") or default_method(model)
+        if method not in METHODS:
+            raise ScoringConfigError(f"the model's calibration names an unknown scoring method {method!r}")
+        if method == "gaussian" and not is_gaussian(model):
+            raise ScoringConfigError("method 'gaussian' needs a model trained with the Gaussian head")
+        threshold = self.threshold
+        if threshold is None:
+            same = cal.get("method", method) == method
+            threshold = float(cal["threshold"]) if same and "threshold" in cal else DEFAULT_THRESHOLD
+        lower = self.lower_threshold if self.lower_threshold is not None else 0.5 * threshold
+        if lower > threshold:
+            raise ScoringConfigError(f"lower_threshold ({lower}) must not exceed threshold ({threshold})")
+        prior_ok = cal.get("method") == method and "error_mean" in cal and "error_var" in cal
+        return ResolvedScoring(self, method, float(threshold), float(lower),
+                               float(cal["error_mean"]) if prior_ok else 0.0,
+                               float(cal["error_var"]) if prior_ok else 0.0,
+                               float(self.prior_events) if prior_ok else 0.0)
+
+
+@dataclass(frozen=True)
+class ResolvedScoring:
+    """A :class:`ScoringConfig` with the model's defaults filled in."""
+
+    config: ScoringConfig
+    method: str
+    threshold: float
+    lower_threshold: float
+    prior_mean: float
+    prior_var: float
+    prior_n: float
+
+    def kernel_params(self, has_offsets: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The float and int parameter vectors of :func:`streamrnn.kernels.detect.detect_batch`."""
+        c = self.config
+        fp = np.zeros(K.N_FPARAMS)
+        fp[K.F_THRESHOLD] = self.threshold
+        fp[K.F_LOWER] = self.lower_threshold
+        fp[K.F_ALPHA] = c.error_alpha
+        fp[K.F_SHORT_ALPHA] = c.short_alpha
+        fp[K.F_MAX_GAP] = c.max_gap_ms or 0
+        fp[K.F_DRIFT] = c.drift_factor
+        fp[K.F_PRIOR_MEAN] = self.prior_mean
+        fp[K.F_PRIOR_VAR] = self.prior_var
+        fp[K.F_PRIOR_N] = self.prior_n
+        fp[K.F_DYN_Z_LO], fp[K.F_DYN_Z_HI], fp[K.F_DYN_Z_STEP] = c.dynamic_z
+        fp[K.F_EPS] = 1e-12
+        ip = np.zeros(K.N_IPARAMS, np.int64)
+        ip[K.I_METHOD] = METHODS[self.method]
+        ip[K.I_WARMUP] = c.warmup
+        ip[K.I_CLOSE_AFTER] = c.close_after
+        ip[K.I_LEARN] = int(c.learn_during_alert)
+        ip[K.I_GAP_DECAY] = int(c.gap_policy == "decay")
+        ip[K.I_ACCEPT_LATE] = int(c.out_of_order == "accept")
+        ip[K.I_HAS_OFFSETS] = int(has_offsets)
+        ip[K.I_DYNAMIC] = int(c.dynamic)
+        ip[K.I_DYN_REFRESH] = c.dynamic_refresh
+        ip[K.I_RELEARN] = c.relearn_after
+        return fp, ip
+
+
+def is_gaussian(model) -> bool:
+    """True for a model trained with the Gaussian head (means then log-variances)."""
+    return getattr(model, "head", "linear") == "gaussian"
+
+
+def default_method(model) -> str:
+    if is_gaussian(model):
+        return "gaussian"
+    return "mahalanobis" if model.n_features > 1 else "normalised"
+
+
+def tail_probability(score):
+    """Inverse of the score scale: the tail probability a score stands for (10 ** (-10 s))."""
+    return 10.0 ** (-10.0 * np.asarray(score, np.float64))
+
+
+def calibrate(model, batches: Iterable, *, target_false_alert_rate: float = 1e-3,
+              config: ScoringConfig | None = None) -> dict:
+    """Threshold and error statistics for ``model.thresholds``.
+
+    Runs a fresh :class:`~streamrnn.detector.Detector` (alerts off, so every event is learnt)
+    over ``batches`` of ``(stream_ids, values, timestamps, counts_mask)`` in time order. The
+    threshold is the ``1 - target_false_alert_rate`` quantile of the scores of the events
+    with ``counts_mask`` True that are past the stream's warm-up (events before that are
+    never alerted on). Returns ``{"method", "threshold", "target_false_alert_rate",
+    "error_mean", "error_var", "events"}``; ``error_mean``/``error_var`` (the streams'
+    median error statistics, scaled units) give a new stream's scorer a prior so that it
+    scores sensibly from its first events.
+    """
+    from streamrnn.detector import Detector
+
+    if not 0.0 < target_false_alert_rate < 1.0:
+        raise StreamrnnError(f"target_false_alert_rate must be in (0, 1); got {target_false_alert_rate}")
+    cfg = (config or ScoringConfig())
+    cal_model = _without_calibration(model)
+    det = Detector(cal_model, config=cfg.replace(threshold=1.0, lower_threshold=1.0, dynamic=False,
+                                                learn_during_alert=True, prior_events=0.0))
+    warmup = cfg.warmup
+    kept = []
+    for stream_ids, values, timestamps, counts_mask in batches:
+        out = det.process(stream_ids, values, timestamps)
+        mask = np.asarray(counts_mask, bool) & np.isfinite(out.score) & (out.rank >= warmup)
+        kept.append(out.score[mask])
+    scores = np.concatenate(kept) if kept else np.empty(0)
+    if scores.size == 0:
+        raise StreamrnnError("calibration saw no scored events past warm-up; give it more history")
+    threshold = float(np.quantile(scores, 1.0 - target_false_alert_rate, method="higher"))
+    mean, var = det.error_statistics()
+    # Scores saturate at 1 (p <= 1e-10): keep the threshold below so saturated events alert.
+    return {"method": det.method, "threshold": min(max(threshold, 1e-6), MAX_CALIBRATED),
+            "target_false_alert_rate": float(target_false_alert_rate),
+            "error_mean": float(np.median(mean)) if mean.size else 0.0,
+            "error_var": float(np.median(var)) if var.size else 0.0,
+            "events": int(scores.size)}
+
+
+def _without_calibration(model):
+    """The same model with an empty ``thresholds`` (calibration must not read its own output)."""
+    import copy
+
+    clone = copy.copy(model)
+    clone.thresholds = {"method": model.thresholds["method"]} if "method" in (model.thresholds or {}) else {}
+    return clone
+
+
+__all__ = ["METHODS", "DEFAULT_THRESHOLD", "ScoringConfig", "ScoringConfigError", "ResolvedScoring",
+           "calibrate", "default_method", "is_gaussian", "tail_probability"]

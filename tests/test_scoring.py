@@ -1,0 +1,337 @@
+"""Scorers against direct NumPy/SciPy computations, the score scale, decisions (warm-up,
+hysteresis, dynamic threshold), the [scoring] config and calibration."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from streamrnn import Model
+from streamrnn.detector import Detector
+from streamrnn.kernels.scoring import chi2_sf, cholesky_solve, dynamic_threshold, normal_sf, score_from_tail
+from streamrnn.scoring import DEFAULT_THRESHOLD, ScoringConfig, ScoringConfigError, calibrate, tail_probability
+
+EPS = 1e-12
+
+
+def _score(p):
+    with np.errstate(divide="ignore"):
+        return np.clip(-np.log10(p) / 10.0, 0.0, 1.0)
+
+
+def _zero_model(n_features=1, gaussian_logvar=None):
+    """A model that always predicts 0 (and log-variance ``gaussian_logvar`` per feature):
+    the prediction error is the input itself, so scores can be computed by hand."""
+    base = Model.random("gru", n_features=n_features, hidden=[8], seed=0)
+    n_out = n_features * (2 if gaussian_logvar is not None else 1)
+    bias = np.zeros(n_out)
+    if gaussian_logvar is not None:
+        bias[n_features:] = gaussian_logvar
+    return Model(cell="gru", layers=base.layers, head_weight=np.zeros((n_out, 8)), head_bias=bias,
+                 head="gaussian" if gaussian_logvar is not None else "linear")
+
+
+def _stream(det, x, t0=0, sid="a"):
+    x = np.asarray(x, np.float64)
+    x = x[:, None] if x.ndim == 1 else x
+    return det.process([sid] * len(x), x, t0 + 1000 * np.arange(len(x), dtype=np.int64))
+
+
+# ---------------------------------------------------------------- maths kernels
+def test_tail_functions_match_scipy():
+    for z in (-3.0, 0.0, 0.7, 4.0, 9.0, 30.0):
+        assert normal_sf(z) == pytest.approx(stats.norm.sf(z), rel=1e-12, abs=1e-300)
+    for k in range(1, 7):
+        for q in (0.0, 0.1, 1.0, 5.5, 20.0, 80.0):
+            assert chi2_sf(q, k) == pytest.approx(stats.chi2.sf(q, k), rel=1e-10, abs=1e-300), (q, k)
+    for p in (1.0, 0.5, 1e-3, 1e-5, 1e-10, 1e-20, 0.0):
+        assert score_from_tail(p) == pytest.approx(float(_score(p)))
+    assert score_from_tail(1e-5) == pytest.approx(0.5)
+    np.testing.assert_allclose(tail_probability([0.0, 0.5, 1.0]), [1.0, 1e-5, 1e-10])
+
+
+def test_cholesky_solve_matches_numpy():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(4, 4))
+    cov = a @ a.T
+    v = rng.normal(size=4)
+    out = np.empty(4)
+    assert cholesky_solve(cov, v, 1e-9, np.zeros((4, 4)), out)
+    np.testing.assert_allclose(out, np.linalg.solve(cov + 1e-9 * np.eye(4), v), rtol=1e-8)
+    assert not cholesky_solve(-np.eye(2), np.ones(2), 0.0, np.zeros((2, 2)), np.empty(2))
+
+
+def _hundman(window, zs):
+    """Hundman et al.'s threshold selection written directly over NumPy arrays."""
+    mu, sd = window.mean(), window.std()
+    best, best_eps = -1.0, np.inf
+    for z in zs:
+        eps = mu + z * sd
+        above = window > eps
+        if not 0 < above.sum() < len(window):
+            continue
+        below = window[~above]
+        runs = int(np.sum(above & ~np.r_[False, above[:-1]]))
+        gain = ((mu - below.mean()) / mu + (sd - below.std()) / sd) / (above.sum() + runs ** 2)
+        if gain > best:
+            best, best_eps = gain, eps
+    return best_eps
+
+
+def test_dynamic_threshold_matches_direct_computation():
+    rng = np.random.default_rng(1)
+    zs = np.arange(2.0, 10.0 + 1e-9, 0.5)
+    for trial in range(20):
+        w = np.abs(rng.normal(1.0, 0.2, 64))
+        if trial % 2:
+            w[rng.integers(0, 60):][:rng.integers(1, 5)] += rng.uniform(1, 5)
+        assert dynamic_threshold(w, 64, 2.0, 10.0, 0.5) == pytest.approx(_hundman(w, zs), rel=1e-12)
+    assert dynamic_threshold(np.ones(8), 8, 2.0, 10.0, 0.5) == np.inf
+
+
+# ---------------------------------------------------------------- scorers vs NumPy
+def _reference_stats(errors, alpha, short_alpha):
+    """Per event: mean, var, short mean of the errors *before* it (NaN-free), and count."""
+    mu = var = short = 0.0
+    out = []
+    for k, e in enumerate(errors):
+        out.append((mu, var, short, k))
+        a = max(alpha, 1.0 / (k + 1))
+        sa = max(short_alpha, 1.0 / (k + 1))
+        short = (1 - sa) * short + sa * e
+        if k * short_alpha >= 2.0:
+            e = np.clip(e, mu - 2 * np.sqrt(var), mu + 4 * np.sqrt(var))
+        d = e - mu
+        mu, var = mu + a * d, (1 - a) * (var + a * d * d)
+    return out
+
+
+@pytest.mark.parametrize("method", ["normalised", "likelihood"])
+def test_univariate_scorers_match_numpy(method):
+    model = Model.random("gru", n_features=1, hidden=[8], seed=3)
+    rng = np.random.default_rng(4)
+    x = np.sin(np.arange(120) / 5.0) + rng.normal(0, 0.1, 120)
+    det = Detector(model, method=method, threshold=1.0, error_alpha=0.05, short_alpha=0.3)
+    out = _stream(det, x)
+    pred = model.predict(x[:, None].astype(np.float32))[:-1, 0].astype(np.float64)
+    err = np.abs(x[1:].astype(np.float32).astype(np.float64) - pred)
+    expected = [np.nan]
+    for e, (mu, var, short, k) in zip(err, _reference_stats(err, 0.05, 0.3)):
+        if k == 0:
+            expected.append(np.nan)
+            continue
+        sa = max(0.3, 1.0 / (k + 1))
+        recent = (1 - sa) * short + sa * e
+        sd = np.sqrt(var + EPS)
+        if method == "likelihood":
+            p = stats.norm.sf((recent - mu) / sd)
+        else:
+            p = stats.norm.sf((e - mu) / sd)
+            if k * 0.3 >= 2.0:
+                p = min(p, stats.norm.cdf((recent - mu) / (sd * np.sqrt(0.3 / 1.7))))
+        expected.append(float(_score(p)))
+    np.testing.assert_allclose(out.error[1:], err, rtol=1e-12)
+    np.testing.assert_allclose(out.score, expected, rtol=1e-6, atol=1e-9)
+    assert np.all((out.score[2:] >= 0) & (out.score[2:] <= 1))
+
+
+def test_gaussian_scorer_matches_numpy():
+    logvar = np.array([np.log(0.25), np.log(4.0)])
+    model = _zero_model(2, gaussian_logvar=logvar)
+    assert Detector(model).method == "gaussian"
+    x = np.random.default_rng(5).normal(0, 1, (40, 2))
+    out = _stream(Detector(model, threshold=1.0), x)
+    xs = x.astype(np.float32).astype(np.float64)[1:]
+    var = np.exp(logvar.astype(np.float32).astype(np.float64))
+    q = (xs ** 2 / var).sum(axis=1)
+    nll = 0.5 * (np.log(2 * np.pi) + np.log(var) + xs ** 2 / var).sum(axis=1)
+    np.testing.assert_allclose(out.error[1:], nll, rtol=1e-6)
+    np.testing.assert_allclose(out.score[1:], _score(stats.chi2.sf(q, 2)), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(out.prediction[1:], 0.0)
+
+
+def test_mahalanobis_scorer_matches_numpy_and_names_top_feature():
+    model = _zero_model(3)
+    model.feature_names = ["cpu", "mem", "disk"]
+    assert Detector(model).method == "mahalanobis"
+    rng = np.random.default_rng(6)
+    mix = np.array([[1.0, 0.0, 0.0], [0.8, 0.6, 0.0], [0.1, 0.2, 0.3]])
+    x = rng.normal(0, 1, (80, 3)) @ mix.T
+    det = Detector(model, threshold=1.0, error_alpha=0.05)
+    out = _stream(det, x)
+    r = x.astype(np.float32).astype(np.float64)[1:]
+    m, c = np.zeros(3), np.zeros((3, 3))
+    expected = [np.nan]
+    for k, v in enumerate(r):
+        if k == 0:
+            expected.append(np.nan)
+        else:
+            dv = v - m
+            q = dv @ np.linalg.solve(c + EPS * np.eye(3), dv)
+            expected.append(float(_score(stats.chi2.sf(q, 3))))
+        a = max(0.05, 1.0 / (k + 1))
+        dv = v - m
+        c = (1 - a) * (c + a * np.outer(dv, dv))
+        m = m + a * dv
+    np.testing.assert_allclose(out.score[3:], expected[3:], rtol=1e-5, atol=1e-8)
+    # An excursion of "mem" alone (correlated with cpu in normal times) opens an alert naming it.
+    det2 = Detector(model, threshold=0.5, warmup=10)
+    _stream(det2, x)
+    bad = np.array([[0.0, 6.0, 0.0]])
+    res = det2.process(["a"], bad, [10 ** 6])
+    assert res.alert[0] and res.alerts[0].kind == "open"
+    assert res.alerts[0].top_features[0] == "mem"
+
+
+# ---------------------------------------------------------------- decisions
+def _hand_detector(**options):
+    # Zero model, normalised scorer: error = |x|. Base noise alternates 1.0 / 1.2.
+    cfg = dict(threshold=0.5, lower_threshold=0.25, close_after=3, warmup=5, error_alpha=0.1)
+    cfg.update(options)
+    return Detector(_zero_model(1), **cfg)
+
+
+def test_hysteresis_opens_once_and_closes_after_k_quiet_events():
+    base = [1.0, 1.2] * 10
+    x = base + [9.0, 1.1, 8.0, 1.1, 1.0, 1.1, 1.0] + base
+    det = _hand_detector()
+    out = _stream(det, x)
+    n = len(base)
+    scores = out.score
+    assert scores[n] > 0.5 and scores[n + 1] < 0.25 and scores[n + 2] > 0.5
+    # Opens at the spike; the second spike keeps it open (quiet count restarts); closes on
+    # the third quiet event after it. The closing event is outside the episode.
+    expected = np.zeros(len(x), bool)
+    expected[n:n + 5] = True
+    assert out.alert.tolist() == expected.tolist()
+    assert [(a.kind, a.ts) for a in out.alerts] == [("open", 1000 * n), ("close", 1000 * (n + 5))]
+    assert out.alerts[0].alert_id == out.alerts[1].alert_id == f"a:{1000 * n}"
+    assert out.alerts[0].values == {"value": 9.0} and out.alerts[0].predicted == {"value": 0.0}
+    assert out.alerts[0].threshold == 0.5 and out.alerts[0].model.name == "model"
+    assert det.counters["alerts_opened"] == det.counters["alerts_closed"] == 1
+
+
+def test_no_alert_during_warmup():
+    x = [1.0, 1.2, 1.0, 9.0] + [1.0, 1.2] * 20 + [9.0, 1.0, 1.0, 1.0]
+    out = _stream(_hand_detector(warmup=5), x)
+    assert out.score[3] > 0.5 and not out.alert[3]  # rank 2 < warmup
+    assert out.alert[44] and out.rank[44] == 43
+    assert [a.kind for a in out.alerts] == ["open", "close"]
+    out0 = _stream(_hand_detector(warmup=0), x)
+    assert out0.alert[3]
+
+
+def test_normalised_scorer_flags_errors_that_stay_too_small():
+    rng = np.random.default_rng(9)
+    x = np.r_[np.abs(rng.normal(1.0, 0.3, 60)), np.full(15, 1e-3)]  # then a stuck sensor
+    out = _stream(Detector(_zero_model(1), threshold=0.4, warmup=10, error_alpha=0.05), x)
+    assert not out.alert[:60].any()
+    assert out.alert[60:].any() and out.alerts[0].ts >= 60_000
+
+
+def test_error_statistics_freeze_inside_episode_unless_learning():
+    x = [1.0, 1.2] * 10 + [1.7, 1.7, 1.7, 1.7]
+    frozen = _stream(_hand_detector(close_after=10), x)
+    learning = _stream(_hand_detector(close_after=10, learn_during_alert=True), x)
+    assert frozen.alert[-4:].all() and learning.alert[-4:].all()
+    # Frozen statistics keep judging 1.7 as unusual as at first; learnt ones move towards it.
+    assert frozen.score[-1] == pytest.approx(frozen.score[-3])
+    assert learning.score[-1] < learning.score[-3]
+
+
+def test_relearn_after_long_episode_accepts_new_normal():
+    x = [1.0, 1.2] * 10 + [9.0, 9.2] * 40
+    out = _stream(_hand_detector(relearn_after=10, close_after=3), x)
+    assert out.alert[20]
+    assert not out.alert[-1] and [a.kind for a in out.alerts] == ["open", "close"]
+
+
+def test_dynamic_threshold_suppresses_alerts_in_noisy_windows():
+    rng = np.random.default_rng(8)
+    x = np.abs(rng.normal(1.0, 0.3, 400))
+    static = _stream(Detector(_zero_model(1), threshold=0.3, warmup=10), x)
+    dynamic = _stream(Detector(_zero_model(1), threshold=0.3, warmup=10, dynamic=True,
+                               dynamic_window=32), x)
+    assert dynamic.alert.sum() < static.alert.sum()
+    y = x.copy()
+    y[300] = 40.0
+    spiked = _stream(Detector(_zero_model(1), threshold=0.3, warmup=10, dynamic=True,
+                              dynamic_window=32), y)
+    assert spiked.alert[300]
+
+
+# ---------------------------------------------------------------- config
+def test_config_from_dict_rejects_unknown_and_bad_values():
+    cfg = ScoringConfig.from_dict({"method": "likelihood", "threshold": 0.4, "max_gap_ms": 60000,
+                                   "gap_policy": "decay", "dynamic_z": [2, 6, 1]})
+    assert cfg.method == "likelihood" and cfg.dynamic_z == (2, 6, 1)
+    with pytest.raises(ScoringConfigError, match="unknown \\[scoring\\] setting.*treshold"):
+        ScoringConfig.from_dict({"treshold": 0.5})
+    for bad in ({"method": "zscore"}, {"threshold": 4.0}, {"warmup": -1}, {"gap_policy": "skip"},
+                {"out_of_order": "keep"}, {"error_alpha": 0.0}, {"max_gap_ms": 0},
+                {"threshold": 0.2, "lower_threshold": 0.3}, {"dynamic": "yes"}):
+        with pytest.raises(ScoringConfigError, match=r"\[scoring\]"):
+            ScoringConfig.from_dict(bad)
+    with pytest.raises(ScoringConfigError, match="unknown scoring setting"):
+        Detector(_zero_model(1), thresold=0.5)
+    with pytest.raises(ScoringConfigError, match="Gaussian head"):
+        Detector(_zero_model(1), method="gaussian")
+
+
+def test_defaults_come_from_model_calibration():
+    model = _zero_model(1)
+    assert Detector(model).threshold == DEFAULT_THRESHOLD
+    model.thresholds = {"method": "likelihood", "threshold": 0.42}
+    det = Detector(model)
+    assert det.method == "likelihood" and det.threshold == 0.42 and det.lower_threshold == 0.21
+    assert Detector(model, method="normalised").threshold == DEFAULT_THRESHOLD
+    assert Detector(model, threshold=0.7).threshold == 0.7
+
+
+def test_calibrate_threshold_is_the_target_quantile_and_is_read_back():
+    model = Model.random("gru", n_features=1, hidden=[8], seed=11)
+    rng = np.random.default_rng(12)
+    n_streams, length = 20, 60
+    x = np.sin(np.arange(length)[None, :] / 4.0 + rng.uniform(0, 6, (n_streams, 1)))
+    x = x + rng.normal(0, 0.1, x.shape)
+    ids = [f"s{i}" for i in range(n_streams)] * length
+    vals = x.T.reshape(-1, 1)
+    ts = np.repeat(np.arange(length, dtype=np.int64) * 1000, n_streams)
+    mask = np.ones(len(ids), bool)
+    mask[::7] = False
+    batches = [(ids[a:a + 300], vals[a:a + 300], ts[a:a + 300], mask[a:a + 300]) for a in range(0, len(ids), 300)]
+    cal = calibrate(model, batches, target_false_alert_rate=0.02, config=ScoringConfig(warmup=5))
+    ref = Detector(model, threshold=1.0, warmup=5).process(ids, vals, ts)
+    counted = ref.score[mask & (ref.rank >= 5)]
+    assert cal["events"] == counted.size
+    assert cal["threshold"] == pytest.approx(np.quantile(counted, 0.98, method="higher"))
+    assert 0.01 <= np.mean(counted > cal["threshold"]) <= 0.02
+    assert cal["method"] == "normalised" and cal["error_mean"] > 0 and cal["error_var"] > 0
+    model.thresholds = cal
+    det = Detector(model, warmup=5)
+    assert det.threshold == cal["threshold"]
+    # The calibrated prior lets a new stream score from its first scored event.
+    first = _stream(det, x[0, :3], sid="new")
+    assert np.isfinite(first.score[1])
+
+
+def test_scores_are_comparable_across_streams_of_any_scale():
+    rng = np.random.default_rng(13)
+    x = np.abs(rng.normal(1.0, 0.3, 200))
+    x[150] = 4.0
+    det = Detector(_zero_model(1), threshold=0.5, warmup=10, error_alpha=0.05)
+    small = _stream(det, x, sid="small")
+    big = _stream(det, 1000.0 * x, sid="big")
+    np.testing.assert_allclose(small.score, big.score, rtol=1e-4, atol=1e-6)
+    assert [a.ts for a in small.alerts] == [a.ts for a in big.alerts] and small.alerts
+
+
+def test_alert_records_round_trip_through_arrow_and_json():
+    from streamrnn.alerts import alerts_from_arrow, alerts_to_arrow, decode_alert, encode_alert
+
+    x = [1.0, 1.2] * 10 + [9.0, 1.1, 1.0, 1.1]
+    alerts = _stream(_hand_detector(), x).alerts
+    assert [a.kind for a in alerts] == ["open", "close"]
+    assert alerts_from_arrow(alerts_to_arrow(alerts)) == alerts
+    assert [decode_alert(encode_alert(a)) for a in alerts] == alerts
