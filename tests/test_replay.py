@@ -1,0 +1,184 @@
+"""streamrnn.replay: SCORES and alert files, independence from file split and batch size,
+agreement with the Detector run directly, errors, and producing to Kafka."""
+
+import json
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+
+from streamrnn.alerts import alerts_from_arrow
+from streamrnn.data import DataError, Schema
+from streamrnn.detector import Detector
+from streamrnn.model import Model
+from streamrnn.replay import ReplayError, replay, replay_to_kafka
+
+S, T = 12, 150
+
+
+def events():
+    """S streams of T events, one second apart, with an offset per stream and a few spikes
+    (so alerts open and close); returned in time order."""
+    rng = np.random.default_rng(5)
+    ids = np.repeat([f"host-{i:02d}" for i in range(S)], T)
+    ts = np.tile(1_700_000_000_000 + np.arange(T, dtype=np.int64) * 1000, S) + np.repeat(np.arange(S) * 7, T)
+    x = np.sin(np.tile(np.arange(T), S) / 8.0) + 0.1 * rng.standard_normal(S * T)
+    x[rng.choice(S * T, 25, replace=False)] += 8.0
+    x[17] = np.nan  # a missing value
+    order = np.lexsort((ids, ts))
+    return ids[order], ts[order], x[order]
+
+
+def model():
+    return Model.random("gru", n_features=1, hidden=[8], seed=3, feature_names=["cpu"])
+
+
+def write(path, ids, ts, x, fmt="parquet"):
+    table = pa.table({"stream": ids, "ts": pa.array(ts).cast(pa.timestamp("ms", tz="UTC")), "cpu": x})
+    (pq.write_table if fmt == "parquet" else pacsv.write_csv)(table, path)
+
+
+def assert_same_table(a: pa.Table, b: pa.Table) -> None:
+    """Equal schema and values, NaN equal to NaN (Arrow's equals treats NaN as unequal)."""
+    assert a.schema == b.schema and a.num_rows == b.num_rows
+    for name in a.column_names:
+        x, y = a.column(name).to_numpy(), b.column(name).to_numpy()
+        assert np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), name
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory):
+    d = tmp_path_factory.mktemp("whole")
+    ids, ts, x = events()
+    write(d / "all.parquet", ids, ts, x)
+    res = replay(d / "all.parquet", model(), d / "scores.parquet", d / "alerts.parquet",
+                 batch_rows=256, progress=False)
+    return d, res
+
+
+def test_scores_have_one_row_per_event_and_match_the_detector(whole):
+    d, res = whole
+    got = pq.read_table(d / "scores.parquet")
+    assert got.column_names == ["stream", "ts", "cpu", "pred_cpu", "score", "alert"]
+    assert got.num_rows == S * T == res.n_events
+    ids, ts, x = events()
+    direct = Detector(model()).process(list(ids), x[:, None], ts)  # one call, no files
+    assert got.column("stream").to_pylist() == list(ids)
+    assert np.array_equal(got.column("ts").cast(pa.int64()).to_numpy(), ts)
+    np.testing.assert_array_equal(got.column("cpu").to_numpy(), x)
+    np.testing.assert_array_equal(got.column("pred_cpu").to_numpy(), direct.prediction[:, 0])
+    np.testing.assert_array_equal(got.column("score").to_numpy(), direct.score)
+    np.testing.assert_array_equal(got.column("alert").to_numpy(), direct.alert)
+    assert res.alerts == direct.alerts and res.n_alerts >= 1
+    assert res.counters["events"] == S * T and res.counters["missing"] == 1
+    assert res.n_streams == S
+
+
+def test_alert_records_file_round_trips(whole):
+    d, res = whole
+    assert alerts_from_arrow(pq.read_table(d / "alerts.parquet")) == res.alerts
+    opened = [a for a in res.alerts if a.kind == "open"]
+    assert all(a.alert_id == f"{a.stream}:{a.ts}" for a in opened)
+
+
+def test_output_is_identical_however_the_input_is_split(whole, tmp_path):
+    d, res = whole
+    ids, ts, x = events()
+    # Three files: by stream group, rows shuffled inside each, one of them CSV.
+    rng = np.random.default_rng(0)
+    group = np.array([int(s[-2:]) % 3 for s in ids])
+    for g in range(3):
+        idx = rng.permutation(np.flatnonzero(group == g))
+        write(tmp_path / f"part{g}.{'csv' if g == 2 else 'parquet'}", ids[idx], ts[idx], x[idx],
+              "csv" if g == 2 else "parquet")
+    files = [tmp_path / "part0.parquet", tmp_path / "part1.parquet", tmp_path / "part2.csv"]
+    for batch_rows in (97, 256, 5000):
+        split = replay(files, model(), tmp_path / f"s{batch_rows}.parquet", progress=False, batch_rows=batch_rows)
+        assert_same_table(pq.read_table(tmp_path / f"s{batch_rows}.parquet"), pq.read_table(d / "scores.parquet"))
+        assert split.alerts == res.alerts
+
+
+def test_feature_mapping_and_user_errors(tmp_path):
+    ids, ts, x = events()
+    pq.write_table(pa.table({"stream": ids, "ts": ts, "load": x}), tmp_path / "in.parquet")
+    with pytest.raises(DataError, match="'cpu' not found"):
+        replay(tmp_path / "in.parquet", model(), tmp_path / "out.parquet", progress=False)
+    assert not list(tmp_path.glob("out.parquet*"))  # nothing half-written
+    with pytest.raises(ReplayError, match="takes 1 features"):
+        replay(tmp_path / "in.parquet", model(), progress=False, schema=Schema(features=("load", "ts2")))
+    mapped = replay(tmp_path / "in.parquet", model(), tmp_path / "out.parquet", progress=False,
+                    schema=Schema(features=("load",)))
+    assert mapped.n_events == S * T
+    assert "pred_load" in pq.read_table(tmp_path / "out.parquet").column_names
+    with pytest.raises(DataError, match="no such file"):
+        replay(tmp_path / "missing.parquet", model(), progress=False)
+
+
+@pytest.mark.broker
+def test_to_kafka_produces_every_event_keyed_by_stream(tmp_path):
+    from confluent_kafka import Consumer
+
+    from daemon.broker import start_broker
+
+    ids, ts, x = events()
+    write(tmp_path / "in.parquet", ids, ts, x)
+    with start_broker() as broker:
+        sent = replay_to_kafka(tmp_path / "in.parquet", broker.bootstrap, "replayed", model=model(),
+                               progress=False)
+        assert sent.events == S * T
+        consumer = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": "check",
+                             "auto.offset.reset": "earliest", "enable.auto.commit": False,
+                             "session.timeout.ms": 6000, "max.poll.interval.ms": 6000})
+        consumer.subscribe(["replayed"])
+        got, deadline = [], time.monotonic() + 60
+        while len(got) < S * T and time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is not None and msg.error() is None:
+                got.append((msg.key().decode(), json.loads(msg.value())))
+        consumer.close()
+    assert len(got) == S * T
+    assert all(k == ev["stream"] for k, ev in got)
+    by_stream = {}
+    for k, ev in got:
+        by_stream.setdefault(k, []).append(ev)
+    for s in set(ids):
+        mine = ids == s
+        assert [e["ts"] for e in by_stream[s]] == ts[mine].tolist()  # each stream in time order
+        want = [None if np.isnan(v) else v for v in x[mine]]
+        assert [e["cpu"] if "cpu" in e else e.get("value") for e in by_stream[s]] == want
+
+
+def test_cli_replay_evaluate_plot(whole, tmp_path):
+    from typer.testing import CliRunner
+
+    from streamrnn.cli import app
+
+    d, res = whole
+    model().save(tmp_path / "m.safetensors")
+    runner = CliRunner()
+    r = runner.invoke(app, ["replay", str(d / "all.parquet"), "--model", str(tmp_path / "m.safetensors"),
+                            "--out", str(tmp_path / "s.parquet"), "--alerts-out", str(tmp_path / "a.parquet"),
+                            "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert f"events {S * T:,}" in r.output and f"alert episodes {res.n_alerts}" in r.output
+    assert_same_table(pq.read_table(tmp_path / "s.parquet"), pq.read_table(d / "scores.parquet"))
+    opened = [a for a in res.alerts if a.kind == "open"]
+    pq.write_table(pa.table({"stream": [a.stream for a in opened], "ts": [a.ts for a in opened]}),
+                   tmp_path / "labels.parquet")
+    r = runner.invoke(app, ["evaluate", str(tmp_path / "s.parquet"), "--labels", str(tmp_path / "labels.parquet"),
+                            "--probation", "0", "--json", str(tmp_path / "ev.json")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "ev.json").read_text())["event"]["recall"] == 1.0
+    r = runner.invoke(app, ["plot", str(tmp_path / "s.parquet"), "--out-dir", str(tmp_path / "png"), "--limit", "2"])
+    assert r.exit_code == 0, r.output
+    assert len(list((tmp_path / "png").glob("*.png"))) == 3
+    # User mistakes: one message, exit code 2, no traceback.
+    for args in (["replay", str(d / "all.parquet"), "--out", str(tmp_path / "x.parquet")],
+                 ["replay", str(tmp_path / "nope.parquet"), "--model", str(tmp_path / "m.safetensors"),
+                  "--out", str(tmp_path / "x.parquet")],
+                 ["evaluate", str(tmp_path / "s.parquet"), "--labels", str(tmp_path / "nope.csv")]):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2 and "error:" in r.output and "Traceback" not in r.output, r.output
