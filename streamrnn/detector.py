@@ -241,17 +241,17 @@ class Detector:
             return []
         names = list(self.model.feature_names)
         ids = _ids_at(stream_ids, hits)
-        out = []
-        for sid, e in zip(ids, hits.tolist()):
-            top = np.argsort(-contrib[e], kind="stable")[:TOP_FEATURES]
-            out.append(Alert(
-                alert_id=alert_id(sid, int(open_ts[e])), stream=sid, ts=int(ts[e]),
-                kind="open" if code[e] == K.OPENED else "close", score=float(score[e]),
-                threshold=self.threshold,
-                values={n: float(x[e, j]) for j, n in enumerate(names)},
-                predicted={n: float(pred[e, j]) for j, n in enumerate(names)},
-                top_features=[names[j] for j in top], model=self._model_ref))
-        return out
+        # Gather and convert per column once: per-alert NumPy calls dominated busy batches.
+        top = np.argsort(-contrib[hits], axis=1, kind="stable")[:, :TOP_FEATURES].tolist()
+        values = x[hits].tolist()
+        predicted = pred[hits].astype(np.float64).tolist()
+        kinds = np.where(code[hits] == K.OPENED, "open", "close").tolist()
+        threshold = self.threshold
+        return [Alert(alert_id=alert_id(sid, o), stream=sid, ts=t, kind=k, score=sc, threshold=threshold,
+                      values=dict(zip(names, v)), predicted=dict(zip(names, p)),
+                      top_features=[names[j] for j in tf], model=self._model_ref)
+                for sid, o, t, k, sc, v, p, tf in zip(ids, open_ts[hits].tolist(), ts[hits].tolist(), kinds,
+                                                      score[hits].tolist(), values, predicted, top)]
 
     def _validate(self, stream_ids, values, timestamps, offsets):
         x = values if isinstance(values, np.ndarray) else np.asarray(values, dtype=np.float64)

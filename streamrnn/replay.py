@@ -18,6 +18,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -70,10 +71,11 @@ def scores_schema(features: Sequence[str]) -> pa.Schema:
 
 
 def scores_table(batch: EventBatch, prediction: np.ndarray, score: np.ndarray, alert: np.ndarray,
-                 schema: pa.Schema) -> pa.Table:
-    """One SCORES row per event of ``batch``."""
+                 schema: pa.Schema, stream_ids: pa.Array | None = None) -> pa.Table:
+    """One SCORES row per event of ``batch``; ``stream_ids``: its ids already as an Arrow
+    string array (saves converting them again)."""
     d = batch.values.shape[1]
-    cols = [pa.array(batch.stream_ids, pa.string()),
+    cols = [stream_ids if stream_ids is not None else pa.array(batch.stream_ids, pa.string()),
             pa.array(batch.ts, pa.int64()).cast(pa.timestamp("ms", tz="UTC"))]
     cols += [pa.array(batch.values[:, j], pa.float64()) for j in range(d)]
     cols += [pa.array(np.asarray(prediction[:, j], np.float64)) for j in range(d)]
@@ -168,11 +170,20 @@ def _prefetch(it: Iterator[EventBatch], depth: int = 2) -> Iterator[EventBatch]:
         t.join()
 
 
+def _with_arrow_ids(it: Iterator[EventBatch]) -> Iterator[tuple[EventBatch, pa.Array]]:
+    """Each batch with its ids as an Arrow string array, for the stream table and the SCORES
+    file alike. Run inside ``_prefetch``, the conversion overlaps with the kernels (which
+    release the GIL) instead of delaying the next batch."""
+    for b in it:
+        yield b, pa.array(b.stream_ids, pa.string())
+
+
 class _AtomicParquet:
     """A ParquetWriter onto ``<path>.partial``, renamed to ``path`` only when complete.
 
     Tables are encoded and written on a background thread (Parquet encoding releases the
-    GIL), so writing overlaps with scoring the next batch.
+    GIL), so writing overlaps with scoring the next batch; :meth:`write_later` builds the
+    table there too.
     """
 
     def __init__(self, path: Path, schema: pa.Schema):
@@ -197,6 +208,8 @@ class _AtomicParquet:
                 return
             if self._error is None:
                 try:
+                    if callable(table):
+                        table = table()
                     self.writer.write_table(table, row_group_size=1 << 20)
                 except BaseException as exc:  # raised on the caller's thread
                     self._error = exc
@@ -204,6 +217,12 @@ class _AtomicParquet:
     def write(self, table: pa.Table) -> None:
         self._raise()
         self._queue.put(table)
+
+    def write_later(self, make: Callable[[], pa.Table]) -> None:
+        """Write the table ``make()`` returns, calling it on the writer thread (its inputs
+        must not change afterwards)."""
+        self._raise()
+        self._queue.put(make)
 
     def _raise(self) -> None:
         if self._error is not None:
@@ -245,7 +264,8 @@ def replay(paths: str | os.PathLike | Sequence[str | os.PathLike], model: Model 
     config : a :class:`streamrnn.scoring.ScoringConfig` (default: from the model).
     progress : show a progress bar.
     on_batch : called with each input batch and its ScoredBatch (for callers that want
-        more than the files, e.g. the demo).
+        more than the files, e.g. the demo); the ScoredBatch's ``stream_ids`` are the
+        batch's ids as an Arrow string array.
     detector : an existing Detector to continue (its model and config are used).
     """
     from streamrnn.detector import Detector
@@ -264,11 +284,12 @@ def replay(paths: str | os.PathLike | Sequence[str | os.PathLike], model: Model 
     t0 = time.perf_counter()
     try:
         with _Progress(progress, source.n_rows, "replay") as bar:
-            for batch in _prefetch(events):
-                res = det.process(batch.stream_ids, batch.values, batch.ts)
+            for batch, ids in _prefetch(_with_arrow_ids(events)):
+                res = det.process(ids, batch.values, batch.ts)
                 alerts.extend(res.alerts)
                 if writer is not None:
-                    writer.write(scores_table(batch, res.prediction, res.score, res.alert, out_schema))
+                    writer.write_later(partial(scores_table, batch, res.prediction, res.score, res.alert,
+                                               out_schema, ids))
                 if on_batch is not None:
                     on_batch(batch, res)
                 n += len(batch)
