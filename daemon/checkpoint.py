@@ -1,0 +1,205 @@
+"""State stores: where a partition's detector state goes at a checkpoint and comes back from.
+
+- :class:`LocalStore` (the default): one snapshot file per input partition in ``state_dir``,
+  written atomically (temporary file, fsync, rename, fsync of the directory), so a crash
+  leaves either the old or the new snapshot, never a torn one.
+- :class:`ChangelogStore` (the Kafka Streams way): every stream's row is a record keyed by
+  stream id in a changelog topic with one partition per input partition; a checkpoint sends
+  the rows of the streams changed since the last one (and tombstones for streams that left
+  the table). Any consumer of the group can rebuild a partition's state by reading its
+  changelog partition to the end, so partitions move between machines.
+
+A row is the stream's values of every table column packed into fixed-size bytes; the
+layout's hash goes in a header so rows of another model architecture are never mixed in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from streamrnn.detector import Detector
+from streamrnn.errors import StreamrnnError
+from streamrnn.state import StreamTable
+
+__all__ = ["LocalStore", "ChangelogStore", "RowCodec", "changelog_partition"]
+
+log = logging.getLogger("daemon.checkpoint")
+LAYOUT_HEADER = "streamrnn.layout"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old or the new content."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+class LocalStore:
+    """Per-partition snapshot files in ``state_dir``."""
+
+    kind = "local"
+
+    def __init__(self, state_dir: str | Path) -> None:
+        self.dir = Path(state_dir)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StreamrnnError(f"cannot create state_dir {str(self.dir)!r}: {exc}") from None
+
+    def path(self, topic: str, partition: int) -> Path:
+        return self.dir / f"{topic}-{partition}.state.arrow"
+
+    def save(self, topic: str, partition: int, detector: Detector, touched: set[str]) -> None:
+        atomic_write(self.path(topic, partition), detector.snapshot())
+
+    def load(self, topic: str, partition: int, new_detector: Callable[..., Detector]) -> Detector:
+        """The partition's detector from its snapshot, or a fresh one when there is none or
+        it does not fit the model (logged)."""
+        p = self.path(topic, partition)
+        if not p.exists():
+            return new_detector()
+        try:
+            return new_detector(snapshot=p.read_bytes())
+        except StreamrnnError as exc:
+            log.warning("snapshot not usable, starting the partition cold",
+                        extra={"fields": {"path": str(p), "reason": str(exc)}})
+            return new_detector()
+
+
+class RowCodec:
+    """Packs one stream's row of every column of a table into bytes, and back."""
+
+    def __init__(self, table: StreamTable) -> None:
+        self.columns = table.columns
+        self.dtype = np.dtype([(name, spec.dtype, spec.shape) for name, spec in self.columns.items()])
+        spec = json.dumps({n: [str(s.dtype), list(s.shape)] for n, s in self.columns.items()}, sort_keys=True)
+        self.layout = hashlib.sha256(spec.encode()).hexdigest()[:16].encode()
+
+    def export(self, table: StreamTable, stream_ids: list[str]) -> tuple[list[str], list[bytes | None]]:
+        """Rows of ``stream_ids``; None (a tombstone) for streams the table no longer holds."""
+        if not stream_ids:
+            return [], []
+        slots = table.lookup(stream_ids)
+        rows = np.zeros(len(stream_ids), self.dtype)
+        held = slots >= 0
+        for name in self.columns:
+            rows[name][held] = table.column(name)[slots[held]]
+        blob = rows.tobytes()
+        size = self.dtype.itemsize
+        return list(stream_ids), [blob[i * size:(i + 1) * size] if h else None
+                                  for i, h in enumerate(held.tolist())]
+
+    def import_rows(self, table: StreamTable, stream_ids: list[str], rows: list[bytes]) -> None:
+        """Put rows into ``table`` (streams created or overwritten)."""
+        if not stream_ids:
+            return
+        data = np.frombuffer(b"".join(rows), self.dtype)
+        slots = table.assign(stream_ids, data["last_seen"]).slots
+        for name in self.columns:
+            if name != "touch":  # the LRU clock is this table's own
+                table.column(name)[slots] = data[name]
+
+
+def changelog_partition(inputs: list[tuple[str, int]], topic: str, partition: int) -> int:
+    """Changelog partition of an input partition: input partitions numbered topic by topic
+    in configuration order (one changelog partition each)."""
+    try:
+        return inputs.index((topic, partition))
+    except ValueError:
+        raise StreamrnnError(f"{topic}[{partition}] is not an input partition") from None
+
+
+class ChangelogStore:
+    """Stream rows in a changelog topic, one partition per input partition.
+
+    ``producer`` is the daemon's KafkaProducer (its flush at a checkpoint acknowledges the
+    rows before offsets are committed); ``consumer_factory()`` returns a group-less
+    KafkaConsumer used to read a changelog partition back; ``inputs`` lists every input
+    (topic, partition) in a fixed order.
+    """
+
+    kind = "changelog"
+
+    def __init__(self, topic: str, producer, consumer_factory: Callable, inputs: list[tuple[str, int]]) -> None:
+        self.topic = topic
+        self.producer = producer
+        self.consumer_factory = consumer_factory
+        self.inputs = inputs
+        self._known: dict[tuple[str, int], set[str]] = {}
+        self._evictions: dict[tuple[str, int], int] = {}
+
+    def save(self, topic: str, partition: int, detector: Detector, touched: set[str]) -> None:
+        key = (topic, partition)
+        table = detector.table
+        codec = RowCodec(table)
+        known = self._known.setdefault(key, set())
+        ids = set(touched)
+        if table.evictions != self._evictions.get(key, 0):
+            # Streams evicted since the last checkpoint: tombstone them in the changelog.
+            ids |= known - set(table.ids())
+            self._evictions[key] = table.evictions
+        names, rows = codec.export(table, sorted(ids))
+        part = changelog_partition(self.inputs, topic, partition)
+        headers = [(LAYOUT_HEADER, codec.layout)]
+        for sid, row in zip(names, rows):
+            self.producer.send(self.topic, key=sid.encode(), value=row, partition=part, headers=headers)
+            (known.add if row is not None else known.discard)(sid)
+
+    def load(self, topic: str, partition: int, new_detector: Callable[..., Detector]) -> Detector:
+        """Rebuild the partition's detector from its changelog partition (last row per stream)."""
+        from kafka import TopicPartition
+
+        det = new_detector()
+        codec = RowCodec(det.table)
+        part = changelog_partition(self.inputs, topic, partition)
+        tp = TopicPartition(self.topic, part)
+        latest: dict[str, bytes | None] = {}
+        foreign = 0
+        t0 = time.perf_counter()
+        consumer = self.consumer_factory()
+        try:
+            consumer.assign([tp])
+            consumer.seek_to_beginning(tp)
+            end = consumer.end_offsets([tp])[tp]
+            while consumer.position(tp) < end:
+                for rec in consumer.poll(timeout_ms=200).get(tp, []):
+                    layout = dict(rec.headers or []).get(LAYOUT_HEADER)
+                    if rec.value is not None and layout != codec.layout:
+                        foreign += 1
+                        continue
+                    latest[rec.key.decode()] = rec.value
+        finally:
+            consumer.close()
+        rows = {k: v for k, v in latest.items() if v is not None}
+        codec.import_rows(det.table, list(rows), list(rows.values()))
+        self._known[(topic, partition)] = set(rows)
+        self._evictions[(topic, partition)] = det.table.evictions
+        log.info("restored partition from changelog",
+                 extra={"fields": {"topic": topic, "partition": partition, "streams": len(rows),
+                                   "records": end, "foreign_layout": foreign,
+                                   "seconds": round(time.perf_counter() - t0, 3)}})
+        return det
+
+    def forget(self, topic: str, partition: int) -> None:
+        self._known.pop((topic, partition), None)
+        self._evictions.pop((topic, partition), None)

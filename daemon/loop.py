@@ -1,0 +1,524 @@
+"""The daemon: a kafka-python consumer group loop around one :class:`~streamrnn.detector.Detector`
+per assigned input partition (the Kafka Streams task model).
+
+Per poll: decode each partition's messages in one batch, score them with the partition's
+detector, produce the alert records (keyed by stream) and dead letters. Checkpoint protocol,
+in this order, every ``checkpoint_interval_ms`` or ``checkpoint_events``, on rebalance and at
+shutdown:
+
+1. flush the producer: every alert and dead letter of the covered events is acknowledged;
+2. save each partition's state (local snapshot, or changelog rows then a second flush);
+3. commit the offsets after the last processed message.
+
+A crash between any two steps replays input whose events the restored state either lacks
+(they are applied again, their alerts produced again with the same ids) or already holds
+(their offsets are at or below the streams' ``last_offset``, so they are skipped).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+import numpy as np
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.errors import CommitFailedError, KafkaError, TopicAlreadyExistsError
+from kafka.structs import OffsetAndMetadata
+
+from daemon.checkpoint import ChangelogStore, LocalStore
+from daemon.codec import Decoder, Format
+from daemon.config import DaemonConfig
+from daemon.errors import DaemonError
+from daemon.metrics import HealthServer, Metrics, setup_logging
+from streamrnn.alerts import encode_alert
+from streamrnn.detector import Detector
+from streamrnn.errors import StreamrnnError
+from streamrnn.model import Model
+
+__all__ = ["Daemon", "run_daemon", "DLQ_HEADERS"]
+
+log = logging.getLogger("daemon.loop")
+#: Header names on dead letters.
+DLQ_HEADERS = ("streamrnn.reason", "streamrnn.topic", "streamrnn.partition", "streamrnn.offset")
+_SCORE = msgspec.json.Encoder()
+
+
+def _info(msg: str, **fields) -> None:
+    log.info(msg, extra={"fields": fields})
+
+
+@dataclass
+class Task:
+    """One assigned input partition: its detector and its progress."""
+
+    topic: str
+    partition: int
+    detector: Detector
+    touched: set[str] = field(default_factory=set)
+    next_offset: int | None = None  # after the last processed message
+    committed: int | None = None
+    events_since: int = 0
+
+
+class _SendCounter:
+    """Unacknowledged produce requests, and the first delivery error (the producer's I/O
+    thread writes ``acked``/``error``; only the loop writes ``sent``)."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.acked = 0
+        self.error: Exception | None = None
+
+    def ok(self, _meta) -> None:
+        self.acked += 1
+
+    def failed(self, exc) -> None:
+        self.acked += 1
+        if self.error is None:
+            self.error = exc
+
+    @property
+    def pending(self) -> int:
+        return self.sent - self.acked
+
+
+class Daemon:
+    """The Kafka scoring service. ``Daemon(config).run()`` blocks until :meth:`stop`
+    (or SIGTERM/SIGINT when signals are installed) and returns the exit code.
+
+    ``counts`` after (or during) a run: messages ``consumed``, ``decoded`` (scored) and
+    ``dead_lettered`` (consumed = decoded + dead_lettered), ``events``, ``alerts``.
+    """
+
+    def __init__(self, config: DaemonConfig) -> None:
+        self.cfg = config
+        self.metrics = Metrics()
+        self.counts = {"consumed": 0, "decoded": 0, "dead_lettered": 0, "events": 0, "events_skipped": 0,
+                       "alerts": 0, "checkpoints": 0}
+        self.tasks: dict[tuple[str, int], Task] = {}
+        self._stop = threading.Event()
+        self._sends = _SendCounter()
+        self._out: list[tuple] = []  # output records of the current poll, not yet sent
+        self._last_ckpt = time.monotonic()
+        self._events_since_ckpt = 0
+        self.health: HealthServer | None = None
+        self.model: Model | None = None
+        self._model_stamp = None
+        self._next_reload = 0.0
+        self.ready = threading.Event()
+        self.first_batch_at: float | None = None  # perf_counter of the first and latest batch
+        self.last_batch_at: float | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def stop(self) -> None:
+        """Ask the loop to finish its batch, checkpoint, commit and return (signal-safe)."""
+        self._stop.set()
+
+    def run(self, install_signals: bool = True) -> int:
+        """Run until stopped; returns 0 after a clean shutdown."""
+        cfg = self.cfg
+        if install_signals and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self.stop())
+        _info("starting", config=cfg.redacted(), pid=os.getpid())
+        self.model = self._load_model()
+        self._model_stamp = self._stamp()
+        self._set_threads()
+        self._warm_up()
+        gc.freeze()  # start-up objects (model, kernels, clients) leave the GC's scans
+        self.decoder = Decoder(self.model.feature_names,
+                               Format(cfg.stream_field, cfg.ts_field, cfg.value_field, cfg.values_field))
+        if cfg.metrics_port:
+            self.health = HealthServer(self.metrics, cfg.metrics_host, cfg.metrics_port)
+            _info("serving metrics", url=f"http://{cfg.metrics_host}:{self.health.port}/metrics")
+        try:
+            self._connect()
+            try:
+                self._loop()
+                self._shutdown()
+            finally:
+                self._close()
+        finally:
+            if self.health:
+                self.health.close()
+        _info("stopped", counts=self.counts)
+        return 0
+
+    # ------------------------------------------------------------------ set-up
+    def _load_model(self) -> Model:
+        return Model.load(self.cfg.model)
+
+    def _stamp(self):
+        try:
+            st = Path(self.cfg.model).stat()
+            return (st.st_mtime_ns, st.st_size)
+        except OSError:
+            return None
+
+    def _scoring_options(self) -> dict:
+        opts = dict(self.cfg.detector)
+        if self.cfg.scoring:
+            from streamrnn.scoring import ScoringConfig
+
+            opts["config"] = ScoringConfig.from_dict(self.cfg.scoring)
+        return opts
+
+    def new_detector(self, snapshot: bytes | None = None, table=None, model: Model | None = None) -> Detector:
+        """A detector with the configured options: fresh, on ``table``, or from ``snapshot``."""
+        model = model or self.model
+        opts = self._scoring_options()
+        if snapshot is not None:
+            return Detector.restore(model, snapshot, **opts)
+        if table is not None:
+            opts.pop("max_streams", None)
+            opts.pop("idle_timeout_ms", None)
+            return Detector(model, table=table, **opts)
+        return Detector(model, **opts)
+
+    def _set_threads(self) -> None:
+        """Numba's thread count for this (the loop's) thread."""
+        import numba
+
+        n = self.cfg.numba_threads or numba.config.NUMBA_NUM_THREADS
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+
+    def _warm_up(self) -> None:
+        """Compile (or load from Numba's cache) every kernel before the first event."""
+        t0 = time.perf_counter()
+        det = self.new_detector()
+        d = self.model.n_features
+        det.process(["warm-up", "warm-up"], np.zeros((2, d)), np.array([0, 1000], np.int64),
+                    offsets=np.array([0, 1], np.int64))
+        # Large batches take other code paths (parallel id lookup, many waves): new streams
+        # first, then known ones.
+        n = 16384
+        ids = [f"warm-up-{i}" for i in range(n // 2)] * 2
+        ts = np.repeat(np.array([2000, 3000], np.int64), n // 2)
+        for k in range(2):
+            det.process(ids, np.zeros((n, d)), ts + 2000 * k, offsets=np.arange(n, dtype=np.int64) + n * k + 2)
+        _info("kernels ready", seconds=round(time.perf_counter() - t0, 3))
+
+    def _connect(self) -> None:
+        cfg = self.cfg
+        common = cfg.kafka_common()
+        try:
+            self.admin = KafkaAdminClient(**common)
+            self.inputs = self._input_partitions()
+            self._create_outputs()
+            # Idempotent with acks=all: several requests in flight (latency) without
+            # reordering or duplicating alerts on retries.
+            self.producer = KafkaProducer(**common, acks=cfg.acks if cfg.acks == "all" else int(cfg.acks),
+                                          linger_ms=cfg.linger_ms, batch_size=cfg.batch_size,
+                                          enable_idempotence=cfg.acks == "all",
+                                          max_in_flight_requests_per_connection=5)
+            self.consumer = KafkaConsumer(
+                **common, group_id=cfg.group, enable_auto_commit=False,
+                auto_offset_reset=cfg.auto_offset_reset, fetch_min_bytes=cfg.fetch_min_bytes,
+                fetch_max_wait_ms=cfg.fetch_max_wait_ms, max_partition_fetch_bytes=cfg.max_partition_fetch_bytes,
+                max_poll_records=cfg.max_poll_records, session_timeout_ms=cfg.session_timeout_ms,
+                heartbeat_interval_ms=cfg.heartbeat_interval_ms, max_poll_interval_ms=cfg.max_poll_interval_ms)
+        except (KafkaError, OSError) as exc:
+            raise DaemonError(f"cannot connect to Kafka at {cfg.bootstrap}: {exc}") from None
+        if cfg.state_store == "local":
+            self.store = LocalStore(cfg.state_dir)
+        else:
+            self.store = ChangelogStore(cfg.changelog, self.producer, self._plain_consumer, self.inputs)
+        self.consumer.subscribe(cfg.input, listener=_Listener(self))
+
+    def _plain_consumer(self):
+        return KafkaConsumer(**self.cfg.kafka_common(), enable_auto_commit=False, group_id=None,
+                             fetch_max_wait_ms=self.cfg.fetch_max_wait_ms)
+
+    def _input_partitions(self) -> list[tuple[str, int]]:
+        existing = set(self.admin.list_topics())
+        missing = [t for t in self.cfg.input if t not in existing]
+        if missing:
+            raise DaemonError(f"input topic(s) {missing} do not exist on {self.cfg.bootstrap}")
+        out = []
+        for desc in self.admin.describe_topics(self.cfg.input):
+            out += [(desc["name"], p["partition_index"]) for p in desc["partitions"]]
+        order = {t: i for i, t in enumerate(self.cfg.input)}
+        return sorted(out, key=lambda tp: (order[tp[0]], tp[1]))
+
+    def _create_outputs(self) -> None:
+        cfg = self.cfg
+        n = cfg.topic_partitions or max(1, max(p for _, p in self.inputs) + 1)
+        wanted = {cfg.alerts: n, cfg.dead_letter_topic: n}
+        if cfg.scores:
+            wanted[cfg.scores] = n
+        if cfg.state_store == "changelog":
+            wanted[cfg.changelog] = len(self.inputs)
+        existing = set(self.admin.list_topics())
+        missing = {t: k for t, k in wanted.items() if t not in existing}
+        if not missing:
+            return
+        if not cfg.create_topics:
+            raise DaemonError(f"output topic(s) {sorted(missing)} do not exist and create_topics is off")
+        for topic, parts in missing.items():
+            # The changelog keeps the last row per stream: compacted, like Kafka Streams'.
+            configs = {"cleanup.policy": "compact"} if topic == cfg.changelog and cfg.state_store == "changelog" else {}
+            try:
+                self.admin.create_topics([NewTopic(topic, parts, cfg.replication_factor, topic_configs=configs)])
+                _info("created topic", topic=topic, partitions=parts)
+            except TopicAlreadyExistsError:  # another daemon of the group was faster
+                pass
+
+    # ------------------------------------------------------------------ the loop
+    def _loop(self) -> None:
+        cfg = self.cfg
+        self.ready.set()
+        if self.health:
+            self.health.ready = True
+        while not self._stop.is_set():
+            if self.health:
+                self.health.heartbeat = time.monotonic()
+            batch = self.consumer.poll(timeout_ms=cfg.batch_max_wait_ms, max_records=cfg.batch_max_events)
+            t0 = time.perf_counter()
+            if batch and self.first_batch_at is None:
+                self.first_batch_at = t0
+            for tp, records in batch.items():
+                task = self.tasks.get((tp.topic, tp.partition))
+                if task is None or not records:  # revoked during this poll
+                    continue
+                self._process(task, records)
+            self._drain()
+            if batch:
+                self.last_batch_at = time.perf_counter()
+                self.metrics.batch_seconds.observe(self.last_batch_at - t0)
+            if self._sends.error is not None:
+                raise DaemonError(f"producing to Kafka failed: {self._sends.error}")
+            if self._sends.pending > cfg.max_pending_messages:
+                self._backpressure()
+            if (self._events_since_ckpt >= cfg.checkpoint_events
+                    or time.monotonic() - self._last_ckpt >= cfg.checkpoint_interval_ms / 1000):
+                self.checkpoint(list(self.tasks.values()))
+            if cfg.model_reload_interval_s and time.monotonic() >= self._next_reload:
+                self._next_reload = time.monotonic() + cfg.model_reload_interval_s
+                self._maybe_reload()
+
+    def _send(self, topic, key, value, headers=None) -> None:
+        """Queue an output record; :meth:`_drain` hands the poll's records to the producer."""
+        self._out.append((topic, key, value, headers))
+
+    def _drain(self) -> None:
+        """Send the queued records in one burst: appends to the producer's open batches do
+        not wake its I/O thread each time (a thread switch per record under load)."""
+        out, self._out = self._out, []
+        for topic, key, value, headers in out:
+            fut = self.producer.send(topic, key=key, value=value, headers=headers)
+            fut.add_callback(self._sends.ok)
+            fut.add_errback(self._sends.failed)
+        self._sends.sent += len(out)
+
+    def _process(self, task: Task, records) -> None:
+        cfg = self.cfg
+        values = [r.value for r in records]
+        dec = self.decoder.decode(values, [r.key for r in records], [r.offset for r in records])
+        for rej in dec.rejected:
+            r = records[rej.index]
+            headers = list(r.headers or []) + [
+                (DLQ_HEADERS[0], rej.reason.encode()), (DLQ_HEADERS[1], r.topic.encode()),
+                (DLQ_HEADERS[2], str(r.partition).encode()), (DLQ_HEADERS[3], str(r.offset).encode())]
+            self._send(cfg.dead_letter_topic, r.key, r.value, headers)
+            log.warning("dead letter", extra={"fields": {"topic": r.topic, "partition": r.partition,
+                                                         "offset": r.offset, "reason": rej.reason[:300]}})
+        n = len(dec)
+        if n:
+            before = task.detector.counters.get("replay_skipped", 0)
+            res = task.detector.process(dec.stream_ids, dec.values, dec.timestamps, offsets=dec.offsets)
+            skipped = task.detector.counters.get("replay_skipped", 0) - before
+            for a in res.alerts:
+                self._send(cfg.alerts, a.stream.encode(), encode_alert(a))
+                self.metrics.alerts.labels(a.kind).inc()
+            self.counts["alerts"] += len(res.alerts)
+            if cfg.scores:
+                self._send_scores(res, getattr(res, "applied", None))
+            if self.store.kind == "changelog":  # rows to send at the next checkpoint
+                task.touched.update(dec.stream_ids)
+            self.counts["events_skipped"] += skipped
+            self.metrics.events_skipped.inc(skipped)
+        task.next_offset = records[-1].offset + 1
+        task.events_since += n
+        self._events_since_ckpt += n
+        self.counts["consumed"] += len(records)
+        self.counts["decoded"] += dec.messages_ok
+        self.counts["dead_lettered"] += len(dec.rejected)
+        self.counts["events"] += n
+        self.metrics.messages.inc(len(records))
+        self.metrics.dead_letters.inc(len(dec.rejected))
+        self.metrics.count_events(n)
+
+    def _send_scores(self, res, applied) -> None:
+        rows = np.flatnonzero(applied) if applied is not None else range(len(res))
+        names = self.model.feature_names
+        for i in rows:
+            rec = {"stream": res.stream_ids[i], "ts": int(res.timestamps[i]),
+                   "score": None if not np.isfinite(res.score[i]) else float(res.score[i]),
+                   "alert": bool(res.alert[i]),
+                   "predicted": {n: (None if not np.isfinite(v) else float(v))
+                                 for n, v in zip(names, res.prediction[i].tolist())}}
+            self._send(self.cfg.scores, rec["stream"].encode(), _SCORE.encode(rec))
+
+    def _backpressure(self) -> None:
+        """The producer is behind: stop fetching input until it has caught up."""
+        parts = list(self.consumer.assignment())
+        self.consumer.pause(*parts)
+        self.metrics.backpressure.inc()
+        try:
+            self.producer.flush()
+        finally:
+            self.consumer.resume(*parts)
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint(self, tasks: list[Task]) -> None:
+        """Flush outputs, save state, commit offsets (see the module docstring)."""
+        t0 = time.perf_counter()
+        self._drain()
+        dirty = [t for t in tasks if t.next_offset is not None and t.next_offset != t.committed]
+        if dirty:
+            self.producer.flush()  # 1. alerts and dead letters acknowledged
+            if self._sends.error is not None:
+                raise DaemonError(f"producing to Kafka failed: {self._sends.error}")
+            for t in dirty:  # 2. state that includes the covered events
+                if self.cfg.detector.get("idle_timeout_ms") is not None:
+                    t.detector.evict_idle(int(time.time() * 1000))
+                self.store.save(t.topic, t.partition, t.detector, t.touched)
+            if self.store.kind == "changelog":
+                self.producer.flush()
+                if self._sends.error is not None:
+                    raise DaemonError(f"writing the changelog failed: {self._sends.error}")
+            try:  # 3.
+                self.consumer.commit({TopicPartition(t.topic, t.partition): OffsetAndMetadata(t.next_offset, "", -1)
+                                      for t in dirty})
+            except CommitFailedError as exc:
+                self._lost(dirty, exc)
+                return
+            for t in dirty:
+                t.committed = t.next_offset
+                t.touched = set()
+                t.events_since = 0
+            self.counts["checkpoints"] += 1
+            self.metrics.checkpoint_seconds.observe(time.perf_counter() - t0)
+        self._update_gauges(tasks)
+        self._last_ckpt = time.monotonic()
+        self.metrics.last_checkpoint = self._last_ckpt
+        self._events_since_ckpt = 0
+
+    def _lost(self, tasks: list[Task], exc: Exception) -> None:
+        """The group moved these partitions while we worked on them (e.g. a stall beyond
+        max_poll_interval_ms). Outputs are flushed and state saved, so whoever owns them now
+        replays from the last commit and skips what the saved state already holds; we drop
+        our copies and reload from the store if they come back."""
+        log.warning("offset commit failed: partitions were reassigned", extra={"fields": {
+            "partitions": [f"{t.topic}[{t.partition}]" for t in tasks], "reason": str(exc)}})
+        for t in tasks:
+            self.tasks.pop((t.topic, t.partition), None)
+            forget = getattr(self.store, "forget", None)
+            if forget:
+                forget(t.topic, t.partition)
+
+    def _update_gauges(self, tasks: list[Task]) -> None:
+        self.metrics.streams.set(sum(len(t.detector.table) for t in self.tasks.values()))
+        self.metrics.evictions.set(sum(t.detector.table.evictions for t in self.tasks.values()))
+        for t in tasks:
+            hw = self.consumer.highwater(TopicPartition(t.topic, t.partition))
+            if hw is not None and t.next_offset is not None:
+                self.metrics.lag.labels(t.topic, str(t.partition)).set(max(0, hw - t.next_offset))
+
+    # ------------------------------------------------------------------ rebalances
+    def on_revoked(self, revoked) -> None:
+        gone = [self.tasks[(tp.topic, tp.partition)] for tp in revoked if (tp.topic, tp.partition) in self.tasks]
+        try:
+            if gone:
+                self.checkpoint(gone)
+        finally:
+            for t in gone:
+                self.tasks.pop((t.topic, t.partition), None)
+                forget = getattr(self.store, "forget", None)
+                if forget:
+                    forget(t.topic, t.partition)
+        _info("partitions revoked", partitions=[f"{tp.topic}[{tp.partition}]" for tp in revoked])
+
+    def on_assigned(self, assigned) -> None:
+        for tp in assigned:
+            key = (tp.topic, tp.partition)
+            if key not in self.tasks:
+                det = self.store.load(tp.topic, tp.partition, self.new_detector)
+                self.tasks[key] = Task(tp.topic, tp.partition, det)
+        _info("partitions assigned", partitions=[f"{tp.topic}[{tp.partition}]" for tp in assigned],
+              streams=sum(len(self.tasks[(tp.topic, tp.partition)].detector.table) for tp in assigned))
+
+    # ------------------------------------------------------------------ model reload
+    def _maybe_reload(self) -> None:
+        stamp = self._stamp()
+        if stamp is None or stamp == self._model_stamp:
+            return
+        self._model_stamp = stamp
+        try:
+            model = self._load_model()
+        except StreamrnnError as exc:
+            log.error("model file changed but cannot be loaded; keeping the current model",
+                      extra={"fields": {"reason": str(exc)}})
+            return
+        same = Detector.columns_for(model).keys() == Detector.columns_for(self.model).keys() and all(
+            (a.shape, a.dtype) == (b.shape, b.dtype) for a, b in
+            zip(Detector.columns_for(model).values(), Detector.columns_for(self.model).values()))
+        if same:
+            for t in self.tasks.values():
+                t.detector = self.new_detector(table=t.detector.table, model=model)
+        else:
+            self.checkpoint(list(self.tasks.values()))  # what the old model saw is committed
+            for t in self.tasks.values():
+                t.detector = self.new_detector(model=model)
+        self.model = model
+        self.metrics.model_reloads.inc()
+        _info("model reloaded", kept_state=same, name=model.name)
+
+    # ------------------------------------------------------------------ shutdown
+    def _shutdown(self) -> None:
+        self.checkpoint(list(self.tasks.values()))
+
+    def _close(self) -> None:
+        for name in ("consumer", "producer", "admin"):
+            client = getattr(self, name, None)
+            if client is not None:
+                try:
+                    client.close() if name != "producer" else client.close(timeout=5)
+                except Exception as exc:  # closing is best effort; the commit is done
+                    log.warning("close failed", extra={"fields": {"client": name, "reason": str(exc)}})
+
+
+class _Listener(ConsumerRebalanceListener):
+    """kafka-python rebalance callbacks, forwarded to the daemon."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def on_partitions_revoked(self, revoked) -> None:
+        self.daemon.on_revoked(revoked)
+
+    def on_partitions_assigned(self, assigned) -> None:
+        self.daemon.on_assigned(assigned)
+
+
+def run_daemon(config: DaemonConfig, *, install_signals: bool = True, exit_on_overrun: bool = False) -> int:
+    """Run a daemon with logging set up. With ``exit_on_overrun`` the process exits with code
+    1 when shutdown takes longer than ``grace_period_s`` (as a supervisor would kill it)."""
+    setup_logging(config.log_level)
+    daemon = Daemon(config)
+    if exit_on_overrun:
+        def watchdog():
+            daemon._stop.wait()
+            time.sleep(config.grace_period_s)
+            log.error("shutdown exceeded the grace period; exiting", extra={"fields": {}})
+            os._exit(1)
+        threading.Thread(target=watchdog, daemon=True).start()
+    return daemon.run(install_signals=install_signals)

@@ -1,0 +1,106 @@
+"""Decoding input messages: every accepted shape against hand-written expectations, and
+every rejection with its reason."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from daemon.codec import EVENT_OFFSET_SHIFT, Decoder, Format, encode_events, message_offset
+
+
+def _decode(features, values, keys=None, fmt=None):
+    keys = keys if keys is not None else [None] * len(values)
+    return Decoder(features, fmt).decode(values, keys, list(range(100, 100 + len(values))))
+
+
+def test_decode_single_events_gives_arrays_and_event_offsets():
+    b = _decode(["value"], [b'{"stream": "a", "ts": 1000, "value": 1.5}', b'{"stream": "b", "ts": 2000, "value": 3}'])
+    assert b.stream_ids == ["a", "b"]
+    assert b.timestamps.tolist() == [1000, 2000]
+    assert b.values.tolist() == [[1.5], [3.0]]
+    assert b.offsets.tolist() == [100 << EVENT_OFFSET_SHIFT, 101 << EVENT_OFFSET_SHIFT]
+    assert message_offset(b.offsets[1]) == 101 and b.messages_ok == 2 and not b.rejected
+
+
+def test_decode_multivariate_named_fields_values_object_and_list_agree():
+    msgs = [b'{"stream": "a", "ts": 1, "cpu": 0.5, "mem": 0.25}',
+            b'{"stream": "a", "ts": 2, "values": {"mem": 0.25, "cpu": 0.5}}',
+            b'{"stream": "a", "ts": 3, "values": [0.5, 0.25]}']
+    b = _decode(["cpu", "mem"], msgs)
+    assert b.values.tolist() == [[0.5, 0.25]] * 3
+
+
+def test_decode_array_message_numbers_events_within_the_message():
+    arr = json.dumps([{"stream": "a", "ts": 1, "value": 1.0}, {"stream": "a", "ts": 2, "value": None},
+                      {"stream": "a", "ts": 3, "value": 3.0}]).encode()
+    b = _decode(["value"], [arr])
+    assert b.offsets.tolist() == [(100 << EVENT_OFFSET_SHIFT) + i for i in range(3)]
+    assert b.values[0, 0] == 1.0 and np.isnan(b.values[1, 0]) and b.values[2, 0] == 3.0
+
+
+def test_decode_arrow_batch_equals_json_of_same_events():
+    ids, ts, x = ["a", "b", "a"], np.array([1, 2, 3]), np.array([[1.0, 2.0], [3.0, 4.0], [5.0, np.nan]])
+    arrow = _decode(["cpu", "mem"], [encode_events(ids, ts, x, ["cpu", "mem"], arrow=True)])
+    js = _decode(["cpu", "mem"], [encode_events(ids, ts, x, ["cpu", "mem"])])
+    assert arrow.stream_ids == js.stream_ids == ids
+    np.testing.assert_array_equal(arrow.values, js.values)
+    np.testing.assert_array_equal(arrow.timestamps, ts)
+
+
+def test_decode_arrow_timestamp_column_is_epoch_ms():
+    t = pa.table({"stream": ["a"], "ts": pa.array([1_767_225_600_000], pa.timestamp("ms", tz="UTC")), "value": [2.0]})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, t.schema) as w:
+        w.write_table(t)
+    b = _decode(["value"], [sink.getvalue().to_pybytes()])
+    assert b.timestamps.tolist() == [1_767_225_600_000]
+
+
+def test_stream_id_falls_back_to_message_key():
+    b = _decode(["value"], [b'{"ts": 1, "value": 2.0}'], keys=[b"from-key"])
+    assert b.stream_ids == ["from-key"]
+
+
+def test_configured_field_names_are_used():
+    fmt = Format(stream="id", ts="time", value="v", values="vals")
+    b = _decode(["v"], [b'{"id": "x", "time": 7, "v": 1.0}'], fmt=fmt)
+    assert (b.stream_ids, b.timestamps.tolist(), b.values.tolist()) == (["x"], [7], [[1.0]])
+
+
+@pytest.mark.parametrize("value, reason", [
+    (b"{nope", "invalid JSON"),
+    (b'{"stream": "a", "ts": "noon", "value": 1}', "invalid event"),
+    (b'{"stream": "a", "value": 1}', "invalid event"),
+    (b'{"stream": "a", "ts": 1}', "no value"),
+    (b'{"stream": "a", "ts": 1, "value": "high"}', "invalid event"),
+    (b'{"ts": 1, "value": 1.0}', "no key"),
+    (b"[]", "empty JSON array"),
+    (b"", "empty message"),
+    (None, "empty message"),
+    (b"\xff\xff\xff\xffgarbage", "invalid Arrow"),
+    (b'"just a string"', "invalid event"),
+])
+def test_bad_message_is_rejected_with_reason_and_others_survive(value, reason):
+    good = b'{"stream": "a", "ts": 1, "value": 1.0}'
+    b = _decode(["value"], [good, value, good])
+    assert [r.index for r in b.rejected] == [1]
+    assert reason in b.rejected[0].reason
+    assert b.stream_ids == ["a", "a"] and b.messages_ok == 2
+    assert b.offsets.tolist() == [100 << EVENT_OFFSET_SHIFT, 102 << EVENT_OFFSET_SHIFT]
+
+
+def test_values_list_of_wrong_length_and_missing_arrow_column_are_rejected():
+    b = _decode(["cpu", "mem"], [b'{"stream": "a", "ts": 1, "values": [1.0]}',
+                                 encode_events(["a"], [1], [[1.0]], ["cpu"], arrow=True)])
+    assert "has 1 values" in b.rejected[0].reason
+    assert "lacks column" in b.rejected[1].reason
+
+
+def test_one_bad_event_rejects_its_whole_array_message():
+    arr = json.dumps([{"stream": "a", "ts": 1, "value": 1.0}, {"stream": "a", "ts": 2}]).encode()
+    b = _decode(["value"], [arr, b'{"stream": "b", "ts": 1, "value": 1.0}'])
+    assert [r.index for r in b.rejected] == [0] and b.stream_ids == ["b"]

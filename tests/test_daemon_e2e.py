@@ -1,0 +1,216 @@
+"""The daemon against the real development broker, in process: end to end against replay,
+an independent client, dead letters, the changelog store, Arrow and array messages."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+
+import msgspec
+import pytest
+
+from daemon.codec import encode_events
+from daemon.config import load_config
+from daemon.loop import DLQ_HEADERS, Daemon
+from daemon.producer import produce_events
+from tests.daemon_support import (FAST_GROUP, SCORING, alert_records, confluent_produce, create_topic,
+                                  event_messages, persistence_model, read_alerts, read_topic,
+                                  reference_alerts, scenario, unique)
+
+pytestmark = pytest.mark.broker
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return persistence_model(tmp_path_factory.mktemp("model") / "persistence.safetensors")
+
+
+@pytest.fixture(scope="module")
+def events():
+    return scenario()
+
+
+@pytest.fixture(scope="module")
+def reference(model_path, events, tmp_path_factory):
+    alerts = reference_alerts(model_path, events, tmp_path_factory.mktemp("replay"))
+    assert sum(a.kind == "open" for a in alerts) >= 3, "the scenario must raise alerts to be a test"
+    return alert_records(alerts)
+
+
+class Running:
+    """A daemon in a thread of this process."""
+
+    def __init__(self, bootstrap, model_path, tmp_path, *, topic, alerts, group=None, **settings):
+        self.cfg = load_config(overrides=dict(
+            bootstrap=bootstrap, input=topic, alerts=alerts, model=str(model_path), group=group or unique("g"),
+            state_dir=str(tmp_path / "state"), checkpoint_interval_ms=200, **FAST_GROUP, **settings))
+        self.cfg.scoring = dict(SCORING)
+        self.daemon = Daemon(self.cfg)
+        self.code = None
+        self.error = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            self.code = self.daemon.run(install_signals=False)
+        except BaseException as exc:  # surfaced by wait/stop
+            self.error = exc
+
+    def wait_consumed(self, n, timeout=60.0):
+        deadline = time.monotonic() + timeout
+        while self.daemon.counts["consumed"] < n:
+            assert self.error is None, self.error
+            assert time.monotonic() < deadline, f"consumed {self.daemon.counts['consumed']} of {n}"
+            time.sleep(0.1)
+
+    def stop(self):
+        self.daemon.stop()
+        self.thread.join(30)
+        assert self.error is None, self.error
+        assert self.code == 0
+        return self.daemon.counts
+
+
+def test_daemon_on_json_batches_and_arrow_raises_exactly_replays_alerts(kafka_broker, model_path, events,
+                                                                        reference, tmp_path):
+    topic, alerts = unique("in"), unique("alerts")
+    create_topic(kafka_broker.bootstrap, topic, 3)
+    ids, ts, x = events
+    half = len(ids) // 2
+    # First half as JSON arrays of up to 4 events of one stream, second half as Arrow batches.
+    a = produce_events(kafka_broker.bootstrap, topic, [(ids[:half], ts[:half], x[:half])], events_per_message=4)
+    b = produce_events(kafka_broker.bootstrap, topic, [(ids[half:], ts[half:], x[half:])], events_per_message=8,
+                       arrow=True)
+    run = Running(kafka_broker.bootstrap, model_path, tmp_path, topic=topic, alerts=alerts, metrics_port=-1)
+    run.wait_consumed(a.messages + b.messages)
+    health = run.daemon.health
+    base = f"http://127.0.0.1:{health.port}"
+    assert urllib.request.urlopen(base + "/healthz").status == 200
+    assert urllib.request.urlopen(base + "/readyz").status == 200
+    metrics = urllib.request.urlopen(base + "/metrics").read().decode()
+    counts = run.stop()
+    assert counts["events"] == len(ids) and counts["dead_lettered"] == 0
+    got = read_alerts(kafka_broker.bootstrap, alerts)
+    assert alert_records(got) == reference  # same ids, kinds, scores, values, predictions
+    assert len(got) == len(reference)  # an uninterrupted run writes each record once
+    assert f"streamrnn_events_total {float(len(ids))}" in metrics
+    assert "streamrnn_batch_seconds_bucket" in metrics
+
+
+def test_dead_letters_keep_message_and_counts_add_up(kafka_broker, model_path, events, reference, tmp_path):
+    topic, alerts = unique("in"), unique("alerts")
+    create_topic(kafka_broker.bootstrap, topic, 2)
+    good = event_messages(events)
+    bad = [(b"s-bad", b"{not json"), (b"s-bad", b'{"stream": "s-bad", "ts": "yesterday", "value": 1}'),
+           (b"s-bad", b'{"stream": "s-bad", "ts": 5}'), (b"s-bad", b""),
+           (b"s-bad", b"\xff\xff\xff\xffnot arrow"), (None, b'{"ts": 5, "value": 1.0}'),
+           (b"s-bad", encode_events(["a", "b"], [1, 2], [[1.0, 2.0], [3.0, 4.0]], ["cpu", "mem"], arrow=True))]
+    # Interleave: a bad message after every 300 good ones, the rest at the end.
+    messages, is_bad, pending = [], [], list(bad)
+    for i, m in enumerate(good):
+        messages.append(m)
+        is_bad.append(False)
+        if i % 300 == 150 and pending:
+            messages.append(pending.pop(0))
+            is_bad.append(True)
+    messages += pending
+    is_bad += [True] * len(pending)
+    reports = confluent_produce(kafka_broker.bootstrap, topic, messages)
+    run = Running(kafka_broker.bootstrap, model_path, tmp_path, topic=topic, alerts=alerts)
+    run.wait_consumed(len(messages))
+    counts = run.stop()
+    assert counts["consumed"] == len(messages) == counts["decoded"] + counts["dead_lettered"]
+    assert counts["dead_lettered"] == len(bad)
+    dlq = read_topic(kafka_broker.bootstrap, f"{topic}.dead-letter", expect=len(bad))
+    sent = {reports[i]: messages[i] for i in range(len(messages)) if is_bad[i]}
+    seen = {}
+    for key, value, headers, _, _ in dlq:
+        where = (int(headers[DLQ_HEADERS[2]]), int(headers[DLQ_HEADERS[3]]))
+        assert headers[DLQ_HEADERS[1]].decode() == topic
+        assert headers[DLQ_HEADERS[0]]  # a reason
+        seen[where] = (key, value or b"")
+    assert seen == {k: (key, value) for k, (key, value) in sent.items()}  # unchanged, with their origin
+    assert alert_records(read_alerts(kafka_broker.bootstrap, alerts)) == reference  # the good ones scored
+
+
+def test_changelog_store_restores_partition_state_in_a_new_daemon(kafka_broker, model_path, events, reference,
+                                                                  tmp_path):
+    topic, alerts, group = unique("in"), unique("alerts"), unique("g")
+    create_topic(kafka_broker.bootstrap, topic, 2)
+    msgs = event_messages(events)
+    half = len(msgs) // 2
+    confluent_produce(kafka_broker.bootstrap, topic, msgs[:half])
+    first = Running(kafka_broker.bootstrap, model_path, tmp_path / "a", topic=topic, alerts=alerts, group=group,
+                    state_store="changelog")
+    first.wait_consumed(half)
+    first.stop()
+    confluent_produce(kafka_broker.bootstrap, topic, msgs[half:])
+    # Another state dir: the state can only come from the changelog topic.
+    second = Running(kafka_broker.bootstrap, model_path, tmp_path / "b", topic=topic, alerts=alerts, group=group,
+                     state_store="changelog")
+    second.wait_consumed(len(msgs) - half)
+    counts = second.stop()
+    assert counts["consumed"] == len(msgs) - half  # resumed at the committed offsets
+    got = read_alerts(kafka_broker.bootstrap, alerts)
+    assert alert_records(got) == reference
+    changelog = read_topic(kafka_broker.bootstrap, f"{group}-state-changelog")
+    assert {k.decode() for k, *_ in changelog} == set(events[0])  # one key per stream
+
+
+def test_hot_reload_with_same_architecture_keeps_stream_state(kafka_broker, model_path, events, tmp_path):
+    from streamrnn.model import Model
+
+    topic, alerts = unique("in"), unique("alerts")
+    create_topic(kafka_broker.bootstrap, topic, 1)
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(model_path.read_bytes())
+    confluent_produce(kafka_broker.bootstrap, topic, event_messages(events, 0, 200))
+    run = Running(kafka_broker.bootstrap, path, tmp_path, topic=topic, alerts=alerts, model_reload_interval_s=0.2)
+    run.wait_consumed(200)
+    task = next(iter(run.daemon.tasks.values()))
+    streams = len(task.detector.table)
+    m = Model.load(path)
+    m.name = "persistence-v2"
+    m.save(path)
+    deadline = time.monotonic() + 20
+    while run.daemon.model.name != "persistence-v2":
+        assert time.monotonic() < deadline, "model not reloaded"
+        time.sleep(0.1)
+    task = next(iter(run.daemon.tasks.values()))
+    assert len(task.detector.table) == streams > 0
+    assert task.detector.model.name == "persistence-v2"
+    run.stop()
+
+
+def test_alert_records_are_keyed_by_stream(kafka_broker, model_path, events, tmp_path):
+    topic, alerts = unique("in"), unique("alerts")
+    create_topic(kafka_broker.bootstrap, topic, 2)
+    reports = confluent_produce(kafka_broker.bootstrap, topic, event_messages(events))
+    run = Running(kafka_broker.bootstrap, model_path, tmp_path, topic=topic, alerts=alerts)
+    run.wait_consumed(len(reports))
+    run.stop()
+    recs = read_topic(kafka_broker.bootstrap, alerts)
+    assert recs
+    for key, value, *_ in recs:
+        assert key.decode() == msgspec.json.decode(value)["stream"]
+
+
+def test_backpressure_pauses_input_and_scores_topic_gets_every_event(kafka_broker, model_path, events, tmp_path):
+    topic, alerts, scores = unique("in"), unique("alerts"), unique("scores")
+    create_topic(kafka_broker.bootstrap, topic, 2)
+    msgs = event_messages(events, 0, 1500)
+    confluent_produce(kafka_broker.bootstrap, topic, msgs)
+    # At most 100 unacknowledged output messages: the scores topic (one per event) keeps
+    # the producer behind, so input is paused until it catches up.
+    run = Running(kafka_broker.bootstrap, model_path, tmp_path, topic=topic, alerts=alerts, scores=scores,
+                  max_pending_messages=100)
+    run.wait_consumed(len(msgs))
+    counts = run.stop()
+    assert run.daemon.metrics.backpressure._value.get() > 0
+    recs = read_topic(kafka_broker.bootstrap, scores, expect=len(msgs))
+    assert len(recs) == counts["events"] == len(msgs)
+    got = {(k.decode(), msgspec.json.decode(v)["ts"]) for k, v, *_ in recs}
+    assert got == {(k.decode(), json.loads(v)["ts"]) for k, v in msgs}

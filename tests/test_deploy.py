@@ -1,0 +1,40 @@
+"""The shipped deployment configs parse and validate with the daemon's own loader."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from daemon.config import load_config
+from daemon.errors import ConfigError
+from streamrnn.scoring import ScoringConfig
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+
+
+def _check(text: str, tmp_path: Path, model: Path) -> None:
+    cfg_path = tmp_path / "daemon.toml"
+    cfg_path.write_text(text)
+    cfg = load_config(cfg_path, env={}, overrides={"model": str(model), "state_dir": str(tmp_path)})
+    assert cfg.input and cfg.alerts and cfg.group
+    ScoringConfig.from_dict(cfg.scoring).validate()
+
+
+def test_sample_toml_is_valid(tmp_path):
+    model = tmp_path / "m.safetensors"
+    model.write_bytes(b"")
+    _check((DEPLOY / "daemon.toml").read_text(), tmp_path, model)
+
+
+def test_kubernetes_configmap_is_valid(tmp_path):
+    model = tmp_path / "m.safetensors"
+    model.write_bytes(b"")
+    docs = list(yaml.safe_load_all((DEPLOY / "kubernetes.yaml").read_text()))
+    cm = next(d for d in docs if d["kind"] == "ConfigMap")
+    _check(cm["data"]["daemon.toml"], tmp_path, model)
+
+
+def test_a_typo_in_the_sample_is_caught(tmp_path):
+    text = (DEPLOY / "daemon.toml").read_text().replace("batch_max_events", "batch_max_event")
+    with pytest.raises(ConfigError, match="batch_max_events"):
+        _check(text, tmp_path, tmp_path / "m")
