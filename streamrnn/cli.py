@@ -37,60 +37,231 @@ def inspect(model: Path = typer.Argument(..., help="A streamrnn model file (.saf
     console.print_json(json.dumps(info))
 
 
-def _persistence_gru(n_features: int = 1):
-    """A GRU whose head reproduces its input: it predicts 'next = last' (a persistence
-    forecaster), the honest baseline until a trained model is available."""
-    from streamrnn.model import Model
+@app.command()
+def demo(streams: int = typer.Option(300, help="Number of synthetic streams."),
+         length: int = typer.Option(1000, help="Events per stream (half history, half live)."),
+         hidden: int = typer.Option(32, help="GRU hidden size."),
+         epochs: int = typer.Option(6, help="Training epochs."),
+         speed: float = typer.Option(5000.0, help="Live period produced at this multiple of real time."),
+         partitions: int = typer.Option(4, help="Partitions of the input topic."),
+         workdir: Path = typer.Option(None, help="Keep the data, model, scores and logs here (default: a temporary directory)."),
+         seed: int = typer.Option(7, help="Seed of the synthetic fleet and the training.")) -> None:
+    """The main job end to end: synthetic history, train a GRU, start the development broker
+    and the daemon, stream the live period through Kafka, print the alerts as they arrive,
+    back-test with replay and evaluate against the injected labels."""
+    from daemon.demo import run_demo
 
-    h = 8
-    layer = {"w_ih": np.zeros((3 * h, 1)), "w_hh": np.zeros((3 * h, h)),
-             "b_ih": np.zeros(3 * h), "b_hh": np.zeros(3 * h)}
-    layer["b_ih"][h:2 * h] = -30.0  # update gate closed: h' = n
-    layer["w_ih"][2 * h:, 0] = 0.05  # n = tanh(0.05 x) ~ 0.05 x for scaled |x| < 4
-    head_w = np.full((1, h), 1.0 / (0.05 * h))
-    return Model(cell="gru", layers=[layer], head_weight=head_w, head_bias=np.zeros(1),
-                 name="persistence-demo", feature_names=["cpu"])
+    out = Console(soft_wrap=True)
+    try:
+        result = run_demo(out, streams=streams, length=length, hidden=hidden, epochs=epochs, speed=speed,
+                          partitions=partitions, seed=seed, workdir=workdir)
+    except StreamrnnError as exc:
+        _fail(exc)
+    if result.daemon_exit != 0 or not result.identical:
+        out.print("[red]demo failed[/red]: the daemon did not exit cleanly or its alerts differ from replay's")
+        raise typer.Exit(code=1)
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise StreamrnnError(f"{flag} takes integers separated by commas, like 32 or 64,32; got {text!r}") from None
+    if not values:
+        raise StreamrnnError(f"{flag} needs at least one size")
+    return values
 
 
 @app.command()
-def demo(streams: int = typer.Option(500, help="Number of synthetic streams."),
-         length: int = typer.Option(300, help="Events per stream."),
-         batch: int = typer.Option(5000, help="Events per micro-batch.")) -> None:
-    """Run the scoring engine end to end on a synthetic fleet with injected spikes.
+def train(paths: list[Path] = typer.Argument(..., help="Parquet/CSV files, directories or hive-partitioned datasets."),
+          out: Path = typer.Option(..., "--out", help="Model file to write (.safetensors)."),
+          cell: str = typer.Option("gru", "--cell", help="gru, lstm or rnn."),
+          hidden: str = typer.Option("32", "--hidden", help="Hidden units per layer, e.g. 32 or 64,32."),
+          stream_col: str = typer.Option("stream", "--stream-col", help="Stream id column (absent: one stream per file)."),
+          time_col: str = typer.Option("ts", "--time-col", help="Time column (timestamp or epoch ms)."),
+          features: str | None = typer.Option(None, "--features",
+                                              help="Feature columns, comma-separated (default: every other numeric column)."),
+          window: int = typer.Option(32, "--window", help="Truncated-BPTT window length (events)."),
+          stride: int = typer.Option(8, "--stride", help="Events between window starts."),
+          batch_size: int = typer.Option(64, "--batch-size", help="Windows per mini-batch."),
+          epochs: int = typer.Option(20, "--epochs", help="Maximum epochs."),
+          lr: float = typer.Option(3e-3, "--lr", help="Adam learning rate."),
+          clip: float = typer.Option(1.0, "--clip", help="Gradient-norm clipping (0: off)."),
+          schedule: str = typer.Option("cosine", "--schedule", help="constant, cosine or plateau."),
+          patience: int = typer.Option(5, "--patience", help="Early stopping: epochs without improvement (0: off)."),
+          seed: int = typer.Option(0, "--seed", help="Seed: the same seed gives the same model bit for bit."),
+          loss: str = typer.Option("mse", "--loss", help="mse, or gaussian (mean and log-variance head)."),
+          scaler: str = typer.Option("zscore", "--scaler", help="zscore or robust (median, IQR)."),
+          per_stream_scaler: bool = typer.Option(False, "--per-stream-scaler", help="A scaler per stream."),
+          peephole: bool = typer.Option(False, "--peephole", help="LSTM peephole connections."),
+          reset_after: bool = typer.Option(True, "--reset-after/--reset-before",
+                                           help="GRU reset gate after (PyTorch) or before (Cho et al.) the recurrent product."),
+          valid: float = typer.Option(0.15, "--valid", help="Fraction of each stream's newest rows (before calib) for validation."),
+          calib: float = typer.Option(0.15, "--calib", help="Fraction of each stream's newest rows for threshold calibration."),
+          missing: str = typer.Option("ffill", "--missing", help="Missing values: ffill, drop or zero."),
+          max_gap_ms: int | None = typer.Option(None, "--max-gap-ms", help="Split streams at gaps longer than this."),
+          time_delta: bool = typer.Option(False, "--time-delta", help="Add a feature 'dt': seconds since the previous event."),
+          max_windows: int = typer.Option(200_000, "--max-windows", help="Training windows kept (reservoir sample)."),
+          false_alert_rate: float = typer.Option(1e-3, "--false-alert-rate", help="Target false-alert rate for the threshold."),
+          resume: Path | None = typer.Option(None, "--resume", help="Continue from this checkpoint (.ckpt.npz)."),
+          checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Checkpoint path (default OUT.ckpt.npz)."),
+          report: Path | None = typer.Option(None, "--report", help="Write a JSON report here and a PNG of the loss curves beside it."),
+          threads: int | None = typer.Option(None, "--threads", help="Threads (default: all cores)."),
+          progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar.")) -> None:
+    """Train a model on history with Numba BPTT; thresholds are calibrated on the newest part."""
+    from streamrnn.train import train as run_train
 
-    Each stream gets its own scaler-free state; scores are errors normalised per stream, so
-    one threshold fits streams of any level and scale.
-    """
-    from streamrnn.detector import Detector
-    from streamrnn.synthetic import spiky_fleet
+    try:
+        result = run_train(paths, out, cell=cell, hidden=_int_list(hidden, "--hidden"), stream_col=stream_col,
+                           time_col=time_col, features=[f.strip() for f in features.split(",") if f.strip()]
+                           if features else None, window=window, stride=stride, batch_size=batch_size,
+                           epochs=epochs, lr=lr, clip=clip or None, schedule=schedule, patience=patience or None,
+                           seed=seed, loss=loss, scaler=scaler, per_stream_scaler=per_stream_scaler,
+                           peephole=peephole, reset_after=reset_after, valid=valid, calib=calib,
+                           missing=missing, max_gap_ms=max_gap_ms, time_delta=time_delta,
+                           max_windows=max_windows, target_false_alert_rate=false_alert_rate,
+                           resume=resume, checkpoint=checkpoint, report=report, threads=threads,
+                           progress=progress, log=lambda msg: console.print(msg, highlight=False))
+    except StreamrnnError as exc:
+        _fail(exc)
+    best = result.best_valid_loss
+    console.print(f"trained {cell} {hidden}: {len(result.epochs)} epochs, best validation loss "
+                  f"{best:.4g} (epoch {result.best_epoch}), {result.windows_per_second:,.0f} windows/s; "
+                  f"threshold {result.model.thresholds.get('threshold', float('nan')):.4g}", highlight=False)
+    if result.report_path is not None:
+        console.print(f"report {result.report_path} and {result.png_path}", highlight=False)
 
-    fleet = spiky_fleet(n_streams=streams, length=length, seed=7)
-    model = _persistence_gru()
-    # A global scaler fitted on the first tenth of the history (never the future it scores).
-    history = fleet.values[: len(fleet.values) // 10]
-    model.scaler_mean[:] = history.mean(axis=0)
-    model.scaler_scale[:] = history.std(axis=0)
-    console.print(f"[bold]streamrnn demo[/bold]: {streams} streams x {length} events, "
-                  f"GRU persistence model, micro-batches of {batch}")
-    Detector(model).process(["warm-up"], fleet.values[:1], fleet.timestamps[:1])  # compile kernels now
-    det = Detector(model, threshold=5.0, warmup=20)
-    alerts = np.zeros(len(fleet.stream_ids), bool)
-    t0 = time.perf_counter()
-    for a in range(0, len(fleet.stream_ids), batch):
-        res = det.process(fleet.stream_ids[a:a + batch], fleet.values[a:a + batch], fleet.timestamps[a:a + batch])
-        alerts[a:a + batch] = res.alert
-        for i in np.flatnonzero(res.alert)[:3] if a < 20 * batch else []:
-            console.print(f"  alert {res.stream_ids[i]} ts={int(res.timestamps[i])} "
-                          f"value={res.values[i, 0]:.1f} predicted={res.prediction[i, 0]:.1f} score={res.score[i]:.1f}")
-    dt = time.perf_counter() - t0
-    truth = fleet.is_anomaly
-    tp = int((alerts & truth).sum())
-    precision = tp / max(int(alerts.sum()), 1)
-    recall = tp / max(int(truth.sum()), 1)
-    console.print(f"events {len(truth)}  streams held {len(det.table)}  "
-                  f"throughput {len(truth) / dt:,.0f} events/s")
-    console.print(f"alerts {int(alerts.sum())}  injected spikes {int(truth.sum())}  "
-                  f"point-wise precision {precision:.2f} recall {recall:.2f}")
+
+def _input_schema(features: str | None, stream_col: str, time_col: str):
+    from streamrnn.data import Schema
+
+    names = tuple(f.strip() for f in features.split(",") if f.strip()) if features else None
+    return Schema(stream_col=stream_col, time_col=time_col, features=names)
+
+
+@app.command()
+def replay(paths: list[Path] = typer.Argument(..., help="Parquet/CSV files or directories, merged in time order."),
+           model: Path | None = typer.Option(None, "--model", help="Model file (required unless --to-kafka)."),
+           out: Path | None = typer.Option(None, "--out", help="SCORES Parquet: one row per event."),
+           alerts_out: Path | None = typer.Option(None, "--alerts-out", help="Parquet of alert records."),
+           to_kafka: str | None = typer.Option(None, "--to-kafka", help="HOST:PORT: produce the events instead."),
+           topic: str | None = typer.Option(None, "--topic", help="Topic for --to-kafka."),
+           speed: float | None = typer.Option(None, "--speed", help="With --to-kafka: X times the original pace."),
+           features: str | None = typer.Option(None, "--features",
+                                               help="Input columns for the model's features, comma-separated."),
+           stream_col: str = typer.Option("stream", "--stream-col", help="Stream id column."),
+           time_col: str = typer.Option("ts", "--time-col", help="Time column (timestamp or epoch ms)."),
+           threshold: float | None = typer.Option(None, "--threshold", help="Override the alert threshold (0-1)."),
+           warmup: int | None = typer.Option(None, "--warmup", help="Override the warm-up events per stream."),
+           batch_rows: int = typer.Option(65536, "--batch-rows", help="Events per Detector call."),
+           progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar.")) -> None:
+    """Run the Detector over history in time order (or produce it to Kafka with --to-kafka)."""
+    from streamrnn import replay as rp
+
+    try:
+        schema = _input_schema(features, stream_col, time_col)
+        if to_kafka is not None:
+            if topic is None:
+                raise StreamrnnError("--to-kafka needs --topic")
+            sent = rp.replay_to_kafka(paths, to_kafka, topic, model=model, schema=schema, speed=speed,
+                                      batch_rows=batch_rows, progress=progress)
+            console.print(f"produced {sent.events:,} events in {sent.messages:,} messages to {topic} "
+                          f"in {sent.seconds:.2f} s")
+            return
+        if model is None or out is None:
+            raise StreamrnnError("replay needs --model and --out (or --to-kafka HOST:PORT --topic T)")
+        config = None
+        overrides = {k: v for k, v in (("threshold", threshold), ("warmup", warmup)) if v is not None}
+        if overrides:
+            from streamrnn.scoring import ScoringConfig
+
+            config = ScoringConfig().replace(**overrides)
+        result = rp.replay(paths, model, out, alerts_out, schema=schema, batch_rows=batch_rows,
+                           config=config, progress=progress)
+    except StreamrnnError as exc:
+        _fail(exc)
+    for line in rp.summary_lines(result):
+        console.print(line)
+
+
+@app.command()
+def evaluate(scores: Path = typer.Argument(..., help="SCORES Parquet written by replay."),
+             labels: Path = typer.Option(..., "--labels",
+                                         help="Parquet/CSV labels: stream+ts (points) or stream+start+end (windows)."),
+             json_out: Path | None = typer.Option(None, "--json", help="Also write the results as JSON."),
+             probation: float = typer.Option(0.15, "--probation", help="NAB probationary fraction per stream."),
+             per_stream: bool = typer.Option(False, "--per-stream", help="Print a line per stream.")) -> None:
+    """Precision/recall/F1 point-wise and per event, AUC-PR, detection delay and NAB scores."""
+    from streamrnn.evaluate import evaluate_files, format_report
+
+    try:
+        if not 0.0 <= probation < 1.0:
+            raise StreamrnnError(f"--probation must be in [0, 1), not {probation}")
+        result = evaluate_files(scores, labels, probation_fraction=probation)
+        if json_out is not None:
+            json_out.write_text(json.dumps(result.to_dict() | {"per_stream": result.per_stream}, indent=2))
+    except (StreamrnnError, OSError) as exc:
+        _fail(exc)
+    for line in format_report(result):
+        console.print(line, highlight=False)
+    if per_stream:
+        for row in result.per_stream:
+            console.print("  " + "  ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
+                                           for k, v in row.items()), highlight=False)
+
+
+@app.command()
+def plot(scores: Path = typer.Argument(..., help="SCORES Parquet written by replay."),
+         out_dir: Path = typer.Option(..., "--out-dir", help="Directory for the PNG files."),
+         labels: Path | None = typer.Option(None, "--labels", help="Labels to draw (as for evaluate)."),
+         stream: list[str] | None = typer.Option(None, "--stream", help="Plot this stream (repeatable)."),
+         limit: int = typer.Option(16, "--limit", help="Without --stream: the N streams with the most alerts.")) -> None:
+    """A PNG per stream (values, prediction band, score, alerts, labels) and small multiples."""
+    from streamrnn.plot import plot_scores
+
+    try:
+        if limit < 1:
+            raise StreamrnnError(f"--limit must be at least 1, not {limit}")
+        paths = plot_scores(scores, out_dir, labels=labels, streams=stream or None, limit=limit)
+    except StreamrnnError as exc:
+        _fail(exc)
+    console.print(f"wrote {len(paths)} PNG files to {out_dir}")
+
+
+@app.command()
+def daemon(bootstrap: str = typer.Option(None, help="Kafka bootstrap HOST:PORT[,HOST:PORT]."),
+           input: str = typer.Option(None, "--input", help="Input topic(s), comma-separated."),  # noqa: A002
+           alerts: str = typer.Option(None, help="Alerts topic."),
+           model: str = typer.Option(None, help="Model file (reloaded when it changes)."),
+           group: str = typer.Option(None, help="Consumer group id."),
+           state_dir: str = typer.Option(None, "--state-dir", help="Directory for local state snapshots."),
+           config: Path = typer.Option(None, "--config", help="TOML file with every setting (daemon.toml)."),
+           settings: list[str] = typer.Option([], "--set", help="Any other setting as NAME=VALUE (repeatable).")) -> None:
+    """Run the Kafka scoring daemon (settings: TOML < STREAMRNN_* environment < flags)."""
+    from daemon.cli import build_config
+
+    try:
+        cfg = build_config(config=str(config) if config else None, settings=settings, bootstrap=bootstrap,
+                           input=input, alerts=alerts, model=model, group=group, state_dir=state_dir)
+        from daemon.loop import run_daemon
+
+        code = run_daemon(cfg, exit_on_overrun=True)
+    except StreamrnnError as exc:
+        _fail(exc)
+    raise typer.Exit(code=code)
+
+
+@app.command()
+def broker(log: Path = typer.Option(None, help="File for the broker's own output.")) -> None:
+    """Start the development broker (Tansu) on a free loopback port; print its address; Ctrl-C stops it."""
+    from daemon.broker import serve_forever, start_broker
+
+    try:
+        b = start_broker(log=str(log) if log else None)
+    except StreamrnnError as exc:
+        _fail(exc)
+    print(b.bootstrap, flush=True)
+    serve_forever(b)
 
 
 def main() -> None:

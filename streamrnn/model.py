@@ -24,6 +24,7 @@ from streamrnn.kernels.stream import forward_sequences
 from streamrnn.modelfile import SUPPORTED_FORMAT_VERSION as FORMAT_VERSION
 
 CELLS = ("rnn", "lstm", "gru")
+HEADS = ("linear", "gaussian")
 _GATES = {"rnn": 1, "lstm": 4, "gru": 3}
 
 
@@ -66,7 +67,13 @@ class Model:
         Per layer ``w_ih`` (G*H, D_in), ``w_hh`` (G*H, H), ``b_ih`` and ``b_hh`` (G*H,), and
         for LSTM with peepholes ``peep`` (3, H) holding the i, f, o peephole weights.
     head_weight, head_bias : ndarray
-        Linear head (O, H_top) and (O,), O = n_features.
+        Linear head (O, H_top) and (O,): O = n_features for the ``"linear"`` head; for the
+        ``"gaussian"`` head O = 2 * n_features, the means then the log-variances (scaled units).
+    head : {"linear", "gaussian"}
+        What the head predicts: the next event, or a mean and log-variance per feature.
+    stream_scaler : dict or None
+        Per-stream scalers ``{"streams": [ids], "mean": (S, D), "scale": (S, D)}``; streams
+        not in the table use ``scaler_mean``/``scaler_scale``.
     reset_after : bool
         GRU only: reset gate applied after the recurrent product (PyTorch, Keras default)
         or before it (Cho et al., Keras ``reset_after=False``).
@@ -91,12 +98,14 @@ class Model:
     feature_names: list[str] = field(default_factory=list)
     scaler_mean: np.ndarray | None = None
     scaler_scale: np.ndarray | None = None
-    thresholds: dict[str, float] = field(default_factory=dict)
+    thresholds: dict[str, Any] = field(default_factory=dict)
     name: str = "model"
     version: str = "1"
     created: str = ""
     training: dict[str, Any] = field(default_factory=dict)
     streamrnn_version: str = ""
+    head: str = "linear"
+    stream_scaler: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.layers = [{k: np.ascontiguousarray(v, np.float32) for k, v in layer.items()}
@@ -110,6 +119,11 @@ class Model:
                             else np.asarray(self.scaler_mean, np.float64).reshape(-1))
         self.scaler_scale = (np.ones(d) if self.scaler_scale is None
                              else np.asarray(self.scaler_scale, np.float64).reshape(-1))
+        if self.stream_scaler is not None:
+            self.stream_scaler = {
+                "streams": [str(s) for s in self.stream_scaler["streams"]],
+                "mean": np.asarray(self.stream_scaler["mean"], np.float64).reshape(-1, d),
+                "scale": np.asarray(self.stream_scaler["scale"], np.float64).reshape(-1, d)}
         self.created = self.created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         self.streamrnn_version = self.streamrnn_version or _package_version()
         self.validate()
@@ -172,9 +186,12 @@ class Model:
             if extra:
                 raise ModelFileError(f"layer {i}: unexpected weights {sorted(extra)}")
             d_in = h
-        if self.head_weight.shape != (self.n_features, d_in) or self.head_bias.shape != (self.n_features,):
-            raise ModelFileError(f"head has shapes {self.head_weight.shape} and {self.head_bias.shape}, "
-                                 f"expected ({self.n_features}, {d_in}) and ({self.n_features},)")
+        if self.head not in HEADS:
+            raise ModelFileError(f"unknown head {self.head!r}; expected one of {', '.join(HEADS)}")
+        n_out = self.n_features * (2 if self.head == "gaussian" else 1)
+        if self.head_weight.shape != (n_out, d_in) or self.head_bias.shape != (n_out,):
+            raise ModelFileError(f"{self.head} head has shapes {self.head_weight.shape} and "
+                                 f"{self.head_bias.shape}, expected ({n_out}, {d_in}) and ({n_out},)")
         for label, arr in self._named_arrays():
             if not np.all(np.isfinite(arr)):
                 raise ModelFileError(f"weight {label} contains NaN or infinite values")
@@ -185,6 +202,21 @@ class Model:
         if not (np.all(np.isfinite(self.scaler_mean)) and np.all(self.scaler_scale > 0)
                 and np.all(np.isfinite(self.scaler_scale))):
             raise ModelFileError("scaler mean must be finite and scale finite and positive")
+        self._validate_stream_scaler()
+
+    def _validate_stream_scaler(self) -> None:
+        ss = self.stream_scaler
+        if ss is None:
+            return
+        n = len(ss["streams"])
+        if ss["mean"].shape != (n, self.n_features) or ss["scale"].shape != (n, self.n_features):
+            raise ModelFileError(f"per-stream scaler for {n} streams needs mean and scale of shape "
+                                 f"({n}, {self.n_features}); got {ss['mean'].shape} and {ss['scale'].shape}")
+        if len(set(ss["streams"])) != n:
+            raise ModelFileError("per-stream scaler lists a stream more than once")
+        if not (np.all(np.isfinite(ss["mean"])) and np.all(np.isfinite(ss["scale"]))
+                and np.all(ss["scale"] > 0)):
+            raise ModelFileError("per-stream scaler mean must be finite and scale finite and positive")
 
     def _named_arrays(self):
         for i, layer in enumerate(self.layers):
@@ -218,8 +250,9 @@ class Model:
             layers.append(layer)
             d_in = h
         k = 1.0 / math.sqrt(d_in)
-        return cls(cell=cell, layers=layers, head_weight=rng.uniform(-k, k, (n_features, d_in)),
-                   head_bias=rng.uniform(-k, k, n_features), **options)
+        n_out = n_features * (2 if options.get("head") == "gaussian" else 1)
+        return cls(cell=cell, layers=layers, head_weight=rng.uniform(-k, k, (n_out, d_in)),
+                   head_bias=rng.uniform(-k, k, n_out), **options)
 
     @classmethod
     def from_torch(cls, rnn: Any, head: Any, **options: Any) -> "Model":
@@ -296,11 +329,58 @@ class Model:
         """Network units back to raw units (float64 arithmetic, float32 result)."""
         return (y * self.scaler_scale + self.scaler_mean).astype(np.float32)
 
-    def predict(self, x: np.ndarray) -> np.ndarray:
+    def scaler_for(self, stream_ids: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Scaler (mean, scale) per event, each (E, D) float64.
+
+        Streams in ``stream_scaler`` get their own; all others the global scaler.
+        """
+        ids = [str(s) for s in stream_ids]
+        mean = np.broadcast_to(self.scaler_mean, (len(ids), self.n_features)).copy()
+        scale = np.broadcast_to(self.scaler_scale, (len(ids), self.n_features)).copy()
+        if self.stream_scaler is not None and ids:
+            rows = self._stream_scaler_rows
+            idx = np.array([rows.get(s, -1) for s in ids], np.int64)
+            hit = idx >= 0
+            mean[hit] = self.stream_scaler["mean"][idx[hit]]
+            scale[hit] = self.stream_scaler["scale"][idx[hit]]
+        return mean, scale
+
+    @cached_property
+    def _stream_scaler_rows(self) -> dict[str, int]:
+        return {s: i for i, s in enumerate(self.stream_scaler["streams"])}
+
+    def predict(self, x: np.ndarray, stream: str | None = None) -> np.ndarray:
         """One-step-ahead predictions for whole sequences, in raw units.
 
-        ``x`` is (T, D) or (B, T, D); output t is the prediction of x[t + 1].
+        ``x`` is (T, D) or (B, T, D); output t is the prediction of x[t + 1] (the mean, for a
+        Gaussian head). ``stream`` selects that stream's scaler (per-stream scalers).
         """
+        mean, scale = self._scaler_of(stream)
+        out = self._forward_scaled(x, mean, scale)
+        return (out[..., : self.n_features] * scale + mean).astype(np.float32)
+
+    def predict_distribution(self, x: np.ndarray, stream: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Predicted (mean, variance) of x[t + 1] in raw units, shapes as ``x``.
+
+        A linear head has no variance of its own: it reports NaN variance.
+        """
+        mean_, scale = self._scaler_of(stream)
+        out = self._forward_scaled(x, mean_, scale)
+        d = self.n_features
+        mean = (out[..., :d] * scale + mean_).astype(np.float32)
+        if self.head != "gaussian":
+            return mean, np.full_like(mean, np.nan)
+        var = np.exp(out[..., d:].astype(np.float64)) * scale ** 2
+        return mean, var
+
+    def _scaler_of(self, stream: str | None) -> tuple[np.ndarray, np.ndarray]:
+        if stream is None:
+            return self.scaler_mean, self.scaler_scale
+        mean, scale = self.scaler_for([stream])
+        return mean[0], scale[0]
+
+    def _forward_scaled(self, x: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        """Head outputs in scaled units for (T, D) or (B, T, D) raw input."""
         arr = np.asarray(x)
         if arr.ndim not in (2, 3) or arr.shape[-1] != self.n_features:
             raise StreamrnnError(f"predict takes (T, {self.n_features}) or (B, T, {self.n_features}) "
@@ -310,24 +390,29 @@ class Model:
         batch = arr[None] if arr.ndim == 2 else arr
         p = self.packed
         state = np.zeros((batch.shape[0], p.state_width), np.float32)
-        out = forward_sequences(np.ascontiguousarray(self.scale(batch)), state, numba.get_num_threads(),
+        scaled = ((batch - mean) / scale).astype(np.float32)
+        out = forward_sequences(np.ascontiguousarray(scaled), state, numba.get_num_threads(),
                                 *p.kernel_args())
-        out = self.unscale(out)
         return out[0] if arr.ndim == 2 else out
 
     # ----------------------------------------------------------------- file I/O
     def metadata(self) -> dict[str, Any]:
         return {"format": "streamrnn-model", "format_version": FORMAT_VERSION, "cell": self.cell,
                 "n_features": self.n_features, "hidden": self.hidden, "reset_after": self.reset_after,
-                "peephole": self.peephole, "nonlinearity": self.nonlinearity, "head": "linear",
+                "peephole": self.peephole, "nonlinearity": self.nonlinearity, "head": self.head,
                 "feature_names": self.feature_names, "thresholds": self.thresholds, "name": self.name,
                 "version": self.version, "created": self.created, "training": self.training,
-                "streamrnn_version": self.streamrnn_version}
+                "streamrnn_version": self.streamrnn_version,
+                "stream_scaler_streams": (None if self.stream_scaler is None
+                                          else list(self.stream_scaler["streams"]))}
 
     def tensors(self) -> dict[str, np.ndarray]:
         out = dict(self._named_arrays())
         out["scaler.mean"] = self.scaler_mean
         out["scaler.scale"] = self.scaler_scale
+        if self.stream_scaler is not None:
+            out["scaler.stream_mean"] = self.stream_scaler["mean"]
+            out["scaler.stream_scale"] = self.stream_scaler["scale"]
         return out
 
     def save(self, path: str | Path) -> Path:
@@ -364,6 +449,16 @@ class Model:
         n_layers = len(meta["hidden"])
         layers = [{k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"layers.{i}.")}
                   for i in range(n_layers)]
+        streams = meta.get("stream_scaler_streams")
+        stream_scaler = None
+        if streams is not None:
+            stream_keys = {"scaler.stream_mean", "scaler.stream_scale"}
+            if not stream_keys <= set(tensors):
+                raise ModelFileError(f"metadata lists per-stream scalers but tensor(s) "
+                                     f"{sorted(stream_keys - set(tensors))} are missing")
+            required = required | stream_keys
+            stream_scaler = {"streams": list(streams), "mean": tensors["scaler.stream_mean"],
+                             "scale": tensors["scaler.stream_scale"]}
         known = {f"layers.{i}.{k}" for i, layer in enumerate(layers) for k in layer} | required
         unknown = set(tensors) - known
         if unknown:
@@ -375,7 +470,8 @@ class Model:
                     scaler_scale=tensors["scaler.scale"], thresholds=dict(meta.get("thresholds", {})),
                     name=str(meta.get("name", "model")), version=str(meta.get("version", "1")),
                     created=str(meta.get("created", "")), training=dict(meta.get("training", {})),
-                    streamrnn_version=str(meta.get("streamrnn_version", "")))
+                    streamrnn_version=str(meta.get("streamrnn_version", "")),
+                    head=str(meta.get("head", "linear")), stream_scaler=stream_scaler)
         if model.hidden != list(meta["hidden"]) or model.n_features != meta.get("n_features", model.n_features):
             raise ModelFileError(f"metadata says hidden={meta['hidden']}, n_features={meta.get('n_features')} "
                                  f"but the weights have hidden={model.hidden}, n_features={model.n_features}")

@@ -66,8 +66,11 @@ _FIELD_CHECKS: dict[str, tuple[str, Any]] = {
     "head": ("a string", lambda v: isinstance(v, str)),
     "feature_names": ("a list of strings",
                       lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v)),
-    "thresholds": ("an object of numbers",
-                   lambda v: isinstance(v, dict) and all(_is_number(x) for x in v.values())),
+    "thresholds": ("an object of numbers (or lists/objects of numbers and strings)",
+                   lambda v: isinstance(v, dict) and _is_plain_data(v)),
+    "stream_scaler_streams": ("null or a list of strings",
+                              lambda v: v is None or (isinstance(v, list)
+                                                      and all(isinstance(s, str) for s in v))),
     "name": ("a string", lambda v: isinstance(v, str)),
     "version": ("a string", lambda v: isinstance(v, str)),
     "created": ("a string", lambda v: isinstance(v, str)),
@@ -375,3 +378,16 @@ def _is_int(v: Any) -> bool:
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_plain_data(v: Any, depth: int = 0) -> bool:
+    """Numbers, strings, booleans, null, and lists/objects of them (calibration results)."""
+    if depth > 8:
+        return False
+    if v is None or isinstance(v, (str, bool, int, float)):
+        return True
+    if isinstance(v, list):
+        return all(_is_plain_data(x, depth + 1) for x in v)
+    if isinstance(v, dict):
+        return all(isinstance(k, str) and _is_plain_data(x, depth + 1) for k, x in v.items())
+    return False

@@ -1,0 +1,179 @@
+"""BPTT kernels: gradients against central finite differences and PyTorch autograd (float64),
+the training forward against the served forward, and thread-count independence."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+import torch
+
+from streamrnn import Model
+from streamrnn.train import Net
+
+VARIANTS = {
+    "rnn-tanh": dict(cell="rnn", hidden=[4]),
+    "rnn-relu": dict(cell="rnn", hidden=[4], nonlinearity="relu"),
+    "lstm": dict(cell="lstm", hidden=[3]),
+    "lstm-peephole": dict(cell="lstm", hidden=[3], peephole=True),
+    "gru-reset-after": dict(cell="gru", hidden=[3], reset_after=True),
+    "gru-reset-before": dict(cell="gru", hidden=[3], reset_after=False),
+    "gru-2-layers": dict(cell="gru", hidden=[3, 4]),
+    "lstm-peephole-2-layers": dict(cell="lstm", hidden=[4, 3], peephole=True),
+    "rnn-2-layers-gaussian": dict(cell="rnn", hidden=[3, 2], head="gaussian"),
+    "gru-before-gaussian": dict(cell="gru", hidden=[4], reset_after=False, head="gaussian"),
+    "lstm-gaussian": dict(cell="lstm", hidden=[3], head="gaussian"),
+}
+N_WINDOWS, WINDOW, N_FEATURES = 5, 6, 2
+
+
+def setup(name: str, seed: int = 3):
+    spec = dict(VARIANTS[name])
+    hidden = spec.pop("hidden")
+    model = Model.random(n_features=N_FEATURES, hidden=hidden, seed=seed, **spec)
+    net = Net.of(model)
+    rng = np.random.default_rng(seed)
+    windows = rng.normal(size=(N_WINDOWS, WINDOW + 1, N_FEATURES))
+    return model, net, windows
+
+
+def mean_loss(net: Net, theta: np.ndarray, windows: np.ndarray) -> float:
+    return net.forward(theta, windows)[0] / (N_WINDOWS * WINDOW * N_FEATURES)
+
+
+# ------------------------------------------------------------- PyTorch reference (float64)
+def torch_loss(net: Net, theta: np.ndarray, windows: np.ndarray):
+    """The same loss written step by step with torch ops; returns (loss, leaf tensors)."""
+    layers_np, w_np, b_np = net.tensors(theta)
+    layers = [{k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in l.items()}
+              for l in layers_np]
+    head_w = torch.tensor(w_np, dtype=torch.float64, requires_grad=True)
+    head_b = torch.tensor(b_np, dtype=torch.float64, requires_grad=True)
+    x = torch.tensor(windows[:, :-1])
+    y = torch.tensor(windows[:, 1:])
+    seq = x
+    for p in layers:
+        h = torch.zeros(x.shape[0], p["w_hh"].shape[1], dtype=torch.float64)
+        c = torch.zeros_like(h)
+        outs = []
+        for t in range(seq.shape[1]):
+            h, c = torch_step(net, p, seq[:, t], h, c)
+            outs.append(h)
+        seq = torch.stack(outs, 1)
+    out = seq @ head_w.T + head_b
+    d = N_FEATURES
+    if net.head == "gaussian":
+        mu, lv = out[..., :d], out[..., d:]
+        loss = (0.5 * (lv + (mu - y) ** 2 * torch.exp(-lv))).mean()
+    else:
+        loss = ((out - y) ** 2).mean()
+    return loss, layers, head_w, head_b
+
+
+def torch_step(net, p, x, h, c):
+    a_x = x @ p["w_ih"].T + p["b_ih"]
+    a_h = h @ p["w_hh"].T + p["b_hh"]
+    if net.cell == "rnn":
+        a = a_x + a_h
+        return (torch.relu(a) if net.nonlinearity == "relu" else torch.tanh(a)), c
+    if net.cell == "gru":
+        hs = h.shape[1]
+        r = torch.sigmoid(a_x[:, :hs] + a_h[:, :hs])
+        z = torch.sigmoid(a_x[:, hs:2 * hs] + a_h[:, hs:2 * hs])
+        if net.reset_after:
+            n = torch.tanh(a_x[:, 2 * hs:] + r * a_h[:, 2 * hs:])
+        else:
+            n = torch.tanh(a_x[:, 2 * hs:] + (r * h) @ p["w_hh"][2 * hs:].T + p["b_hh"][2 * hs:])
+        return (1 - z) * n + z * h, c
+    hs = h.shape[1]
+    a = a_x + a_h
+    peep = p.get("peep")
+    pi, pf, po = (peep[0], peep[1], peep[2]) if peep is not None else (0, 0, 0)
+    i = torch.sigmoid(a[:, :hs] + pi * c)
+    f = torch.sigmoid(a[:, hs:2 * hs] + pf * c)
+    g = torch.tanh(a[:, 2 * hs:3 * hs])
+    c = f * c + i * g
+    o = torch.sigmoid(a[:, 3 * hs:] + po * c)
+    return o * torch.tanh(c), c
+
+
+def torch_grad(net: Net, theta: np.ndarray, windows: np.ndarray) -> np.ndarray:
+    loss, layers, head_w, head_b = torch_loss(net, theta, windows)
+    loss.backward()
+    grad = np.zeros_like(theta)
+    g_layers, g_w, g_b = net.tensors(grad)
+    for gl, tl in zip(g_layers, layers):
+        for k in gl:
+            gl[k][...] = tl[k].grad.numpy()
+    g_w[...] = head_w.grad.numpy()
+    g_b[...] = head_b.grad.numpy()
+    return grad
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
+
+
+# -------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_gradient_equals_finite_differences_and_torch(name):
+    model, net, windows = setup(name)
+    theta = net.theta(model, np.float64)
+    loss_sum, grad = net.grad(theta, windows)
+    eps = 1e-6
+    fd = np.empty_like(theta)
+    for i in range(theta.size):
+        up, down = theta.copy(), theta.copy()
+        up[i] += eps
+        down[i] -= eps
+        fd[i] = (mean_loss(net, up, windows) - mean_loss(net, down, windows)) / (2 * eps)
+    ref = torch_grad(net, theta, windows)
+    assert rel_err(grad, fd) < 1e-4
+    assert rel_err(grad, ref) < 1e-4
+    # element-wise too, so a small tensor's error cannot hide in a large norm
+    np.testing.assert_allclose(grad, ref, rtol=1e-6, atol=1e-9)
+    torch_value = torch_loss(net, theta, windows)[0].item()
+    assert loss_sum / (N_WINDOWS * WINDOW * N_FEATURES) == pytest.approx(torch_value, rel=1e-12)
+
+
+@pytest.mark.parametrize("name", ["lstm-peephole-2-layers", "gru-reset-before", "rnn-relu",
+                                  "gru-before-gaussian"])
+def test_training_forward_equals_served_forward(name):
+    model, net, windows = setup(name)
+    x = windows.astype(np.float32)
+    _, outs = net.forward(net.theta(model, np.float32), x, outputs=True)
+    served = model.predict(x[:, :-1])  # identity scaler: raw units are network units
+    np.testing.assert_allclose(outs[..., :N_FEATURES], served, rtol=0, atol=1e-5)
+    if model.head == "gaussian":
+        _, var = model.predict_distribution(x[:, :-1])
+        np.testing.assert_allclose(np.exp(outs[..., N_FEATURES:].astype(np.float64)), var, rtol=1e-5)
+
+
+def test_gradient_does_not_depend_on_thread_count():
+    model, net, _ = setup("lstm-peephole-2-layers")
+    rng = np.random.default_rng(0)
+    windows = rng.normal(size=(37, WINDOW + 1, N_FEATURES)).astype(np.float32)
+    theta = net.theta(model, np.float32)
+    before = numba.get_num_threads()
+    results = []
+    try:
+        for n in sorted({1, before}):
+            numba.set_num_threads(n)
+            results.append(net.grad(theta, windows))
+    finally:
+        numba.set_num_threads(before)
+    loss0, grad0 = results[0]
+    for loss, grad in results[1:]:
+        assert loss == loss0
+        assert np.array_equal(grad, grad0)
+    # float32 kernel agrees with the float64 one to float32 accuracy
+    _, grad64 = net.grad(theta.astype(np.float64), windows.astype(np.float64))
+    assert rel_err(grad0, grad64) < 1e-4
+
+
+def test_batch_gradient_is_mean_of_window_gradients():
+    model, net, windows = setup("gru-2-layers")
+    theta = net.theta(model, np.float64)
+    _, full = net.grad(theta, windows)
+    parts = [net.grad(theta, windows, idx=[i])[1] for i in range(N_WINDOWS)]
+    np.testing.assert_allclose(full, np.mean(parts, axis=0), rtol=1e-10, atol=1e-14)
