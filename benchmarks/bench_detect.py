@@ -48,7 +48,7 @@ import pyarrow.parquet as pq  # noqa: E402
 from streamrnn.evaluate import Labels, Scores, evaluate, load_scores  # noqa: E402
 from streamrnn.replay import replay  # noqa: E402
 from streamrnn.synthetic import ANOMALY_TYPES, anomaly_fleet  # noqa: E402
-from streamrnn.train import train  # noqa: E402
+from streamrnn.train import TrainConfig, train  # noqa: E402
 
 TARGET_F1 = 0.8
 
@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                         epochs=args.epochs, per_stream_scaler=True, seed=args.seed)
         model = trained.model
         print(f"trained GRU H={args.hidden} in {time.perf_counter() - t0:.1f} s "
-              f"(best epoch {trained.best_epoch}, threshold {model.thresholds.get('threshold')})")
+              f"(best epoch {trained.best_epoch}, threshold {model.thresholds.get('threshold'):.3f} "
+              f"for {model.thresholds.get('target_false_alert_rate'):g} false alerts per event)")
         t0 = time.perf_counter()
         rep = replay([hist_path, test_path], model, tmp / "scores.parquet", progress=False)
         print(f"replayed {rep.n_events:,} events in {time.perf_counter() - t0:.1f} s")
@@ -178,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     from streamrnn.scoring import ScoringConfig
 
     close_after = ScoringConfig().close_after
-    rate = float((model.thresholds or {}).get("target_false_alert_rate", 1e-3))
+    rate = float((model.thresholds or {}).get("target_false_alert_rate",
+                                              TrainConfig.target_false_alert_rate))
     ids, ts, x = as_grid(fleet)
     hist_steps = int(np.searchsorted(ts, fleet.split_ts))
     t0 = time.perf_counter()

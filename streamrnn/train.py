@@ -163,7 +163,9 @@ class TrainConfig:
     time_delta: bool = False
     max_windows: int = 200_000
     max_rows: int = 20_000_000
-    target_false_alert_rate: float = 1e-3
+    # 1e-4 per event: ~0.14 false alerts per stream per day at 1-minute sampling (1e-3 gives
+    # 1.4, too many for fleets of thousands of streams).
+    target_false_alert_rate: float = 1e-4
 
     def check(self) -> None:
         """Raise TrainError naming the first bad option."""
@@ -520,13 +522,16 @@ def train(paths: Sequence[str | Path] | str | Path, out: str | Path, *, cell: st
           reset_after: bool = True, peephole: bool = False, nonlinearity: str = "tanh",
           valid: float = 0.15, calib: float = 0.15, missing: str = "ffill",
           max_gap_ms: int | None = None, time_delta: bool = False, max_windows: int = 200_000,
-          max_rows: int = 20_000_000, target_false_alert_rate: float = 1e-3,
+          max_rows: int = 20_000_000, target_false_alert_rate: float = 1e-4,
           restore_best: bool = True, threads: int | None = None, progress: bool = False,
           name: str | None = None, log: Callable[[str], None] | None = None) -> TrainResult:
     """Train a model on Parquet/CSV history and write it to ``out``.
 
     Per stream the oldest rows train, the next ``valid`` fraction validates (early stopping)
-    and the newest ``calib`` fraction calibrates the thresholds stored in the model. The
+    and the newest ``calib`` fraction calibrates the thresholds stored in the model: the
+    threshold is the score quantile for ``target_false_alert_rate`` false alerts per event
+    (default 1e-4, about 0.14 per stream per day at 1-minute sampling; with fewer than a few
+    times ``1 / target_false_alert_rate`` calibration events it is near their maximum). The
     scaler is fitted on the training part only. A checkpoint is written after every epoch
     (``checkpoint``, default ``<out>.ckpt.npz``); ``resume`` continues from one. ``report``
     writes a JSON report and a PNG of the loss curves next to it.
