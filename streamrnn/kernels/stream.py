@@ -168,16 +168,6 @@ def step_wave_scratch(n, ev, sl, xs, state, pred, prev_out,
 
 
 @njit(**_OPTS)
-def _step_wave(n, n_threads, ev, sl, xs, state, pred, prev_out,
-               cell, reset_after, hidden, offsets, wx, wh, b, bhn, peep, wo, bo):
-    """One wave, allocating its own scratch (callers stepping many waves should allocate a
-    pool once with ``scratch_pool`` and call ``step_wave_scratch``)."""
-    pool = scratch_pool(_n_chunks(n_threads, n), hidden, wx[0].shape[0], wo.shape[1])
-    step_wave_scratch(n, ev, sl, xs, state, pred, prev_out, cell, reset_after, hidden,
-                      offsets, wx, wh, b, bhn, peep, wo, bo, pool[0], pool[1], pool[2], pool[3], pool[4])
-
-
-@njit(**_OPTS)
 def plan_waves(slots, scratch):
     """Order events into waves: returns (order, starts).
 
