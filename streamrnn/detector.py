@@ -170,6 +170,8 @@ class Detector:
             "drifted": Column((), np.int8, 0),
             "dyn_buf": Column((window,), np.float32, 0.0),
             "dyn_eps": Column((), np.float64, np.inf),
+            "x_lo": Column((d,), np.float64, np.inf),
+            "x_hi": Column((d,), np.float64, -np.inf),
         }
 
     def _check_table(self, table: StreamTable) -> None:
@@ -214,7 +216,7 @@ class Detector:
         cols = [t.column(c) for c in ("state", "pred", "x_mean", "x_scale", "last_ts", "last_offset",
                                       "err_mean", "err_var", "err_short", "err_vm", "err_cov",
                                       "n_scored", "warm", "in_alert", "below", "alert_len", "open_ts",
-                                      "drift_m", "drifted", "dyn_buf", "dyn_eps")]
+                                      "drift_m", "drifted", "dyn_buf", "dyn_eps", "x_lo", "x_hi")]
         K.detect_batch(slots, x, ts, off, fp, ip, numba.get_num_threads(), self._scratch, *cols,
                        pred, error, score, rank, alert, applied, code, open_ts, contrib,
                        self._counters, *self.model.packed.kernel_args())

@@ -26,6 +26,21 @@ Methods (``ScoringConfig.method``), errors in the model's scaled units:
     of the residual vectors r; p = chi-squared tail with D degrees of freedom. Each
     feature's term of q is its contribution (alerts name the top features).
 
+Range term (``normalised`` and ``likelihood``; ``range_alpha = 0`` turns it off). A slow
+drift is followed by the network's state, so its one-step errors stay small; its values
+leave the range the stream normally covers. Each stream keeps the range [lo, hi] of its
+scaled values per feature: plain min/max over its first ``range_warmup`` learnt events, then
+widened towards a learnt value outside it by ``range_alpha`` of the gap per event (a slow
+change is absorbed gradually, a ramp outruns it). Values inside an alert episode, and for
+``relearn_after`` events after one closes, join the range outright: an anomaly that was
+flagged, and the level it leaves behind, are not flagged again for being out of range. Once
+the range is set, a value b residual standard deviations beyond it (sd from the stream's EW
+residual variance) gives p_range = 2 D P(Z > b): as unlikely as noise b sd beyond a
+noiseless envelope (conservative, since the range already holds the noise's extremes),
+Bonferroni over both sides and the D features; p is the smaller of that and the error's p.
+The calibrated threshold applies to the combined score, so the target false-alert rate
+holds for both together.
+
 Decisions: an episode opens when the score exceeds ``threshold`` (after ``warmup`` scored
 events of the stream), and, with ``dynamic = true``, the smoothed error also exceeds the
 stream's nonparametric dynamic threshold (Hundman et al. 2018, over a sliding window of
@@ -92,6 +107,8 @@ class ScoringConfig:
     out_of_order: str = "drop"
     error_alpha: float = 0.01
     short_alpha: float = 0.2
+    range_alpha: float = 0.01  # how fast the normal value range widens; 0 turns the range term off
+    range_warmup: int = 100  # learnt events that set a stream's normal value range
     drift_factor: float = 4.0
     prior_events: float = 10.0  # weight of the calibrated error statistics for a new stream
 
@@ -135,7 +152,7 @@ class ScoringConfig:
                 and self.lower_threshold > self.threshold):
             bad(f"lower_threshold ({self.lower_threshold}) must not exceed threshold ({self.threshold})")
         for name, lo in (("close_after", 1), ("warmup", 0), ("dynamic_window", 2), ("dynamic_refresh", 1),
-                         ("relearn_after", 0)):
+                         ("relearn_after", 0), ("range_warmup", 1)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 bad(f"{name} must be an integer >= {lo}; got {v!r}")
@@ -150,6 +167,9 @@ class ScoringConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and 0.0 < v <= 1.0):
                 bad(f"{name} must be in (0, 1]; got {v!r}")
+        if isinstance(self.range_alpha, bool) or not (isinstance(self.range_alpha, (int, float))
+                                                       and 0.0 <= self.range_alpha <= 1.0):
+            bad(f"range_alpha must be in [0, 1] (0 turns the range term off); got {self.range_alpha!r}")
         if not (isinstance(self.drift_factor, (int, float)) and self.drift_factor > 0):
             bad(f"drift_factor must be positive; got {self.drift_factor!r}")
         if not (isinstance(self.prior_events, (int, float)) and self.prior_events >= 0):
@@ -211,6 +231,7 @@ class ResolvedScoring:
         fp[K.F_PRIOR_N] = self.prior_n
         fp[K.F_DYN_Z_LO], fp[K.F_DYN_Z_HI], fp[K.F_DYN_Z_STEP] = c.dynamic_z
         fp[K.F_EPS] = 1e-12
+        fp[K.F_RANGE_ALPHA] = c.range_alpha
         ip = np.zeros(K.N_IPARAMS, np.int64)
         ip[K.I_METHOD] = METHODS[self.method]
         ip[K.I_WARMUP] = c.warmup
@@ -222,6 +243,7 @@ class ResolvedScoring:
         ip[K.I_DYNAMIC] = int(c.dynamic)
         ip[K.I_DYN_REFRESH] = c.dynamic_refresh
         ip[K.I_RELEARN] = c.relearn_after
+        ip[K.I_RANGE_WARMUP] = c.range_warmup
         return fp, ip
 
 

@@ -335,3 +335,148 @@ def test_alert_records_round_trip_through_arrow_and_json():
     assert [a.kind for a in alerts] == ["open", "close"]
     assert alerts_from_arrow(alerts_to_arrow(alerts)) == alerts
     assert [decode_alert(encode_alert(a)) for a in alerts] == alerts
+
+
+# ---------------------------------------------------------------- normal value range term
+def _persistence_model(eps=0.01):
+    """A one-unit RNN that predicts the last value (tanh(eps x) / eps: within 1 % of x for
+    |x| < 0.17 / eps): its errors are the first differences, so a slow ramp hides in them
+    and only the range term can see it."""
+    layer = {"w_ih": np.array([[eps]]), "w_hh": np.zeros((1, 1)), "b_ih": np.zeros(1), "b_hh": np.zeros(1)}
+    return Model(cell="rnn", layers=[layer], head_weight=np.array([[1.0 / eps]]), head_bias=np.zeros(1))
+
+
+def _reference_range_scores(x, pred, alpha, sa, ra, warm):
+    """The normalised scorer with its range term, written directly over scalars (no alerts,
+    every event learnt): the expected score of every event given the model's predictions."""
+    k, mu, var, short, vm, cov = 0, 0.0, 0.0, 0.0, 0.0, 0.0
+    lo, hi = np.inf, -np.inf
+    out = [np.nan]
+    xs = np.asarray(x, np.float32).astype(np.float64)
+    for t in range(1, len(xs)):
+        v = xs[t]
+        r = v - pred[t - 1]
+        err = abs(r)
+        ssa = max(sa, 1.0 / (k + 1))
+        if k == 0:
+            out.append(np.nan)
+        else:
+            sd = np.sqrt(var + EPS)
+            p = stats.norm.sf((err - mu) / sd)
+            if k * sa >= 2.0:
+                p = min(p, stats.norm.cdf(((1 - ssa) * short + ssa * err - mu) / (sd * np.sqrt(sa / (2 - sa)))))
+            beyond = max(v - hi, lo - v)
+            if k >= warm and beyond > 0:
+                p = min(p, 2.0 * stats.norm.sf(beyond / np.sqrt(cov + EPS)))
+            out.append(float(_score(p)))
+        if k < warm:
+            lo, hi = min(lo, v), max(hi, v)
+        elif v > hi:
+            hi += ra * (v - hi)
+        elif v < lo:
+            lo += ra * (v - lo)
+        a = max(alpha, 1.0 / (k + 1))
+        if k * sa >= 2.0:
+            s0 = np.sqrt(var)
+            err = min(max(err, mu - 2 * s0), mu + 4 * s0)
+        short = (1 - ssa) * short + ssa * abs(r)
+        d = err - mu
+        mu, var = mu + a * d, (1 - a) * (var + a * d * d)
+        dr = r - vm
+        cov, vm = (1 - a) * (cov + a * dr * dr), vm + a * dr
+        k += 1
+    return np.array(out)
+
+
+def _slow_ramp(seed=11, n_flat=300, n_ramp=150, height=15.0):
+    x = np.random.default_rng(seed).normal(0.0, 1.0, n_flat + n_ramp)
+    x[n_flat:] += np.linspace(0.0, height, n_ramp)
+    return x
+
+
+def test_range_term_matches_numpy():
+    model = _persistence_model()
+    x = _slow_ramp()
+    pred = model.predict(x[:, None].astype(np.float32))[:, 0].astype(np.float64)
+    out = _stream(Detector(model, threshold=1.0, error_alpha=0.02, short_alpha=0.25, range_alpha=0.05,
+                           range_warmup=60), x)
+    expected = _reference_range_scores(x, pred, 0.02, 0.25, 0.05, 60)
+    np.testing.assert_allclose(out.score, expected, rtol=1e-6, atol=1e-9)
+    # The range term decides many scores (else this test would not test it).
+    plain = _stream(Detector(model, threshold=1.0, error_alpha=0.02, short_alpha=0.25, range_alpha=0.0), x)
+    assert np.sum(out.score > plain.score + 0.05) >= 20
+
+
+def test_range_term_alerts_on_slow_ramp_not_on_stationary_noise():
+    model = _persistence_model()
+    cfg = dict(threshold=0.5, warmup=20)
+    ramp = _slow_ramp(seed=14)
+    # The ramp's first differences (the errors) move 0.1 sd: the point scorer never alerts,
+    # the range term opens an episode once the ramp is far enough beyond the normal range.
+    assert not _stream(Detector(model, range_alpha=0.0, **cfg), ramp).alert.any()
+    out = _stream(Detector(model, **cfg), ramp)
+    opened = [a.ts // 1000 for a in out.alerts if a.kind == "open"]
+    assert len(opened) == 1 and 300 < opened[0] < 450
+    # Stationary noise: the range term never raises a score by much, nor adds an alert.
+    for seed in (12, 13):
+        noise = np.random.default_rng(seed).normal(0.0, 1.0, 3000)
+        with_range = _stream(Detector(model, **cfg), noise)
+        without = _stream(Detector(model, range_alpha=0.0, **cfg), noise)
+        assert np.nanmax(with_range.score - without.score) < 0.1
+        assert with_range.alert.tolist() == without.alert.tolist()
+    assert not _stream(Detector(model, **cfg), np.random.default_rng(12).normal(0.0, 1.0, 3000)).alert.any()
+
+
+def test_range_state_survives_snapshot_and_restore():
+    model = _persistence_model()
+    x = _slow_ramp(seed=14)
+    straight = _stream(Detector(model, threshold=0.5), x)
+    first = Detector(model, threshold=0.5)
+    a = _stream(first, x[:350])
+    restored = Detector.restore(model, first.snapshot(), threshold=0.5)
+    assert np.all(np.isfinite(restored.table.column("x_hi")[:1]))
+    b = _stream(restored, x[350:], t0=350_000)
+    np.testing.assert_array_equal(np.r_[a.score, b.score], straight.score)
+    np.testing.assert_array_equal(np.r_[a.alert, b.alert], straight.alert)
+    assert straight.alert.any()
+
+
+def test_range_settings_are_validated():
+    for bad in (dict(range_alpha=1.5), dict(range_alpha=True), dict(range_warmup=0)):
+        with pytest.raises(ScoringConfigError, match="range_"):
+            ScoringConfig(**bad).validate()
+    ScoringConfig(range_alpha=0.0).validate()
+
+
+def test_range_absorbs_flagged_values_and_does_not_reopen():
+    model = _persistence_model()
+    x = _slow_ramp(seed=14)
+    x = np.r_[x, 15.0 + np.random.default_rng(15).normal(0.0, 1.0, 200)]  # the level reached stays
+    out = _stream(Detector(model, threshold=0.5, relearn_after=30), x)
+    # One short episode: the value that opened it joins the range (an anomaly flagged is not
+    # flagged again for being out of range), so the ramp's next values are only a little
+    # beyond it and the episode closes; the settling period after it and the slow widening
+    # keep the rest of the ramp and the plateau from reopening it.
+    assert [a.kind for a in out.alerts] == ["open", "close"]
+    opened, closed = out.alerts[0].ts // 1000, out.alerts[1].ts // 1000
+    assert 300 < opened < 450 and opened < closed <= opened + 10
+    # Without the range term the ramp is never flagged.
+    assert not _stream(Detector(model, threshold=0.5, relearn_after=30, range_alpha=0.0), x).alerts
+
+
+def test_range_settles_on_the_level_after_a_short_episode():
+    model = _persistence_model()
+    t = np.arange(500)
+    x = 3.0 * np.sin(2 * np.pi * t / 40) + np.random.default_rng(16).normal(0.0, 0.3, 500)
+    x[300:] += 4.0  # a level shift: the point scorer flags its first event, a short episode
+
+    def episodes(**kw):
+        out = _stream(Detector(model, threshold=0.5, **kw), x)
+        return [a.ts // 1000 for a in out.alerts if a.kind == "open"]
+
+    # For relearn_after events after the episode closes the stream's values join its range,
+    # so the next cycle peaks at the new level do not reopen it: the range term adds nothing.
+    assert 300 in episodes() and episodes() == episodes(range_alpha=0.0)
+    # With a settling period shorter than a cycle, the first peak at the new level is out of
+    # range and opens a second episode.
+    assert any(310 < o < 345 for o in episodes(relearn_after=5))

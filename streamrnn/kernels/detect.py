@@ -31,12 +31,12 @@ _TS_NONE = np.iinfo(np.int64).min
 
 # Indices into the float parameter vector.
 F_THRESHOLD, F_LOWER, F_ALPHA, F_SHORT_ALPHA, F_MAX_GAP, F_DRIFT, F_PRIOR_MEAN, F_PRIOR_VAR, \
-    F_PRIOR_N, F_DYN_Z_LO, F_DYN_Z_HI, F_DYN_Z_STEP, F_EPS = range(13)
-N_FPARAMS = 13
+    F_PRIOR_N, F_DYN_Z_LO, F_DYN_Z_HI, F_DYN_Z_STEP, F_EPS, F_RANGE_ALPHA = range(14)
+N_FPARAMS = 14
 # Indices into the integer parameter vector.
 I_METHOD, I_WARMUP, I_CLOSE_AFTER, I_LEARN, I_GAP_DECAY, I_ACCEPT_LATE, I_HAS_OFFSETS, \
-    I_DYNAMIC, I_DYN_REFRESH, I_RELEARN = range(10)
-N_IPARAMS = 10
+    I_DYNAMIC, I_DYN_REFRESH, I_RELEARN, I_RANGE_WARMUP = range(11)
+N_IPARAMS = 11
 # Indices into the counters vector (names in streamrnn.detector.COUNTERS, same order).
 C_SCORED, C_MISSING, C_LATE, C_REPLAY, C_GAP, C_COLD, C_DRIFT, C_OPENED, C_CLOSED = range(9)
 N_COUNTERS = 9
@@ -79,7 +79,7 @@ def _track_drift(e, s, xs, alpha, factor, n_seen, drift_m, drifted):
 
 @njit(inline="always", **_OPTS)
 def _score_event(e, s, xs, pred, fp, method, n_feat, err_mean, err_var, err_short, err_vm,
-                 err_cov, n_scored, resid, solve, chol, out_error, out_contrib):
+                 err_cov, n_scored, resid, solve, chol, out_error, out_contrib, x_lo, x_hi, range_warmup):
     """Error, tail probability and smoothed error of event e (scaled units).
 
     Reads the stream's statistics as they were before the event: an anomaly must not
@@ -135,14 +135,49 @@ def _score_event(e, s, xs, pred, fp, method, n_feat, err_mean, err_var, err_shor
         # long-run mean, against the spread of an EW mean of independent errors.
         a = fp[F_SHORT_ALPHA]
         p = min(p, normal_sf((mu - short) / (sd * math.sqrt(a / (2.0 - a)))))
+    if fp[F_RANGE_ALPHA] > 0.0 and n_scored[s] >= range_warmup:
+        # Outside the normal range (a drift the state follows, so its errors stay small): a
+        # value e residual sd beyond the stream's learnt range of scaled values is as
+        # unlikely as noise e sd beyond the noiseless envelope, P(Z > e); Bonferroni over
+        # both sides and the features.
+        for d in range(n_feat):
+            v = np.float64(xs[e, d])
+            beyond = max(v - x_hi[s, d], x_lo[s, d] - v)
+            if beyond > 0.0 and x_lo[s, d] <= x_hi[s, d]:  # (no range yet: lo = inf, hi = -inf)
+                z = beyond / math.sqrt(err_cov[s, d, d] + fp[F_EPS])
+                p = min(p, 2.0 * n_feat * normal_sf(z))
     return p, short
 
 
 @njit(inline="always", **_OPTS)
+def _widen_range(e, s, xs, n_feat, x_lo, x_hi):
+    """Make event e's scaled values part of the stream's normal range."""
+    for d in range(n_feat):
+        v = np.float64(xs[e, d])
+        x_lo[s, d] = min(x_lo[s, d], v)
+        x_hi[s, d] = max(x_hi[s, d], v)
+
+
+@njit(inline="always", **_OPTS)
 def _update_stats(e, s, xs, pred, fp, n_feat, err_mean, err_var, err_short, err_vm, err_cov,
-                  n_scored, resid):
+                  n_scored, resid, x_lo, x_hi, range_warmup, absorb):
     """Fold event e's error into the stream's exponentially weighted statistics."""
     k = n_scored[s]
+    ra = fp[F_RANGE_ALPHA]
+    if ra > 0.0:
+        # The normal range of the scaled values: plain min/max over the first range_warmup
+        # learnt events (and over the points inside an episode, ``absorb``), then widened
+        # towards values outside it by F_RANGE_ALPHA of the gap per event (a slow change is
+        # absorbed gradually; a ramp outruns it).
+        for d in range(n_feat):
+            v = np.float64(xs[e, d])
+            if k < range_warmup or absorb:
+                x_lo[s, d] = min(x_lo[s, d], v)
+                x_hi[s, d] = max(x_hi[s, d], v)
+            elif v > x_hi[s, d]:
+                x_hi[s, d] += ra * (v - x_hi[s, d])
+            elif v < x_lo[s, d]:
+                x_lo[s, d] += ra * (v - x_lo[s, d])
     if k == 0 and fp[F_PRIOR_N] > 0:
         err_mean[s] = fp[F_PRIOR_MEAN]
         err_var[s] = fp[F_PRIOR_VAR]
@@ -195,7 +230,7 @@ def _dynamic_ok(s, smoothed, fp, ip, warm, dyn_buf, dyn_eps, ordered):
 @njit(**_OPTS)
 def _detect_list(lo, hi, ev, sl, x, ts, offsets, fp, ip, xs, state, pred, x_mean, x_scale, last_ts,
                  last_offset, err_mean, err_var, err_short, err_vm, err_cov, n_scored, warm, in_alert,
-                 below, alert_len, open_ts, drift_m, drifted, dyn_buf, dyn_eps,
+                 below, alert_len, open_ts, drift_m, drifted, dyn_buf, dyn_eps, x_lo, x_hi,
                  out_pred, out_error, out_score, out_rank, out_alert, out_applied, out_code,
                  out_open_ts, out_contrib, cnt, resid, solve, chol, ordered,
                  cell, reset_after, hidden, offs, wx, wh, b, bhn, peep, wo, bo, xp, hp, acc, accn, blk):
@@ -276,7 +311,7 @@ def _detect_list(lo, hi, ev, sl, x, ts, offsets, fp, ip, xs, state, pred, x_mean
                 continue
             p, smoothed = _score_event(e, s, xs, pred, fp, ip[I_METHOD], n_feat, err_mean, err_var,
                                        err_short, err_vm, err_cov, n_scored, resid, solve, chol,
-                                       out_error, out_contrib)
+                                       out_error, out_contrib, x_lo, x_hi, ip[I_RANGE_WARMUP])
             score = score_from_tail(p)
             if np.isfinite(score):
                 cnt[C_SCORED] += 1
@@ -298,6 +333,8 @@ def _detect_list(lo, hi, ev, sl, x, ts, offsets, fp, ip, xs, state, pred, x_mean
                 below[s] += 1
                 if below[s] >= ip[I_CLOSE_AFTER]:
                     in_alert[s] = 0
+                    # Counts up from -I_RELEARN while the stream settles after the episode.
+                    alert_len[s] = -ip[I_RELEARN]
                     out_code[e] = CLOSED
                     out_open_ts[e] = open_ts[s]
                     cnt[C_CLOSED] += 1
@@ -307,18 +344,26 @@ def _detect_list(lo, hi, ev, sl, x, ts, offsets, fp, ip, xs, state, pred, x_mean
             warm[s] += 1
             if in_alert[s] != 0:
                 alert_len[s] += 1
+            settling = in_alert[s] == 0 and alert_len[s] < 0
+            if settling:
+                alert_len[s] += 1
             if (in_alert[s] != 0 and ip[I_LEARN] == 0 and alert_len[s] <= ip[I_RELEARN]
                     and not score < lower):
                 # Inside an episode the stream learns its anomalous points (score at or above the
                 # lower threshold) neither into its state nor into its error statistics: it steps
                 # on its own prediction. Points that look normal again are learnt, so the state
                 # follows the series while the episode waits to close. An episode longer than
-                # I_RELEARN events is a new normal (a level shift): learn again.
+                # I_RELEARN events is a new normal (a level shift): learn again. The point's value
+                # joins the normal range all the same (an anomaly flagged is not flagged again
+                # for being out of range).
+                if fp[F_RANGE_ALPHA] > 0.0:
+                    _widen_range(e, s, xs, n_feat, x_lo, x_hi)
                 for d in range(n_feat):
                     xs[e, d] = pred[s, d]
             else:
                 _update_stats(e, s, xs, pred, fp, n_feat, err_mean, err_var, err_short, err_vm,
-                              err_cov, n_scored, resid)
+                              err_cov, n_scored, resid, x_lo, x_hi, ip[I_RANGE_WARMUP],
+                              in_alert[s] != 0 or settling)
         if n_app:
             _step_block(n_app, xs, 0, app_ev, state, app_sl, pred, cell, reset_after, hidden, offs,
                         wx, wh, b, bhn, peep, wo, bo, xp, hp, acc, accn)
@@ -328,8 +373,8 @@ def _detect_list(lo, hi, ev, sl, x, ts, offsets, fp, ip, xs, state, pred, x_mean
 def _detect_chunks_parallel(starts, ev, sl, x, ts, offsets, fp, ip, xs, state, pred, x_mean, x_scale,
                             last_ts, last_offset, err_mean, err_var, err_short, err_vm, err_cov, n_scored,
                             warm, in_alert, below, alert_len, open_ts, drift_m, drifted, dyn_buf, dyn_eps,
-                            out_pred, out_error, out_score, out_rank, out_alert, out_applied, out_code,
-                            out_open_ts, out_contrib, cnt, resid, solve, chol, ordered,
+                            x_lo, x_hi, out_pred, out_error, out_score, out_rank, out_alert, out_applied,
+                            out_code, out_open_ts, out_contrib, cnt, resid, solve, chol, ordered,
                             cell, reset_after, hidden, offs, wx, wh, b, bhn, peep, wo, bo,
                             xp, hp, acc, accn, blk):
     # Chunks own disjoint sets of streams, so they never write the same per-stream column
@@ -338,8 +383,9 @@ def _detect_chunks_parallel(starts, ev, sl, x, ts, offsets, fp, ip, xs, state, p
         _detect_list(starts[c], starts[c + 1], ev, sl, x, ts, offsets, fp, ip, xs, state, pred, x_mean,
                      x_scale, last_ts, last_offset, err_mean, err_var, err_short, err_vm, err_cov,
                      n_scored, warm, in_alert, below, alert_len, open_ts, drift_m, drifted, dyn_buf,
-                     dyn_eps, out_pred, out_error, out_score, out_rank, out_alert, out_applied, out_code,
-                     out_open_ts, out_contrib, cnt[c], resid[c], solve[c], chol[c], ordered[c],
+                     dyn_eps, x_lo, x_hi, out_pred, out_error, out_score, out_rank, out_alert,
+                     out_applied, out_code, out_open_ts, out_contrib, cnt[c], resid[c], solve[c], chol[c],
+                     ordered[c],
                      cell, reset_after, hidden, offs, wx, wh, b, bhn, peep, wo, bo,
                      xp[c], hp[c], acc[c], accn[c], blk[c])
 
@@ -348,7 +394,7 @@ def _detect_chunks_parallel(starts, ev, sl, x, ts, offsets, fp, ip, xs, state, p
 def detect_batch(slots, x, ts, offsets, fp, ip, n_threads, scratch,
                  state, pred, x_mean, x_scale, last_ts, last_offset, err_mean, err_var, err_short,
                  err_vm, err_cov, n_scored, warm, in_alert, below, alert_len, open_ts, drift_m, drifted,
-                 dyn_buf, dyn_eps,
+                 dyn_buf, dyn_eps, x_lo, x_hi,
                  out_pred, out_error, out_score, out_rank, out_alert, out_applied, out_code,
                  out_open_ts, out_contrib, counters,
                  cell, reset_after, hidden, offs, wx, wh, b, bhn, peep, wo, bo):
@@ -381,7 +427,7 @@ def detect_batch(slots, x, ts, offsets, fp, ip, n_threads, scratch,
     if n_chunks == 1:
         _detect_list(0, n_ev, order, ev_slots, x, ts, offsets, fp, ip, xs, state, pred, x_mean, x_scale,
                      last_ts, last_offset, err_mean, err_var, err_short, err_vm, err_cov, n_scored, warm,
-                     in_alert, below, alert_len, open_ts, drift_m, drifted, dyn_buf, dyn_eps,
+                     in_alert, below, alert_len, open_ts, drift_m, drifted, dyn_buf, dyn_eps, x_lo, x_hi,
                      out_pred, out_error, out_score, out_rank, out_alert, out_applied, out_code,
                      out_open_ts, out_contrib, cnt[0], resid[0], solve[0], chol[0], ordered[0],
                      cell, reset_after, hidden, offs, wx, wh, b, bhn, peep, wo, bo,
@@ -391,9 +437,9 @@ def detect_batch(slots, x, ts, offsets, fp, ip, n_threads, scratch,
         _detect_chunks_parallel(cstarts, ev, sl, x, ts, offsets, fp, ip, xs, state, pred, x_mean, x_scale,
                                 last_ts, last_offset, err_mean, err_var, err_short, err_vm, err_cov,
                                 n_scored, warm, in_alert, below, alert_len, open_ts, drift_m, drifted,
-                                dyn_buf, dyn_eps, out_pred, out_error, out_score, out_rank, out_alert,
-                                out_applied, out_code, out_open_ts, out_contrib, cnt, resid, solve, chol,
-                                ordered, cell, reset_after, hidden, offs, wx, wh, b, bhn, peep, wo, bo,
+                                dyn_buf, dyn_eps, x_lo, x_hi, out_pred, out_error, out_score, out_rank,
+                                out_alert, out_applied, out_code, out_open_ts, out_contrib, cnt, resid, solve,
+                                chol, ordered, cell, reset_after, hidden, offs, wx, wh, b, bhn, peep, wo, bo,
                                 xp, hp, acc, accn, blk)
     for c in range(n_chunks):
         for k in range(N_COUNTERS):
