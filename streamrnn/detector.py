@@ -78,6 +78,13 @@ class ScoredBatch:
         return pa.table(cols)
 
 
+#: Per-stream columns added after the first release, and the value the streams of an older
+#: snapshot get: a snapshot without them is upgraded on restore instead of refused. The
+#: value range of a restored stream was never learnt, so it is set to cover everything
+#: (the range term stays off for that stream, as it was when the snapshot was written).
+ADDED_COLUMNS = {"x_lo": -np.inf, "x_hi": np.inf}
+
+
 class Detector:
     """Score events from many interleaved streams against one-step-ahead predictions.
 
@@ -179,6 +186,9 @@ class Detector:
         have = table.columns
         for name, spec in want.items():
             got = have.get(name)
+            if got is None and name in ADDED_COLUMNS:
+                table.add_column(name, spec, existing=ADDED_COLUMNS[name])
+                continue
             if got is None or got.shape != spec.shape or got.dtype != spec.dtype:
                 raise StreamrnnError(
                     f"the stream table's column {name!r} ({got!r}) does not match this model and "

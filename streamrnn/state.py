@@ -532,6 +532,24 @@ class StreamTable:
 
     # ------------------------------------------------------------------ queries
 
+    def add_column(self, name: str, spec: Column, existing=None) -> None:
+        """Add a column to a table that already holds streams: their rows are set to
+        ``existing`` (default ``spec.fill``), streams assigned later start at ``spec.fill``.
+        Lets a snapshot written before a column existed be continued by a newer version."""
+        if not isinstance(name, str) or not name or name in _RESERVED:
+            raise StreamTableError(f"column name {name!r} is empty or reserved; rename it")
+        if name in self._specs:
+            raise StreamTableError(f"column {name!r} already exists")
+        if not isinstance(spec, Column):
+            raise StreamTableError(f"column {name!r} must be a Column, got {type(spec).__name__}")
+        col = _empty((self._capacity, *spec.shape), spec.dtype)
+        try:
+            col[...] = spec.fill if existing is None else np.asarray(existing, spec.dtype)
+        except (TypeError, ValueError) as exc:
+            raise StreamTableError(f"column {name!r}: existing value {existing!r} does not fit: {exc}") from None
+        self._specs[name] = spec
+        self._cols[name] = col
+
     def column(self, name: str) -> np.ndarray:
         """The live array of a column, shape ``(capacity, *shape)``; rows of slots not in
         use hold garbage. Fetch it again after :meth:`assign`, which may reallocate it."""

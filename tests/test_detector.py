@@ -412,3 +412,51 @@ def test_reorder_buffer_lets_late_events_through_in_order():
     assert too_late.released_late == 1
     with pytest.raises(ValueError, match="offsets"):
         too_late.push(["a"], [[1.0]], [6000], offsets=[3])
+
+
+def _older_snapshot(det: Detector, dropped=("x_lo", "x_hi")) -> bytes:
+    """The detector's state as a version before ``dropped`` existed would have written it."""
+    from streamrnn.state import StreamTable
+
+    table = StreamTable.restore(det.snapshot())
+    for name in dropped:  # the table as it was before these columns were added
+        del table._specs[name], table._cols[name]
+    return table.snapshot()
+
+
+def test_restore_snapshot_without_range_columns_upgrades_and_keeps_range_term_off():
+    # A ramp that alerts only through the range term (the stored value range), which a
+    # snapshot from before that term lacks: restored streams carry on with the term off,
+    # exactly as a detector with range_alpha = 0 does; new streams get it.
+    layer = {"w_ih": np.array([[0.01]]), "w_hh": np.zeros((1, 1)), "b_ih": np.zeros(1), "b_hh": np.zeros(1)}
+    model = Model(cell="rnn", layers=[layer], head_weight=np.array([[100.0]]), head_bias=np.zeros(1))
+    rng = np.random.default_rng(14)
+    x = rng.normal(0.0, 1.0, 450)
+    x[300:] += np.linspace(0.0, 15.0, 150)
+    ts = 1000 * np.arange(450, dtype=np.int64)
+
+    def run(det, sid, lo, hi):
+        return det.process([sid] * (hi - lo), x[lo:hi, None], ts[lo:hi])
+
+    first = Detector(model, threshold=0.5)
+    run(first, "old", 0, 250)
+    upgraded = Detector.restore(model, _older_snapshot(first), threshold=0.5)
+    off = Detector(model, threshold=0.5, range_alpha=0.0)
+    run(off, "old", 0, 250)
+    a, b = run(upgraded, "old", 250, 450), run(off, "old", 250, 450)
+    np.testing.assert_array_equal(a.score, b.score)
+    np.testing.assert_array_equal(a.alert, b.alert)
+    assert np.isfinite(a.score).all() and not a.alert.any()
+    # A stream new to the upgraded detector learns its range and is flagged on the ramp.
+    assert run(upgraded, "new", 0, 450).alert.any()
+    # The upgraded state snapshots with the new columns and restores as usual.
+    again = Detector.restore(model, upgraded.snapshot(), threshold=0.5)
+    assert set(again.table.columns) >= {"x_lo", "x_hi"}
+
+
+def test_restore_snapshot_missing_other_column_is_refused():
+    model = Model.random("gru", n_features=1, hidden=[4], seed=0)
+    det = Detector(model)
+    det.process(["a"], np.ones((1, 1)), np.zeros(1, np.int64))
+    with pytest.raises(Exception, match="err_var"):
+        Detector.restore(model, _older_snapshot(det, dropped=("err_var",)))

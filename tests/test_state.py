@@ -683,3 +683,20 @@ def test_restore_not_a_snapshot_raises(data, match):
         data = sink.getvalue().to_pybytes()
     with pytest.raises(StreamTableError, match=match):
         StreamTable.restore(data)
+
+
+def test_add_column_sets_existing_rows_then_fill_for_new_streams_and_snapshots():
+    table = StreamTable({"h": Column((2,), np.float32)})
+    table.assign(["a", "b"])
+    table.add_column("lo", Column((3,), np.float64, np.inf), existing=-np.inf)
+    lo = table.column("lo")
+    assert np.all(lo[[table.slot_of("a"), table.slot_of("b")]] == -np.inf)
+    table.assign(["c"])
+    assert np.all(table.column("lo")[table.slot_of("c")] == np.inf)
+    back = StreamTable.restore(table.snapshot())
+    np.testing.assert_array_equal(back.column("lo")[back.slot_of("a")], [-np.inf] * 3)
+    np.testing.assert_array_equal(back.column("lo")[back.slot_of("c")], [np.inf] * 3)
+    with pytest.raises(StreamTableError, match="already exists"):
+        table.add_column("lo", Column((), np.float64))
+    with pytest.raises(StreamTableError, match="does not fit"):
+        table.add_column("n", Column((), np.int8), existing="x")
