@@ -12,7 +12,7 @@ Adam), prints:
 Then the peak RSS of ``streamrnn.train.train`` over a Parquet history several times larger
 than the rows it may hold at once (``max_rows``), to show memory stays bounded.
 
-Usage: ``python benchmarks/bench_train.py [--threads N] [--quick]``
+Usage: ``python benchmarks/bench_train.py [--threads N] [--quick] [--cells gru,lstm] [--hidden 32,64]``
 """
 
 from __future__ import annotations
@@ -128,13 +128,14 @@ def seconds_to_loss(model, x, xv, target: float, max_epochs: int) -> tuple[float
     return math.inf, max_epochs
 
 
-def bench_speed(threads: int, repeats: int, n_windows: int, target: float, max_epochs: int) -> list[dict]:
+def bench_speed(threads: int, repeats: int, n_windows: int, target: float, max_epochs: int,
+                cells=("gru", "lstm"), hiddens=(32, 64)) -> list[dict]:
     rows = []
     x = sine_windows(n_windows, 1)
     xv = sine_windows(512, 2)
     xt, xvt = torch.from_numpy(x), torch.from_numpy(xv)
-    for cell in ("gru", "lstm"):
-        for hidden in (32, 64):
+    for cell in cells:
+        for hidden in hiddens:
             ours, theirs = Ours(cell, hidden), Theirs(cell, hidden)
             ours.step(x, np.arange(BATCH))  # compile (or load from cache)
             w_ours, w_theirs = [], []
@@ -215,6 +216,8 @@ def main() -> None:
     p.add_argument("--max-epochs", type=int, default=30)
     p.add_argument("--quick", action="store_true", help="fewer windows and a small memory run")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--cells", default="gru,lstm", help="comma-separated subset of gru,lstm")
+    p.add_argument("--hidden", default="32,64", help="comma-separated hidden sizes")
     p.add_argument("--skip-memory", action="store_true", help="only the speed comparison")
     p.add_argument("--rss-child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -226,7 +229,8 @@ def main() -> None:
     print(f"threads {args.threads} (Numba and PyTorch), window {WINDOW}, batch {BATCH}, Adam lr {LR}, "
           f"clip {CLIP}; torch {torch.__version__}, numba {numba.__version__}", flush=True)
     n = 512 if args.quick else args.windows
-    rows = bench_speed(args.threads, args.repeats, n, args.target, args.max_epochs)
+    rows = bench_speed(args.threads, args.repeats, n, args.target, args.max_epochs,
+                       tuple(args.cells.split(",")), tuple(int(h) for h in args.hidden.split(",")))
     mem = None
     if not args.skip_memory:
         mem = bench_memory(200, 2_000, 100_000) if args.quick else bench_memory(200, 10_000, 250_000)

@@ -46,7 +46,9 @@ class Adam:
 
 def clip_grad_norm(grad: np.ndarray, max_norm: float | None) -> float:
     """Scale ``grad`` in place so its L2 norm is at most ``max_norm``; returns the norm before."""
-    norm = float(np.sqrt(np.dot(grad, grad)))
+    # Not np.dot: that is a BLAS call, and OpenBLAS wakes its thread pool for a vector this
+    # size, which next to Numba's just-finished parallel region stalled a step by milliseconds.
+    norm = float(np.sqrt(np.sum(grad * grad)))
     if max_norm is not None and max_norm > 0 and norm > max_norm:
         grad *= max_norm / (norm + 1e-6)  # the same formula as torch.nn.utils.clip_grad_norm_
     return norm

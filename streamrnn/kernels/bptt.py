@@ -27,6 +27,7 @@ from numba.extending import overload
 
 from streamrnn.config import jit_options
 from streamrnn.kernels.activations import tanh32
+from streamrnn.kernels.tiles import MR, gemm1_acc, gemm_acc
 
 RNN_TANH = 0
 RNN_RELU = 1
@@ -145,132 +146,82 @@ def _mat(vec, off, rows, cols):
     return vec[off:off + rows * cols].reshape((rows, cols))
 
 
-@njit(**_OPTS)
-def _matacc(acc, a0, rn, src, w, w0, ncols):
-    """acc[r, a0:a0+ncols] += src[r, :K] @ w[:, w0:w0+ncols] (w transposed layout (K, *))."""
-    # Row views keep every inner index a plain loop counter, so the loops vectorise
-    # (an offset index would need a negative-index check per element).
-    for k in range(w.shape[0]):
-        wk = w[k, w0:w0 + ncols]
-        for r in range(rn):
-            v = src[r, k]
-            out = acc[r, a0:a0 + ncols]
-            for j in range(ncols):
-                out[j] += v * wk[j]
-
-
-@njit(**_OPTS)
-def _outer_acc(gw, g0, rn, src, d, d0, ncols):
-    """gw[k, g0+j] += sum_r src[r, k] * d[r, d0+j] (gradient of a transposed weight)."""
-    for k in range(gw.shape[0]):
-        gk = gw[k, g0:g0 + ncols]
-        for r in range(rn):
-            v = src[r, k]
-            dr = d[r, d0:d0 + ncols]
-            for j in range(ncols):
-                gk[j] += v * dr[j]
-
-
-@njit(**_OPTS)
-def _back_acc(out, rn, d, d0, w, w0, nrows):
-    """out[r, :K] += d[r, d0:d0+nrows] @ w[w0:w0+nrows, :] (w in PyTorch layout (GH, K))."""
-    # j outermost: each weight row is loaded once for all rows, and the rn output rows are
-    # independent update chains (r outermost would chain every update through one row).
-    ncols = w.shape[1]
-    for j in range(nrows):
-        wj = w[w0 + j]
-        for r in range(rn):
-            v = d[r, d0 + j]
-            o = out[r, 0:ncols]
-            for k in range(ncols):
-                o[k] += v * wj[k]
-
-
 # ------------------------------------------------------------------ forward, one step
 @njit(**_OPTS)
-def _layer_forward(cell, reset_after, rn, h, src, hprev, cprev, wx, wh, bih, bhh, peep,
-                   gates, hn, hout, cout, acc, accn, rh):
-    """One step of one layer for rn windows; saves what the backward pass needs.
+def _layer_forward(cell, reset_after, rc, h, r0, hl, cl, wh, bhh, peep, gl, hnl, work, accn):
+    """Step t of one layer for the block's ``rc`` rows (rows ``r0 = t * rc`` onwards).
 
-    src (R, D_in) input, hprev/cprev (R, H) previous state; writes hout/cout (R, H), gates
-    (R, G*H) post-activation gates and hn (R, H): for GRU the recurrent n-gate product, for
-    LSTM tanh(c_t).
+    ``work`` rows r0.. hold the input product plus biases (for GRU without the n gate's
+    recurrent bias) and receive the recurrent product; ``hl`` rows r0.. are h_{t-1} and rows
+    r0+rc.. receive h_t (``cl`` likewise c for LSTM). Saved for the backward pass: ``gl`` the
+    post-activation gates; ``hnl`` the recurrent n-gate product (GRU reset-after),
+    r * h_{t-1} (GRU reset-before) or tanh(c_t) (LSTM).
     """
     g = n_gates(cell)
     gh = g * h
-    summed = 2 * h if cell == GRU else gh
-    for r in range(rn):
-        a = acc[r, 0:summed]
-        for j in range(summed):
-            a[j] = bih[j] + bhh[j]
-    if cell == GRU:
-        # the n gate's recurrent bias stays with the recurrent product (inside the reset)
-        for r in range(rn):
-            an = acc[r, 2 * h:gh]
-            bi = bih[2 * h:gh]
-            bh = bhh[2 * h:gh]
-            n_rec = accn[r, 0:h]
-            for j in range(h):
-                an[j] = bi[j]
-                n_rec[j] = bh[j]
-    _matacc(acc, 0, rn, src, wx, 0, gh)
+    ro = r0 + rc
     if cell == GRU:
         h2 = 2 * h
-        _matacc(acc, 0, rn, hprev, wh, 0, h2)
-        if not reset_after:
-            for r in range(rn):
-                ar = acc[r, 0:h]
-                gr = gates[r, 0:h]
-                hp = hprev[r, 0:h]
-                rhr = rh[r, 0:h]
-                for j in range(h):
-                    rg = _sigmoid(ar[j])
-                    gr[j] = rg
-                    rhr[j] = rg * hp[j]
-            _matacc(accn, 0, rn, rh, wh, h2, h)
-        else:
-            _matacc(accn, 0, rn, hprev, wh, h2, h)
-        for r in range(rn):
-            ar = acc[r, 0:h]
-            az = acc[r, h:h2]
-            an = acc[r, h2:gh]
-            gr = gates[r, 0:h]
-            gz = gates[r, h:h2]
-            gn = gates[r, h2:gh]
+        gemm1_acc(work, r0, 0, rc, h2, hl, r0, 0, wh, 0, 0, h)
+        bh = bhh[h2:gh]
+        for r in range(rc):
             n_rec = accn[r, 0:h]
-            hnr = hn[r, 0:h]
-            hp = hprev[r, 0:h]
-            ho = hout[r, 0:h]
             for j in range(h):
+                n_rec[j] = bh[j]
+        if reset_after:
+            gemm1_acc(accn, 0, 0, rc, h, hl, r0, 0, wh, 0, h2, h)
+        else:
+            # Cho et al.: the n gate's recurrent product sees r * h_{t-1}.
+            for r in range(rc):
+                ar = work[r0 + r, 0:h]
+                hp = hl[r0 + r, 0:h]
+                rhr = hnl[r0 + r, 0:h]
+                for j in range(h):
+                    rhr[j] = _sigmoid(ar[j]) * hp[j]
+            gemm1_acc(accn, 0, 0, rc, h, hnl, r0, 0, wh, 0, h2, h)
+        for r in range(rc):
+            ar = work[r0 + r, 0:h]
+            az = work[r0 + r, h:h2]
+            an = work[r0 + r, h2:gh]
+            gr = gl[r0 + r, 0:h]
+            gz = gl[r0 + r, h:h2]
+            gn = gl[r0 + r, h2:gh]
+            n_rec = accn[r, 0:h]
+            hp = hl[r0 + r, 0:h]
+            ho = hl[ro + r, 0:h]
+            for j in range(h):
+                rg = _sigmoid(ar[j])
                 zg = _sigmoid(az[j])
                 if reset_after:
-                    rg = _sigmoid(ar[j])
                     ng = _tanh(an[j] + rg * n_rec[j])
-                    gr[j] = rg
                 else:
                     ng = _tanh(an[j] + n_rec[j])
+                gr[j] = rg
                 gz[j] = zg
                 gn[j] = ng
-                hnr[j] = n_rec[j]
                 ho[j] = (_ONE - zg) * ng + zg * hp[j]
+            if reset_after:
+                hnr = hnl[r0 + r, 0:h]
+                for j in range(h):
+                    hnr[j] = n_rec[j]
     elif cell == LSTM:
-        _matacc(acc, 0, rn, hprev, wh, 0, gh)
-        for r in range(rn):
-            ai = acc[r, 0:h]
-            af = acc[r, h:2 * h]
-            ag = acc[r, 2 * h:3 * h]
-            ao = acc[r, 3 * h:gh]
-            gi = gates[r, 0:h]
-            gf = gates[r, h:2 * h]
-            gg_ = gates[r, 2 * h:3 * h]
-            go = gates[r, 3 * h:gh]
-            pi = peep[0, 0:h]
-            pf = peep[1, 0:h]
-            po = peep[2, 0:h]
-            cp = cprev[r, 0:h]
-            co = cout[r, 0:h]
-            ho = hout[r, 0:h]
-            tcr = hn[r, 0:h]
+        gemm1_acc(work, r0, 0, rc, gh, hl, r0, 0, wh, 0, 0, h)
+        pi = peep[0, 0:h]
+        pf = peep[1, 0:h]
+        po = peep[2, 0:h]
+        for r in range(rc):
+            ai = work[r0 + r, 0:h]
+            af = work[r0 + r, h:2 * h]
+            ag = work[r0 + r, 2 * h:3 * h]
+            ao = work[r0 + r, 3 * h:gh]
+            gi = gl[r0 + r, 0:h]
+            gf = gl[r0 + r, h:2 * h]
+            gg_ = gl[r0 + r, 2 * h:3 * h]
+            go = gl[r0 + r, 3 * h:gh]
+            cp = cl[r0 + r, 0:h]
+            co = cl[ro + r, 0:h]
+            ho = hl[ro + r, 0:h]
+            tcr = hnl[r0 + r, 0:h]
             for j in range(h):
                 c = cp[j]
                 ig = _sigmoid(ai[j] + pi[j] * c)
@@ -287,11 +238,11 @@ def _layer_forward(cell, reset_after, rn, h, src, hprev, cprev, wx, wh, bih, bhh
                 tcr[j] = tc
                 ho[j] = og * tc
     else:
-        _matacc(acc, 0, rn, hprev, wh, 0, h)
-        for r in range(rn):
-            a = acc[r, 0:h]
-            ho = hout[r, 0:h]
-            gs = gates[r, 0:h]
+        gemm1_acc(work, r0, 0, rc, h, hl, r0, 0, wh, 0, 0, h)
+        for r in range(rc):
+            a = work[r0 + r, 0:h]
+            ho = hl[ro + r, 0:h]
+            gs = gl[r0 + r, 0:h]
             for j in range(h):
                 if cell == RNN_RELU:
                     v = max(a[j], _ZERO)
@@ -303,30 +254,31 @@ def _layer_forward(cell, reset_after, rn, h, src, hprev, cprev, wx, wh, bih, bhh
 
 # ----------------------------------------------------------------- backward, one step
 @njit(**_OPTS)
-def _layer_backward(cell, reset_after, rn, h, src, hprev, cprev, cnow, gates, hn, peep,
-                    w_ih, w_hh, gwx, gwh, gbih, gbhh, gpeep,
-                    dh, dc, dsrc, want_dsrc, dhprev, dcprev, dxa, dha, drh):
-    """Backward of one step of one layer for rn windows.
+def _layer_backward(cell, reset_after, rc, h, r0, hl, cl, gl, hnl, peep, w_hh,
+                    dh, dc, dcprev, dhprev, work, dhn, drh):
+    """Backward of step t of one layer for the block's ``rc`` rows (rows r0 = t * rc).
 
-    dh (R, H) is dL/dh_t (from above and from t+1), dc (R, H) dL/dc_t carried (LSTM).
-    Accumulates parameter gradients (transposed layout), writes dL/dh_{t-1} to dhprev,
-    dL/dc_{t-1} to dcprev and, if want_dsrc, adds dL/dinput to dsrc.
+    ``dh`` (rc, H) is dL/dh_t (from above and from t+1), ``dc`` (rc, H) dL/dc_t (LSTM).
+    Writes dL/dc_{t-1} to ``dcprev``, dL/dh_{t-1} to ``dhprev`` and the gradients of the
+    gates' pre-activations to ``work`` rows r0.. (for GRU reset-after the recurrent n part,
+    which differs, to ``dhn`` rows r0..): the weight and peephole gradients are taken from
+    those later, for all steps at once.
     """
     g = n_gates(cell)
     gh = g * h
     if cell == GRU:
         h2 = 2 * h
-        for r in range(rn):
-            gr = gates[r, 0:h]
-            gz = gates[r, h:h2]
-            gn = gates[r, h2:gh]
-            hp = hprev[r, 0:h]
-            hnr = hn[r, 0:h]
+        for r in range(rc):
+            gr = gl[r0 + r, 0:h]
+            gz = gl[r0 + r, h:h2]
+            gn = gl[r0 + r, h2:gh]
+            hp = hl[r0 + r, 0:h]
+            hnr = hnl[r0 + r, 0:h]
             d = dh[r, 0:h]
-            dxr = dxa[r, 0:h]
-            dxz = dxa[r, h:h2]
-            dxn = dxa[r, h2:gh]
-            dhn = dha[r, h2:gh]
+            dxr = work[r0 + r, 0:h]
+            dxz = work[r0 + r, h:h2]
+            dxn = work[r0 + r, h2:gh]
+            dhnr = dhn[r0 + r, 0:h]
             dp = dhprev[r, 0:h]
             for j in range(h):
                 zg = gz[j]
@@ -338,54 +290,48 @@ def _layer_backward(cell, reset_after, rn, h, src, hprev, cprev, cnow, gates, hn
                 if reset_after:
                     rg = gr[j]
                     dxr[j] = dan * hnr[j] * rg * (_ONE - rg)
-                    dhn[j] = dan * rg
-                else:
-                    dhn[j] = dan
-        if not reset_after:
+                    dhnr[j] = dan * rg
+        if reset_after:
+            gemm_acc(dhprev, 0, 0, rc, h, work, r0, 0, w_hh, 0, 0, h2,
+                     dhn, r0, 0, w_hh, h2, 0, h)
+        else:
             # n = tanh(a_n + W_hn (r * h_prev) + b_hn): route through r * h_prev first.
-            for r in range(rn):
+            for r in range(rc):
                 dr_ = drh[r, 0:h]
                 for j in range(h):
                     dr_[j] = 0
-            _back_acc(drh, rn, dxa, h2, w_hh, h2, h)
-            for r in range(rn):
-                gr = gates[r, 0:h]
-                hp = hprev[r, 0:h]
+            gemm1_acc(drh, 0, 0, rc, h, work, r0, h2, w_hh, h2, 0, h)
+            for r in range(rc):
+                gr = gl[r0 + r, 0:h]
+                hp = hl[r0 + r, 0:h]
                 dr_ = drh[r, 0:h]
-                dxr = dxa[r, 0:h]
+                dxr = work[r0 + r, 0:h]
                 dp = dhprev[r, 0:h]
                 for j in range(h):
                     rg = gr[j]
                     dxr[j] = dr_[j] * hp[j] * rg * (_ONE - rg)
                     dp[j] += dr_[j] * rg
-                    dr_[j] = rg * hp[j]  # r * h_prev, the input of W_hn
-        for r in range(rn):
-            src_ = dxa[r, 0:h2]
-            dst = dha[r, 0:h2]
-            for j in range(h2):
-                dst[j] = src_[j]
+            gemm1_acc(dhprev, 0, 0, rc, h, work, r0, 0, w_hh, 0, 0, h2)
     elif cell == LSTM:
-        for r in range(rn):
-            gi = gates[r, 0:h]
-            gf = gates[r, h:2 * h]
-            gg_ = gates[r, 2 * h:3 * h]
-            go = gates[r, 3 * h:gh]
-            pi = peep[0, 0:h]
-            pf = peep[1, 0:h]
-            po = peep[2, 0:h]
-            gpi = gpeep[0, 0:h]
-            gpf = gpeep[1, 0:h]
-            gpo = gpeep[2, 0:h]
-            cn_ = cnow[r, 0:h]
-            cp_ = cprev[r, 0:h]
-            tcr = hn[r, 0:h]
+        # Few arrays per loop, none both read and written, so LLVM vectorises it (the
+        # peephole gradients are taken after the time loop, from work and cl).
+        pi = peep[0, 0:h]
+        pf = peep[1, 0:h]
+        po = peep[2, 0:h]
+        for r in range(rc):
+            gi = gl[r0 + r, 0:h]
+            gf = gl[r0 + r, h:2 * h]
+            gg_ = gl[r0 + r, 2 * h:3 * h]
+            go = gl[r0 + r, 3 * h:gh]
+            cp_ = cl[r0 + r, 0:h]
+            tcr = hnl[r0 + r, 0:h]
             d = dh[r, 0:h]
             dcr = dc[r, 0:h]
             dcp = dcprev[r, 0:h]
-            di = dxa[r, 0:h]
-            df = dxa[r, h:2 * h]
-            dg = dxa[r, 2 * h:3 * h]
-            do = dxa[r, 3 * h:gh]
+            di = work[r0 + r, 0:h]
+            df = work[r0 + r, h:2 * h]
+            dg = work[r0 + r, 2 * h:3 * h]
+            do = work[r0 + r, 3 * h:gh]
             for j in range(h):
                 ig = gi[j]
                 fg = gf[j]
@@ -398,26 +344,20 @@ def _layer_backward(cell, reset_after, rn, h, src, hprev, cprev, cnow, gates, hn
                 dai = dct * gg * ig * (_ONE - ig)
                 daf = dct * cp * fg * (_ONE - fg)
                 dcp[j] = dct * fg + dai * pi[j] + daf * pf[j]
-                gpi[j] += dai * cp
-                gpf[j] += daf * cp
-                gpo[j] += dao * cn_[j]
                 di[j] = dai
                 df[j] = daf
                 dg[j] = dct * ig * (_ONE - gg * gg)
                 do[j] = dao
-            src_ = dxa[r, 0:gh]
-            dst = dha[r, 0:gh]
+        for r in range(rc):
             dp = dhprev[r, 0:h]
-            for j in range(gh):
-                dst[j] = src_[j]
             for j in range(h):
                 dp[j] = 0
+        gemm1_acc(dhprev, 0, 0, rc, h, work, r0, 0, w_hh, 0, 0, gh)
     else:
-        for r in range(rn):
-            gs = gates[r, 0:h]
+        for r in range(rc):
+            gs = gl[r0 + r, 0:h]
             d = dh[r, 0:h]
-            dx = dxa[r, 0:h]
-            dhr = dha[r, 0:h]
+            dx = work[r0 + r, 0:h]
             dp = dhprev[r, 0:h]
             for j in range(h):
                 hv = gs[j]
@@ -426,25 +366,8 @@ def _layer_backward(cell, reset_after, rn, h, src, hprev, cprev, cnow, gates, hn
                 else:
                     da = d[j] * (_ONE - hv * hv)
                 dx[j] = da
-                dhr[j] = da
                 dp[j] = 0
-    # Parameter gradients and gradients to the step's inputs.
-    for r in range(rn):
-        dx = dxa[r, 0:gh]
-        dhr = dha[r, 0:gh]
-        for j in range(gh):
-            gbih[j] += dx[j]
-            gbhh[j] += dhr[j]
-    _outer_acc(gwx, 0, rn, src, dxa, 0, gh)
-    if cell == GRU and not reset_after:
-        _outer_acc(gwh, 0, rn, hprev, dha, 0, 2 * h)
-        _outer_acc(gwh, 2 * h, rn, drh, dha, 2 * h, h)
-        _back_acc(dhprev, rn, dha, 0, w_hh, 0, 2 * h)
-    else:
-        _outer_acc(gwh, 0, rn, hprev, dha, 0, gh)
-        _back_acc(dhprev, rn, dha, 0, w_hh, 0, gh)
-    if want_dsrc:
-        _back_acc(dsrc, rn, dxa, 0, w_ih, 0, gh)
+        gemm1_acc(dhprev, 0, 0, rc, h, work, r0, 0, w_hh, 0, 0, h)
 
 
 # --------------------------------------------------------------- one block of windows
@@ -455,6 +378,12 @@ def _block(theta, thetak, x, idx, lo, rn, cell, reset_after, peephole, hidden,
 
     Gradients of ``scale * loss`` are added to ``grow`` (kernel layout). If outs has rows,
     the head outputs of window idx[lo+r] go to outs[lo+r] (T, O).
+
+    Every per-step array holds the block's rows for all steps, row ``t * rc + r`` for window
+    r at step t (``rc``: rn rounded up to whole register tiles; the extra rows see zero input
+    and get zero gradient). So the products that do not recur (inputs through ``w_ih``, the
+    head, every weight gradient, gradients to a layer's input) run once per layer over all
+    ``T * rc`` rows, and only h_{t-1} @ W_hh forward and dL/da_t @ W_hh backward run per step.
     """
     dt = theta.dtype
     n_layers = hidden.shape[0]
@@ -465,19 +394,23 @@ def _block(theta, thetak, x, idx, lo, rn, cell, reset_after, peephole, hidden,
     for layer in range(n_layers):
         hmax = max(hmax, hidden[layer])
     htop = hidden[n_layers - 1]
-    hs = np.zeros((n_layers, n_steps + 1, BLOCK, hmax), dt)
-    cs = np.zeros((n_layers, n_steps + 1, BLOCK, hmax), dt)
-    gates = np.zeros((n_layers, n_steps, BLOCK, g * hmax), dt)
-    hn = np.zeros((n_layers, n_steps, BLOCK, hmax), dt)
-    src0 = np.zeros((n_steps, BLOCK, d_in), dt)
-    acc = np.zeros((BLOCK, g * hmax), dt)
-    accn = np.zeros((BLOCK, hmax), dt)
-    rh = np.zeros((BLOCK, hmax), dt)
+    rc = (rn + MR - 1) // MR * MR
+    m = n_steps * rc
+    hs = np.empty((n_layers, m + rc, hmax), dt)
+    cs = np.empty((n_layers, m + rc if cell == LSTM else 1, hmax), dt)
+    hs[:, 0:rc] = 0  # h_0 (every other row is written before it is read)
+    cs[:, 0:min(rc, cs.shape[1])] = 0
+    gates = np.empty((n_layers, m, g * hmax), dt)
+    hn = np.empty((n_layers, m if cell != RNN_TANH and cell != RNN_RELU else 1, hmax), dt)
+    work = np.empty((m, g * hmax), dt)
+    accn = np.empty((rc, hmax), dt)
     nopeep = np.zeros((3, hmax), dt)
+    src0 = np.zeros((m, d_in), dt)
     for t in range(n_steps):
         for r in range(rn):
+            w = idx[lo + r]
             for d in range(d_in):
-                src0[t, r, d] = x[idx[lo + r], t, d]
+                src0[t * rc + r, d] = x[w, t, d]
     # ---- forward, layer by layer over the whole window
     for layer in range(n_layers):
         h = hidden[layer]
@@ -488,58 +421,67 @@ def _block(theta, thetak, x, idx, lo, rn, cell, reset_after, peephole, hidden,
         bih = thetak[offs[layer, 2]:offs[layer, 2] + gh]
         bhh = thetak[offs[layer, 3]:offs[layer, 3] + gh]
         peep = _mat(thetak, offs[layer, 4], 3, h) if peephole else nopeep
+        src = src0 if layer == 0 else hs[layer - 1]
+        s0 = 0 if layer == 0 else rc
+        summed = 2 * h if cell == GRU else gh
+        for p in range(m):
+            a = work[p, 0:gh]
+            for j in range(summed):
+                a[j] = bih[j] + bhh[j]
+            for j in range(summed, gh):
+                a[j] = bih[j]  # GRU: b_hn stays with the recurrent product (inside the reset)
+        gemm1_acc(work, 0, 0, m, gh, src, s0, 0, wx, 0, 0, k_in)
         for t in range(n_steps):
-            src = src0[t] if layer == 0 else hs[layer - 1, t + 1]
-            _layer_forward(cell, reset_after, rn, h, src, hs[layer, t], cs[layer, t],
-                           wx, wh, bih, bhh, peep, gates[layer, t], hn[layer, t],
-                           hs[layer, t + 1], cs[layer, t + 1], acc, accn, rh)
+            _layer_forward(cell, reset_after, rc, h, t * rc, hs[layer], cs[layer], wh, bhh, peep,
+                           gates[layer], hn[layer], work, accn)
     # ---- head, loss and the gradient reaching the top layer
     wot = _mat(thetak, head[0], htop, n_out)
     bo = thetak[head[1]:head[1] + n_out]
     wo = _mat(theta, head[0], n_out, htop)
-    out = np.zeros((BLOCK, n_out), dt)
-    dout = np.zeros((BLOCK, n_out), dt)
-    dext = np.zeros((n_steps, BLOCK, hmax), dt)
+    ht = hs[n_layers - 1]
+    out = np.empty((m, n_out), dt)
+    for p in range(m):
+        for o in range(n_out):
+            out[p, o] = bo[o]
+    gemm1_acc(out, 0, 0, m, n_out, ht, rc, 0, wot, 0, 0, htop)
+    dout = np.zeros((m, n_out), dt)
     n_feat = n_out // 2 if gaussian else n_out
     loss = 0.0
     for t in range(n_steps):
         for r in range(rn):
-            for o in range(n_out):
-                out[r, o] = bo[o]
-        _matacc(out, 0, rn, hs[n_layers - 1, t + 1], wot, 0, n_out)
-        for r in range(rn):
             w = idx[lo + r]
+            p = t * rc + r
             for d in range(n_feat):
-                e = out[r, d] - x[w, t + 1, d]
+                e = out[p, d] - x[w, t + 1, d]
                 if gaussian:
-                    lv = out[r, n_feat + d]
+                    lv = out[p, n_feat + d]
                     iv = np.exp(-lv)
                     loss += _HALF * (lv + e * e * iv)
-                    dout[r, d] = scale * e * iv
-                    dout[r, n_feat + d] = scale * _HALF * (_ONE - e * e * iv)
+                    dout[p, d] = scale * e * iv
+                    dout[p, n_feat + d] = scale * _HALF * (_ONE - e * e * iv)
                 else:
                     loss += e * e
-                    dout[r, d] = scale * _TWO * e
+                    dout[p, d] = scale * _TWO * e
             if outs.shape[0] > 0:
                 for o in range(n_out):
-                    outs[lo + r, t, o] = out[r, o]
-        if want_grad:
-            for r in range(rn):
-                for o in range(n_out):
-                    grow[head[1] + o] += dout[r, o]
-            gwo = _mat(grow, head[0], htop, n_out)
-            _outer_acc(gwo, 0, rn, hs[n_layers - 1, t + 1], dout, 0, n_out)
-            _back_acc(dext[t], rn, dout, 0, wo, 0, n_out)
+                    outs[lo + r, t, o] = out[p, o]
     if not want_grad:
         return loss
+    for p in range(m):
+        for o in range(n_out):
+            grow[head[1] + o] += dout[p, o]
+    gwo = _mat(grow, head[0], htop, n_out)
+    gemm1_acc(gwo, 0, 0, htop, n_out, ht.T, 0, rc, dout, 0, 0, m)
+    dext = np.zeros((m, hmax), dt)
+    gemm1_acc(dext, 0, 0, m, htop, dout, 0, 0, wo, 0, 0, n_out)
     # ---- backward through time, top layer first
-    dnext = np.zeros((n_steps, BLOCK, hmax), dt)
-    dsrc0 = np.zeros((BLOCK, d_in), dt)
-    dh = np.zeros((BLOCK, hmax), dt)
-    dhc = np.zeros((BLOCK, hmax), dt)
-    dcc = np.zeros((BLOCK, hmax), dt)
-    dxa = np.zeros((BLOCK, g * hmax), dt)
-    dha = np.zeros((BLOCK, g * hmax), dt)
+    dnext = np.zeros((m if n_layers > 1 else 1, hmax), dt)
+    dh = np.empty((rc, hmax), dt)
+    dhc = np.zeros((rc, hmax), dt)
+    dcc = np.zeros((rc, hmax), dt)
+    dcn = np.zeros((rc, hmax), dt)
+    dhn = np.empty((m if cell == GRU else 1, hmax), dt)
+    drh = np.empty((rc, hmax), dt)
     gnopeep = np.zeros((3, hmax), dt)
     for layer in range(n_layers - 1, -1, -1):
         h = hidden[layer]
@@ -553,21 +495,67 @@ def _block(theta, thetak, x, idx, lo, rn, cell, reset_after, peephole, hidden,
         gbih = grow[offs[layer, 2]:offs[layer, 2] + gh]
         gbhh = grow[offs[layer, 3]:offs[layer, 3] + gh]
         gpeep = _mat(grow, offs[layer, 4], 3, h) if peephole else gnopeep
+        hl = hs[layer]
+        hnl = hn[layer]
         dhc[:] = 0
         dcc[:] = 0
+        for t in range(n_steps - 1, -1, -1):
+            r0 = t * rc
+            for r in range(rc):
+                de = dext[r0 + r, 0:h]
+                dc_ = dhc[r, 0:h]
+                dr_ = dh[r, 0:h]
+                for j in range(h):
+                    dr_[j] = de[j] + dc_[j]
+            _layer_backward(cell, reset_after, rc, h, r0, hl, cs[layer], gates[layer], hnl, peep,
+                            w_hh, dh, dcc, dcn, dhc, work, dhn, drh)
+            dcc, dcn = dcn, dcc
+        # ---- weight gradients: one product over every (step, window) row of the block
+        src = src0 if layer == 0 else hs[layer - 1]
+        s0 = 0 if layer == 0 else rc
+        gemm1_acc(gwx, 0, 0, k_in, gh, src.T, 0, s0, work, 0, 0, m)
+        if cell == GRU:
+            h2 = 2 * h
+            gemm1_acc(gwh, 0, 0, h, h2, hl.T, 0, 0, work, 0, 0, m)
+            if reset_after:
+                gemm1_acc(gwh, 0, h2, h, h, hl.T, 0, 0, dhn, 0, 0, m)
+            else:
+                gemm1_acc(gwh, 0, h2, h, h, hnl.T, 0, 0, work, 0, h2, m)
+        else:
+            gemm1_acc(gwh, 0, 0, h, gh, hl.T, 0, 0, work, 0, 0, m)
+        if peephole:
+            # dL/dp_i = sum da_i * c_{t-1}, dL/dp_f = sum da_f * c_{t-1}, dL/dp_o = sum da_o * c_t
+            cl = cs[layer]
+            gpi = gpeep[0, 0:h]
+            gpf = gpeep[1, 0:h]
+            gpo = gpeep[2, 0:h]
+            for p in range(m):
+                cp_ = cl[p, 0:h]
+                cn_ = cl[p + rc, 0:h]
+                di = work[p, 0:h]
+                df = work[p, h:2 * h]
+                do = work[p, 3 * h:gh]
+                for j in range(h):
+                    gpi[j] += di[j] * cp_[j]
+                    gpf[j] += df[j] * cp_[j]
+                    gpo[j] += do[j] * cn_[j]
+        for p in range(m):
+            dx = work[p, 0:gh]
+            for j in range(gh):
+                gbih[j] += dx[j]
+        split = 2 * h if cell == GRU and reset_after else gh
+        for p in range(m):
+            dx = work[p, 0:split]
+            for j in range(split):
+                gbhh[j] += dx[j]
+            if split < gh:
+                dn = dhn[p, 0:h]
+                gn = gbhh[split:gh]
+                for j in range(h):
+                    gn[j] += dn[j]
         if layer > 0:
             dnext[:] = 0
-        for t in range(n_steps - 1, -1, -1):
-            for r in range(rn):
-                for j in range(h):
-                    dh[r, j] = dext[t, r, j] + dhc[r, j]
-            src = src0[t] if layer == 0 else hs[layer - 1, t + 1]
-            dsrc = dsrc0 if layer == 0 else dnext[t]
-            _layer_backward(cell, reset_after, rn, h, src, hs[layer, t], cs[layer, t],
-                            cs[layer, t + 1], gates[layer, t], hn[layer, t], peep,
-                            w_ih, w_hh, gwx, gwh, gbih, gbhh, gpeep,
-                            dh, dcc, dsrc, layer > 0, dhc, dcc, dxa, dha, rh)
-        if layer > 0:
+            gemm1_acc(dnext, 0, 0, m, k_in, work, 0, 0, w_ih, 0, 0, gh)
             dext, dnext = dnext, dext
     return loss
 
