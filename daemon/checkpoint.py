@@ -70,7 +70,17 @@ class LocalStore:
         return self.dir / f"{topic}-{partition}.state.arrow"
 
     def save(self, topic: str, partition: int, detector: Detector, touched: set[str]) -> None:
-        atomic_write(self.path(topic, partition), detector.snapshot())
+        self.write(self.prepare(topic, partition, detector, touched))
+
+    def prepare(self, topic: str, partition: int, detector: Detector, touched: set[str]):
+        """The partition's state as of now, frozen (a snapshot's bytes): :meth:`write` may
+        run later, in another thread, while the detector goes on."""
+        return self.path(topic, partition), detector.snapshot()
+
+    def write(self, prepared) -> None:
+        """Persist what :meth:`prepare` returned (blocking: fsync; thread-safe)."""
+        path, data = prepared
+        atomic_write(path, data)
 
     def load(self, topic: str, partition: int, new_detector: Callable[..., Detector]) -> Detector:
         """The partition's detector from its snapshot, or a fresh one when there is none or
@@ -149,6 +159,11 @@ class ChangelogStore:
         self._evictions: dict[tuple[str, int], int] = {}
 
     def save(self, topic: str, partition: int, detector: Detector, touched: set[str]) -> None:
+        self.write(self.prepare(topic, partition, detector, touched))
+
+    def prepare(self, topic: str, partition: int, detector: Detector, touched: set[str]):
+        """The rows of the streams touched (and tombstones of those evicted) since the last
+        checkpoint, as of now; :meth:`write` sends them (later, from the loop's thread)."""
         key = (topic, partition)
         table = detector.table
         codec = RowCodec(table)
@@ -160,10 +175,20 @@ class ChangelogStore:
             self._evictions[key] = table.evictions
         names, rows = codec.export(table, sorted(ids))
         part = changelog_partition(self.inputs, topic, partition)
-        headers = [(LAYOUT_HEADER, codec.layout)]
         for sid, row in zip(names, rows):
-            self.producer.send(self.topic, key=sid.encode(), value=row, partition=part, headers=headers)
             (known.add if row is not None else known.discard)(sid)
+        return part, codec.layout, names, rows
+
+    def write(self, prepared, send: Callable | None = None) -> None:
+        """Send prepared rows with ``send(topic, key, value, partition, headers)`` (default:
+        the producer's ``send``); the caller waits for their acknowledgements."""
+        part, layout, names, rows = prepared
+        headers = [(LAYOUT_HEADER, layout)]
+        for sid, row in zip(names, rows):
+            if send is None:
+                self.producer.send(self.topic, key=sid.encode(), value=row, partition=part, headers=headers)
+            else:
+                send(self.topic, sid.encode(), row, part, headers)
 
     def load(self, topic: str, partition: int, new_detector: Callable[..., Detector]) -> Detector:
         """Rebuild the partition's detector from its changelog partition (last row per stream)."""

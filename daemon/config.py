@@ -59,7 +59,9 @@ class DaemonConfig:
     auto_offset_reset: str = "earliest"
     # ---- kafka: client tuning (defaults tuned for low latency on a small broker)
     fetch_min_bytes: int = 1
-    fetch_max_wait_ms: int = 100  # the broker answers as soon as fetch_min_bytes are there
+    # Apache Kafka answers a waiting fetch as soon as fetch_min_bytes are there; the development
+    # broker (Tansu) only looks again after about half of this wait: latency per consumer hop.
+    fetch_max_wait_ms: int = 20
     max_partition_fetch_bytes: int = 4 << 20
     max_poll_records: int = 5000
     linger_ms: int = 1

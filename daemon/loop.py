@@ -2,13 +2,21 @@
 per assigned input partition (the Kafka Streams task model).
 
 Per poll: decode each partition's messages in one batch, score them with the partition's
-detector, produce the alert records (keyed by stream) and dead letters. Checkpoint protocol,
-in this order, every ``checkpoint_interval_ms`` or ``checkpoint_events``, on rebalance and at
-shutdown:
+detector, and hand the alert records (keyed by stream) and dead letters to the producer at
+once: alert delivery never waits for a checkpoint. Checkpoint protocol, in this order, every
+``checkpoint_interval_ms`` or ``checkpoint_events``, on rebalance and at shutdown:
 
-1. flush the producer: every alert and dead letter of the covered events is acknowledged;
-2. save each partition's state (local snapshot, or changelog rows then a second flush);
-3. commit the offsets after the last processed message.
+0. freeze each dirty partition's state as of its last processed message (a snapshot's bytes,
+   or the changed changelog rows) and close the current *send epoch*: every output record
+   of the covered events was sent in this epoch or an earlier one;
+1. wait until every record of those epochs is acknowledged;
+2. save the frozen state (local snapshot written by a writer thread: fsync off the loop; or
+   changelog rows sent, then acknowledged);
+3. commit the offsets after the last processed message of the frozen state.
+
+Between interval checkpoints the steps advance while the loop goes on scoring (one
+checkpoint in flight at a time); on rebalance, model change and shutdown the loop blocks
+until they are done (finishing the one in flight first).
 
 A crash between any two steps replays input whose events the restored state either lacks
 (they are applied again, their alerts produced again with the same ids) or already holds
@@ -19,6 +27,7 @@ from __future__ import annotations
 
 import gc
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 import os
 import signal
 import threading
@@ -69,25 +78,70 @@ class Task:
 
 
 class _SendCounter:
-    """Unacknowledged produce requests, and the first delivery error (the producer's I/O
-    thread writes ``acked``/``error``; only the loop writes ``sent``)."""
+    """Unacknowledged produce requests, counted per send epoch, and the first delivery error.
+
+    Only the loop writes ``sent`` and the per-epoch sent counts; the producer's I/O thread
+    reports acknowledgements (under a lock) with the epoch the record was sent in. A
+    checkpoint closes an epoch (:meth:`next_epoch`) and waits for :meth:`acked_through`.
+    """
 
     def __init__(self) -> None:
+        self.epoch = 0
         self.sent = 0
         self.acked = 0
         self.error: Exception | None = None
+        self._sent: dict[int, int] = {}
+        self._acked: dict[int, int] = {}
+        self._lock = threading.Lock()
 
-    def ok(self, _meta) -> None:
-        self.acked += 1
+    def add(self, n: int) -> None:
+        """``n`` records were handed to the producer in the current epoch (loop thread)."""
+        if n:
+            self._sent[self.epoch] = self._sent.get(self.epoch, 0) + n
+            self.sent += n
 
-    def failed(self, exc) -> None:
-        self.acked += 1
-        if self.error is None:
-            self.error = exc
+    def ok(self, epoch: int, _meta=None) -> None:
+        with self._lock:
+            self.acked += 1
+            self._acked[epoch] = self._acked.get(epoch, 0) + 1
+
+    def failed(self, epoch: int, exc=None) -> None:
+        with self._lock:
+            self.acked += 1
+            self._acked[epoch] = self._acked.get(epoch, 0) + 1
+            if self.error is None:
+                self.error = exc
+
+    def next_epoch(self) -> int:
+        """Close the current epoch and return it; later sends belong to the next one."""
+        self.epoch += 1
+        return self.epoch - 1
+
+    def acked_through(self, epoch: int) -> bool:
+        """Whether every record sent in ``epoch`` or before has been acknowledged (or failed)."""
+        with self._lock:
+            for e in sorted(k for k in self._sent if k <= epoch):
+                if self._acked.get(e, 0) < self._sent[e]:
+                    return False
+                del self._sent[e]  # complete: no more callbacks come for it
+                self._acked.pop(e, None)
+            return True
 
     @property
     def pending(self) -> int:
         return self.sent - self.acked
+
+
+@dataclass
+class _Checkpoint:
+    """A checkpoint in flight: the frozen state of its partitions and how far it got."""
+
+    epoch: int  # outputs of the covered events were sent in this epoch or before
+    items: list  # (task, next offset, what the store prepared)
+    started: float
+    stage: str = "acks"  # -> "writing" (local) or "changelog" -> done
+    future: Future | None = None
+    changelog_epoch: int = -1
 
 
 class Daemon:
@@ -107,6 +161,8 @@ class Daemon:
         self._stop = threading.Event()
         self._sends = _SendCounter()
         self._out: list[tuple] = []  # output records of the current poll, not yet sent
+        self._pending: _Checkpoint | None = None  # the checkpoint in flight
+        self._writer: ThreadPoolExecutor | None = None  # writes local snapshots (fsync)
         self._last_ckpt = time.monotonic()
         self._events_since_ckpt = 0
         self.health: HealthServer | None = None
@@ -207,8 +263,31 @@ class Daemon:
         _info("kernels ready", seconds=round(time.perf_counter() - t0, 3))
 
     def _connect(self) -> None:
+        """Open the clients and subscribe. A transient failure (a retriable Kafka error, such
+        as a connection the broker reset, e.g. while it still cleans up after a killed
+        member) closes what was opened and tries again with backoff until
+        ``request_timeout_ms`` after the first attempt; anything else fails at once."""
+        cfg = self.cfg
+        deadline = time.monotonic() + cfg.request_timeout_ms / 1000
+        delay = 0.1
+        while True:
+            try:
+                return self._connect_once()
+            except (KafkaError, ConnectionError) as exc:
+                transient = isinstance(exc, ConnectionError) or getattr(exc, "retriable", False)
+                self._close()
+                if not transient or self._stop.is_set() or time.monotonic() + delay > deadline:
+                    raise DaemonError(f"cannot connect to Kafka at {cfg.bootstrap}: {exc!r}") from None
+                log.warning("Kafka not reachable, retrying", extra={"fields": {
+                    "reason": repr(exc), "retry_in_s": delay}})
+                self._stop.wait(delay)
+                delay = min(2 * delay, 2.0)
+
+    def _connect_once(self) -> None:
         cfg = self.cfg
         common = cfg.kafka_common()
+        for name in ("consumer", "producer", "admin"):
+            setattr(self, name, None)
         try:
             self.admin = KafkaAdminClient(**common)
             self.inputs = self._input_partitions()
@@ -225,7 +304,9 @@ class Daemon:
                 fetch_max_wait_ms=cfg.fetch_max_wait_ms, max_partition_fetch_bytes=cfg.max_partition_fetch_bytes,
                 max_poll_records=cfg.max_poll_records, session_timeout_ms=cfg.session_timeout_ms,
                 heartbeat_interval_ms=cfg.heartbeat_interval_ms, max_poll_interval_ms=cfg.max_poll_interval_ms)
-        except (KafkaError, OSError) as exc:
+        except OSError as exc:
+            if isinstance(exc, ConnectionError):
+                raise  # transient: _connect decides
             raise DaemonError(f"cannot connect to Kafka at {cfg.bootstrap}: {exc}") from None
         if cfg.state_store == "local":
             self.store = LocalStore(cfg.state_dir)
@@ -280,7 +361,9 @@ class Daemon:
         while not self._stop.is_set():
             if self.health:
                 self.health.heartbeat = time.monotonic()
-            batch = self.consumer.poll(timeout_ms=cfg.batch_max_wait_ms, max_records=cfg.batch_max_events)
+            # With a checkpoint in flight, turn sooner to advance it when input is idle.
+            wait = cfg.batch_max_wait_ms if self._pending is None else min(cfg.batch_max_wait_ms, 5)
+            batch = self.consumer.poll(timeout_ms=wait, max_records=cfg.batch_max_events)
             t0 = time.perf_counter()
             if batch and self.first_batch_at is None:
                 self.first_batch_at = t0
@@ -297,26 +380,38 @@ class Daemon:
                 raise DaemonError(f"producing to Kafka failed: {self._sends.error}")
             if self._sends.pending > cfg.max_pending_messages:
                 self._backpressure()
-            if (self._events_since_ckpt >= cfg.checkpoint_events
-                    or time.monotonic() - self._last_ckpt >= cfg.checkpoint_interval_ms / 1000):
-                self.checkpoint(list(self.tasks.values()))
+            self._turn_checkpoints()
             if cfg.model_reload_interval_s and time.monotonic() >= self._next_reload:
                 self._next_reload = time.monotonic() + cfg.model_reload_interval_s
                 self._maybe_reload()
 
-    def _send(self, topic, key, value, headers=None) -> None:
+    def _turn_checkpoints(self) -> None:
+        """Once per loop turn: advance the checkpoint in flight, start one when due."""
+        cfg = self.cfg
+        if self._pending is not None and self._advance(self._pending, block=False):
+            self._pending = None
+        if self._pending is None and (self._events_since_ckpt >= cfg.checkpoint_events
+                                      or time.monotonic() - self._last_ckpt >= cfg.checkpoint_interval_ms / 1000):
+            self._pending = self._begin(list(self.tasks.values()))
+
+    def _send(self, topic, key, value, headers=None, partition=None) -> None:
         """Queue an output record; :meth:`_drain` hands the poll's records to the producer."""
-        self._out.append((topic, key, value, headers))
+        self._out.append((topic, key, value, headers, partition))
+
+    def _send_row(self, topic, key, value, partition, headers) -> None:
+        self._send(topic, key, value, headers, partition)
 
     def _drain(self) -> None:
         """Send the queued records in one burst: appends to the producer's open batches do
         not wake its I/O thread each time (a thread switch per record under load)."""
         out, self._out = self._out, []
-        for topic, key, value, headers in out:
-            fut = self.producer.send(topic, key=key, value=value, headers=headers)
-            fut.add_callback(self._sends.ok)
-            fut.add_errback(self._sends.failed)
-        self._sends.sent += len(out)
+        epoch = self._sends.epoch
+        ok, failed = self._sends.ok, self._sends.failed
+        for topic, key, value, headers, partition in out:
+            fut = self.producer.send(topic, key=key, value=value, headers=headers, partition=partition)
+            fut.add_callback(ok, epoch)
+            fut.add_errback(failed, epoch)
+        self._sends.add(len(out))
 
     def _process(self, task: Task, records) -> None:
         cfg = self.cfg
@@ -379,38 +474,86 @@ class Daemon:
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint(self, tasks: list[Task]) -> None:
-        """Flush outputs, save state, commit offsets (see the module docstring)."""
+        """Flush outputs, save state, commit offsets (see the module docstring), blocking
+        until done; a checkpoint in flight is finished first."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._advance(pending, block=True)
+        pending = self._begin([t for t in tasks if (t.topic, t.partition) in self.tasks])
+        if pending is not None:
+            self._advance(pending, block=True)
+
+    def _begin(self, tasks: list[Task]) -> _Checkpoint | None:
+        """Step 0: freeze the dirty partitions' state and close the send epoch."""
         t0 = time.perf_counter()
         self._drain()
-        dirty = [t for t in tasks if t.next_offset is not None and t.next_offset != t.committed]
-        if dirty:
-            self.producer.flush()  # 1. alerts and dead letters acknowledged
-            if self._sends.error is not None:
-                raise DaemonError(f"producing to Kafka failed: {self._sends.error}")
-            for t in dirty:  # 2. state that includes the covered events
-                if self.cfg.detector.get("idle_timeout_ms") is not None:
-                    t.detector.evict_idle(int(time.time() * 1000))
-                self.store.save(t.topic, t.partition, t.detector, t.touched)
-            if self.store.kind == "changelog":
-                self.producer.flush()
-                if self._sends.error is not None:
-                    raise DaemonError(f"writing the changelog failed: {self._sends.error}")
-            try:  # 3.
-                self.consumer.commit({TopicPartition(t.topic, t.partition): OffsetAndMetadata(t.next_offset, "", -1)
-                                      for t in dirty})
-            except CommitFailedError as exc:
-                self._lost(dirty, exc)
-                return
-            for t in dirty:
-                t.committed = t.next_offset
-                t.touched = set()
-                t.events_since = 0
-            self.counts["checkpoints"] += 1
-            self.metrics.checkpoint_seconds.observe(time.perf_counter() - t0)
-        self._update_gauges(tasks)
         self._last_ckpt = time.monotonic()
-        self.metrics.last_checkpoint = self._last_ckpt
         self._events_since_ckpt = 0
+        dirty = [t for t in tasks if t.next_offset is not None and t.next_offset != t.committed]
+        self._update_gauges(tasks)
+        if not dirty:
+            self.metrics.last_checkpoint = self._last_ckpt
+            return None
+        items = []
+        for t in dirty:
+            if self.cfg.detector.get("idle_timeout_ms") is not None:
+                t.detector.evict_idle(int(time.time() * 1000))
+            items.append((t, t.next_offset, self.store.prepare(t.topic, t.partition, t.detector, t.touched)))
+            t.touched = set()
+            t.events_since = 0
+        return _Checkpoint(self._sends.next_epoch(), items, t0)
+
+    def _check_sends(self, what: str) -> None:
+        if self._sends.error is not None:
+            raise DaemonError(f"{what} failed: {self._sends.error}")
+
+    def _advance(self, ck: _Checkpoint, block: bool) -> bool:
+        """Take ``ck`` as far as it can go now (to the end with ``block``); True when done."""
+        if ck.stage == "acks":  # 1. alerts and dead letters of the covered events acknowledged
+            if block:
+                self.producer.flush()
+            elif not self._sends.acked_through(ck.epoch):
+                return False
+            self._check_sends("producing to Kafka")
+            if self.store.kind == "changelog":  # 2. rows sent, acknowledged below
+                for _t, _off, prepared in ck.items:
+                    self.store.write(prepared, send=self._send_row)
+                self._drain()
+                ck.changelog_epoch = self._sends.next_epoch()
+                ck.stage = "changelog"
+            else:  # 2. snapshot files written (and fsynced) by the writer thread
+                if self._writer is None:
+                    self._writer = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
+                ck.future = self._writer.submit(self._write_local, [p for _t, _o, p in ck.items])
+                ck.stage = "writing"
+        if ck.stage == "writing":
+            if not block and not ck.future.done():
+                return False
+            ck.future.result()  # raises what the write raised
+        elif ck.stage == "changelog":
+            if block:
+                self.producer.flush()
+            elif not self._sends.acked_through(ck.changelog_epoch):
+                return False
+            self._check_sends("writing the changelog")
+        live = [(t, off) for t, off, _p in ck.items if self.tasks.get((t.topic, t.partition)) is t]
+        if live:
+            try:  # 3.
+                self.consumer.commit({TopicPartition(t.topic, t.partition): OffsetAndMetadata(off, "", -1)
+                                      for t, off in live})
+            except CommitFailedError as exc:
+                self._lost([t for t, _ in live], exc)
+                return True
+        for t, off in live:
+            t.committed = off
+        self.counts["checkpoints"] += 1
+        self.metrics.checkpoint_seconds.observe(time.perf_counter() - ck.started)
+        self.metrics.last_checkpoint = time.monotonic()
+        return True
+
+    def _write_local(self, prepared: list) -> None:
+        for p in prepared:
+            self.store.write(p)
 
     def _lost(self, tasks: list[Task], exc: Exception) -> None:
         """The group moved these partitions while we worked on them (e.g. a stall beyond
@@ -487,6 +630,9 @@ class Daemon:
         self.checkpoint(list(self.tasks.values()))
 
     def _close(self) -> None:
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
         for name in ("consumer", "producer", "admin"):
             client = getattr(self, name, None)
             if client is not None:
@@ -494,6 +640,7 @@ class Daemon:
                     client.close() if name != "producer" else client.close(timeout=5)
                 except Exception as exc:  # closing is best effort; the commit is done
                     log.warning("close failed", extra={"fields": {"client": name, "reason": str(exc)}})
+            setattr(self, name, None)
 
 
 class _Listener(ConsumerRebalanceListener):

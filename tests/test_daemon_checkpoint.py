@@ -1,0 +1,295 @@
+"""The checkpoint pipeline and start-up retries without a broker (fake producer, consumer and store): alerts go to
+the producer before any checkpoint step, a checkpoint in flight never saves state before the
+outputs of its events are acknowledged, and never commits before the state is saved; a
+connection the broker resets at start-up is retried, a real error is not."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from kafka.errors import KafkaConnectionError, KafkaError
+
+import daemon.loop as loop
+from daemon.errors import DaemonError
+from daemon.config import load_config
+from daemon.loop import Daemon, Task, _SendCounter
+
+
+class FakeFuture:
+    def __init__(self) -> None:
+        self.callbacks, self.errbacks = [], []
+
+    def add_callback(self, f, *args):
+        self.callbacks.append((f, args))
+
+    def add_errback(self, f, *args):
+        self.errbacks.append((f, args))
+
+
+class FakeProducer:
+    def __init__(self) -> None:
+        self.sent: list[tuple] = []  # (topic, key, value, partition, future, acked)
+
+    def send(self, topic, key=None, value=None, headers=None, partition=None):
+        fut = FakeFuture()
+        self.sent.append([topic, key, value, partition, fut, False])
+        return fut
+
+    def ack(self, index: int) -> None:
+        rec = self.sent[index]
+        if not rec[5]:
+            rec[5] = True
+            for f, args in rec[4].callbacks:
+                f(*args, None)
+
+    def flush(self) -> None:
+        for i in range(len(self.sent)):
+            self.ack(i)
+
+    def close(self, timeout=None) -> None:
+        pass
+
+
+class FakeConsumer:
+    def __init__(self) -> None:
+        self.commits: list[dict] = []
+
+    def commit(self, offsets) -> None:
+        self.commits.append({tp.partition: om.offset for tp, om in offsets.items()})
+
+    def highwater(self, tp):
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+class LocalLike:
+    """A local store whose writes wait until the test lets them through."""
+
+    kind = "local"
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.prepared: list = []
+        self.written: list = []
+
+    def prepare(self, topic, partition, detector, touched):
+        self.prepared.append((partition, detector.version))
+        return (partition, detector.version)
+
+    def write(self, prepared) -> None:
+        self.gate.wait(30)
+        self.written.append(prepared)
+
+
+class ChangelogLike:
+    kind = "changelog"
+
+    def prepare(self, topic, partition, detector, touched):
+        return sorted(touched)
+
+    def write(self, prepared, send=None) -> None:
+        for sid in prepared:
+            send("changelog", sid.encode(), b"row", 0, [])
+
+
+class FakeTable:
+    evictions = 0
+
+    def __len__(self) -> int:
+        return 0
+
+
+class FakeDetector:
+    def __init__(self) -> None:
+        self.table = FakeTable()
+        self.version = 0
+
+
+def make_daemon(store):
+    cfg = load_config(env={}, validate=False, overrides=dict(bootstrap="127.0.0.1:1", input="in", alerts="alerts",
+                                                             group="g", state_dir="/nonexistent"))
+    d = Daemon(cfg)
+    d.producer, d.consumer, d.store = FakeProducer(), FakeConsumer(), store
+    task = Task("in", 0, FakeDetector())
+    d.tasks[("in", 0)] = task
+    return d, task
+
+
+def test_state_saved_only_after_acks_and_committed_only_after_save():
+    store = LocalLike()
+    d, task = make_daemon(store)
+    task.next_offset = 10
+    d._send("alerts", b"s1", b"alert-1")
+    ck = d._begin([task])
+    assert [r[2] for r in d.producer.sent] == [b"alert-1"]  # handed over at once, unacknowledged
+    assert store.prepared == [(0, 0)]  # state frozen as of offset 10
+    task.detector.version = 1  # the loop goes on: later events change the live state
+    task.next_offset = 15
+    d._send("alerts", b"s2", b"alert-2")  # an alert of a later event, in the next epoch
+    d._drain()
+    assert not d._advance(ck, block=False)
+    assert ck.stage == "acks" and d.consumer.commits == []  # alert-1 not acknowledged yet
+    d.producer.ack(0)  # alert-1 acknowledged; alert-2 is not, and need not be
+    assert not d._advance(ck, block=False)  # the write is held back by the test
+    assert ck.stage == "writing" and d.consumer.commits == []
+    store.gate.set()
+    ck.future.result(30)
+    assert d._advance(ck, block=False)
+    assert store.written == [(0, 0)]  # the frozen state, not the live one
+    assert d.consumer.commits == [{0: 10}] and task.committed == 10
+    d._close()
+
+
+def test_changelog_rows_sent_after_alert_acks_and_commit_after_row_acks():
+    d, task = make_daemon(ChangelogLike())
+    task.next_offset = 7
+    task.touched = {"a", "b"}
+    d._send("alerts", b"a", b"alert")
+    ck = d._begin([task])
+    assert task.touched == set()
+    assert not d._advance(ck, block=False)
+    assert [r[0] for r in d.producer.sent] == ["alerts"]  # no rows before the alert is acked
+    d.producer.ack(0)
+    assert not d._advance(ck, block=False)
+    assert [r[0] for r in d.producer.sent] == ["alerts", "changelog", "changelog"]
+    assert d.consumer.commits == []  # rows not acknowledged yet
+    d.producer.ack(1)
+    assert not d._advance(ck, block=False)
+    d.producer.ack(2)
+    assert d._advance(ck, block=False)
+    assert d.consumer.commits == [{0: 7}]
+
+
+def test_blocking_checkpoint_finishes_the_one_in_flight_first():
+    store = LocalLike()
+    store.gate.set()
+    d, task = make_daemon(store)
+    task.next_offset = 10
+    d._send("alerts", b"s1", b"alert-1")
+    d._pending = d._begin([task])
+    task.next_offset = 20
+    d.checkpoint([task])  # e.g. a revocation or shutdown
+    assert d._pending is None
+    assert d.consumer.commits == [{0: 10}, {0: 20}]
+    assert all(r[5] for r in d.producer.sent)
+    d._close()
+
+
+def test_loop_turn_advances_and_starts_checkpoints():
+    """The loop's per-turn bookkeeping: a due checkpoint starts, then completes on later turns
+    once its outputs are acknowledged; alerts are never held back."""
+    store = LocalLike()
+    store.gate.set()
+    d, task = make_daemon(store)
+    d.cfg.checkpoint_interval_ms = 1
+    d._last_ckpt = 0.0
+    task.next_offset = 3
+    d._send("alerts", b"s", b"x")
+    d._turn_checkpoints()
+    assert d._pending is not None and d.producer.sent and d.consumer.commits == []
+    d.producer.flush()
+    for _ in range(1000):
+        if d._pending is None:
+            break
+        if d._pending.future is not None:
+            d._pending.future.result(30)
+        d._turn_checkpoints()
+    assert d.consumer.commits == [{0: 3}] and task.committed == 3
+    d._close()
+
+
+def test_send_counter_epochs_with_acks_out_of_order():
+    c = _SendCounter()
+    c.add(2)
+    e0 = c.next_epoch()
+    c.add(1)
+    e1 = c.next_epoch()
+    c.ok(e1)  # the later epoch's record is acknowledged first
+    assert not c.acked_through(e0) and not c.acked_through(e1)
+    c.ok(e0)
+    assert not c.acked_through(e0)
+    c.failed(e0, RuntimeError("x"))
+    assert c.acked_through(e0) and c.acked_through(e1)
+    assert c.pending == 0 and isinstance(c.error, RuntimeError)
+
+
+class FlakyAdmin:
+    """An admin client whose first ``fail`` metadata requests die as a reset connection does."""
+
+    made: list = []
+    fail = 1
+    error: Exception = KafkaConnectionError(ConnectionResetError(104, "Connection reset by peer"))
+
+    def __init__(self, **_opts) -> None:
+        self.closed = False
+        FlakyAdmin.made.append(self)
+
+    def list_topics(self):
+        if FlakyAdmin.fail > 0:
+            FlakyAdmin.fail -= 1
+            raise FlakyAdmin.error
+        return ["in", "alerts", "in.dead-letter"]
+
+    def describe_topics(self, topics):
+        return [{"name": "in", "partitions": [{"partition_index": 0}]}]
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class SubscribingConsumer(FakeConsumer):
+    def __init__(self, **_opts) -> None:
+        super().__init__()
+        self.subscribed = None
+
+    def subscribe(self, topics, listener=None) -> None:
+        self.subscribed = topics
+
+
+@pytest.fixture
+def flaky_kafka(monkeypatch):
+    FlakyAdmin.made = []
+    monkeypatch.setattr(loop, "KafkaAdminClient", FlakyAdmin)
+    monkeypatch.setattr(loop, "KafkaProducer", lambda **_opts: FakeProducer())
+    monkeypatch.setattr(loop, "KafkaConsumer", SubscribingConsumer)
+    return FlakyAdmin
+
+
+def connecting_daemon(tmp_path, **settings):
+    cfg = load_config(env={}, validate=False, overrides=dict(
+        bootstrap="127.0.0.1:1", input="in", alerts="alerts", group="g", state_dir=str(tmp_path), **settings))
+    return Daemon(cfg)
+
+
+def test_start_up_retries_a_connection_reset_by_the_broker(flaky_kafka, tmp_path):
+    flaky_kafka.fail, flaky_kafka.error = 2, KafkaConnectionError(ConnectionResetError(104, "reset"))
+    d = connecting_daemon(tmp_path)
+    d._connect()
+    assert len(flaky_kafka.made) == 3 and [a.closed for a in flaky_kafka.made] == [True, True, False]
+    assert d.consumer.subscribed == ["in"]
+
+
+def test_start_up_retries_a_raw_connection_error(flaky_kafka, tmp_path):
+    flaky_kafka.fail, flaky_kafka.error = 1, ConnectionResetError(104, "reset")
+    d = connecting_daemon(tmp_path)
+    d._connect()
+    assert len(flaky_kafka.made) == 2 and d.consumer.subscribed == ["in"]
+
+
+def test_start_up_fails_at_once_on_an_error_that_is_not_transient(flaky_kafka, tmp_path):
+    flaky_kafka.fail, flaky_kafka.error = 1, KafkaError("not allowed")
+    d = connecting_daemon(tmp_path)
+    with pytest.raises(DaemonError, match="cannot connect to Kafka"):
+        d._connect()
+    assert len(flaky_kafka.made) == 1 and flaky_kafka.made[0].closed
+
+
+def test_start_up_gives_up_on_transient_errors_past_the_deadline(flaky_kafka, tmp_path):
+    flaky_kafka.fail, flaky_kafka.error = 10**6, KafkaConnectionError("reset")
+    d = connecting_daemon(tmp_path, request_timeout_ms=1)  # no time for a retry
+    with pytest.raises(DaemonError, match="cannot connect to Kafka"):
+        d._connect()
+    assert len(flaky_kafka.made) == 1
