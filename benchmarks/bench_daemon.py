@@ -219,6 +219,9 @@ def _relay_latency_reader(bootstrap: str, topic: str, stop_after: float, out, do
     TUNED.update(tuned)
     c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
                       max_partition_fetch_bytes=4 << 20, **consumer_settings())
+    while not c.partitions_for_topic(topic):
+        time.sleep(0.05)
+        c.topics()
     parts = [TopicPartition(topic, q) for q in sorted(c.partitions_for_topic(topic))]
     c.assign(parts)
     c.seek_to_beginning(*parts)
@@ -263,14 +266,14 @@ def fixed_rate(bootstrap: str, rate: float, seconds: float, streams: int, tmp: P
     if relay:
         relayed = f"latency-relayed-{run}"
         create_topic(bootstrap, relayed, 4)
-        q_relay = ctx.Queue()
-        procs += [ctx.Process(target=_relay, args=(bootstrap, topic, relayed, n, ctx.Queue(), TUNED)),
+        q_relay, q_relay_ready = ctx.Queue(), ctx.Queue()
+        procs += [ctx.Process(target=_relay, args=(bootstrap, topic, relayed, n, q_relay_ready, TUNED)),
                   ctx.Process(target=_relay_latency_reader, args=(bootstrap, relayed, 3.0, q_relay, done, TUNED))]
     for pr in procs:
         pr.start()
     assert q_raw.get(timeout=60) == "ready" and q_alert.get(timeout=60) == "ready"
     if relay:
-        assert q_relay.get(timeout=60) == "ready"
+        assert q_relay.get(timeout=60) == "ready" and q_relay_ready.get(timeout=60) == "ready"
     while b"partitions assigned" not in log_path.read_bytes():
         assert proc.poll() is None, log_path.read_text()
         time.sleep(0.1)

@@ -162,6 +162,7 @@ class Daemon:
         self._sends = _SendCounter()
         self._out: list[tuple] = []  # output records of the current poll, not yet sent
         self._pending: _Checkpoint | None = None  # the checkpoint in flight
+        self._assign_error: Exception | None = None  # a partition whose state could not be restored
         self._writer: ThreadPoolExecutor | None = None  # writes local snapshots (fsync)
         self._last_ckpt = time.monotonic()
         self._events_since_ckpt = 0
@@ -364,6 +365,7 @@ class Daemon:
             # With a checkpoint in flight, turn sooner to advance it when input is idle.
             wait = cfg.batch_max_wait_ms if self._pending is None else min(cfg.batch_max_wait_ms, 5)
             batch = self.consumer.poll(timeout_ms=wait, max_records=cfg.batch_max_events)
+            self._check_assigned()
             t0 = time.perf_counter()
             if batch and self.first_batch_at is None:
                 self.first_batch_at = t0
@@ -594,10 +596,24 @@ class Daemon:
         for tp in assigned:
             key = (tp.topic, tp.partition)
             if key not in self.tasks:
-                det = self.store.load(tp.topic, tp.partition, self.new_detector)
+                try:
+                    det = self.store.load(tp.topic, tp.partition, self.new_detector)
+                except Exception as exc:
+                    # kafka-python logs and swallows a listener's exception: the partition
+                    # would be consumed without a task (its records skipped). The loop
+                    # raises it instead; its offsets stay uncommitted for the next owner.
+                    self._assign_error = self._assign_error or exc
+                    log.error("restoring partition state failed", extra={"fields": {
+                        "partition": f"{tp.topic}[{tp.partition}]", "reason": repr(exc)}})
+                    continue
                 self.tasks[key] = Task(tp.topic, tp.partition, det)
+        assigned = [tp for tp in assigned if (tp.topic, tp.partition) in self.tasks]
         _info("partitions assigned", partitions=[f"{tp.topic}[{tp.partition}]" for tp in assigned],
               streams=sum(len(self.tasks[(tp.topic, tp.partition)].detector.table) for tp in assigned))
+
+    def _check_assigned(self) -> None:
+        if self._assign_error is not None:
+            raise DaemonError(f"cannot restore the state of an assigned partition: {self._assign_error!r}")
 
     # ------------------------------------------------------------------ model reload
     def _maybe_reload(self) -> None:

@@ -293,3 +293,22 @@ def test_start_up_gives_up_on_transient_errors_past_the_deadline(flaky_kafka, tm
     with pytest.raises(DaemonError, match="cannot connect to Kafka"):
         d._connect()
     assert len(flaky_kafka.made) == 1
+
+
+class FailingLoadStore(LocalLike):
+    def load(self, topic, partition, new_detector):
+        if partition == 1:
+            raise KafkaConnectionError(ConnectionResetError(104, "reset"))
+        return FakeDetector()
+
+
+def test_a_partition_whose_state_cannot_be_restored_stops_the_loop_instead_of_being_skipped():
+    from kafka import TopicPartition
+
+    d, _task = make_daemon(FailingLoadStore())
+    d.tasks.clear()
+    d._check_assigned()  # nothing failed yet
+    d.on_assigned([TopicPartition("in", 0), TopicPartition("in", 1)])  # kafka-python would swallow a raise
+    assert set(d.tasks) == {("in", 0)}
+    with pytest.raises(DaemonError, match="cannot restore the state"):
+        d._check_assigned()
