@@ -170,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         model = trained.model
         print(f"trained GRU H={args.hidden} in {time.perf_counter() - t0:.1f} s "
               f"(best epoch {trained.best_epoch}, threshold {model.thresholds.get('threshold'):.3f} "
-              f"for {model.thresholds.get('target_false_alert_rate'):g} false alerts per event)")
+              f"for {model.thresholds.get('target_false_alert_rate'):g} false alerts per event, "
+              f"estimator {model.thresholds.get('calibration', 'quantile')}; empirical quantile "
+              f"{model.thresholds.get('quantile_threshold', float('nan')):.3f})")
         t0 = time.perf_counter()
         rep = replay([hist_path, test_path], model, tmp / "scores.parquet", progress=False)
         print(f"replayed {rep.n_events:,} events in {time.perf_counter() - t0:.1f} s")

@@ -102,6 +102,7 @@ def train(paths: list[Path] = typer.Argument(..., help="Parquet/CSV files, direc
           time_delta: bool = typer.Option(False, "--time-delta", help="Add a feature 'dt': seconds since the previous event."),
           max_windows: int = typer.Option(200_000, "--max-windows", help="Training windows kept (reservoir sample)."),
           false_alert_rate: float = typer.Option(1e-4, "--false-alert-rate", help="Target false alerts per event for the calibrated threshold (1e-4: ~0.14 per stream per day at 1-minute sampling)."),
+          calibration: str = typer.Option("pot", "--calibration", help="Threshold estimator: pot (generalised Pareto tail fit, steadier at small rates) or quantile (empirical)."),
           resume: Path | None = typer.Option(None, "--resume", help="Continue from this checkpoint (.ckpt.npz)."),
           checkpoint: Path | None = typer.Option(None, "--checkpoint", help="Checkpoint path (default OUT.ckpt.npz)."),
           report: Path | None = typer.Option(None, "--report", help="Write a JSON report here and a PNG of the loss curves beside it."),
@@ -119,8 +120,8 @@ def train(paths: list[Path] = typer.Argument(..., help="Parquet/CSV files, direc
                            peephole=peephole, reset_after=reset_after, valid=valid, calib=calib,
                            missing=missing, max_gap_ms=max_gap_ms, time_delta=time_delta,
                            max_windows=max_windows, target_false_alert_rate=false_alert_rate,
-                           resume=resume, checkpoint=checkpoint, report=report, threads=threads,
-                           progress=progress, log=lambda msg: console.print(msg, highlight=False))
+                           calibration=calibration, resume=resume, checkpoint=checkpoint, report=report,
+                           threads=threads, progress=progress, log=lambda msg: console.print(msg, highlight=False))
     except StreamrnnError as exc:
         _fail(exc)
     best = result.best_valid_loss

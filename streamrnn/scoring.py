@@ -263,23 +263,148 @@ def tail_probability(score):
     return 10.0 ** (-10.0 * np.asarray(score, np.float64))
 
 
+#: Threshold estimators for :func:`calibrate`.
+CALIBRATIONS = ("pot", "quantile")
+#: Peaks over threshold: the initial threshold is this quantile of the calibration scores.
+POT_LEVEL = 0.98
+#: Fewest excesses over the initial threshold for a tail fit (fewer: the empirical quantile).
+POT_MIN_EXCESSES = 50
+
+
+def _gpd_fit(excess: np.ndarray, n_censored: int = 0, cap: float = np.inf) -> tuple[float, float]:
+    """Maximum-likelihood generalised Pareto fit (shape xi, scale sigma) of positive excesses.
+
+    ``n_censored`` further excesses are only known to be at least ``cap`` (scores saturate at
+    1, so an excess of ``1 - u`` may stand for anything larger); they enter through the
+    survival function. The shape is kept in [-0.5, 1] (below -0.5 the MLE is irregular).
+    """
+    from scipy.optimize import minimize
+
+    excess = np.asarray(excess, np.float64)
+    mean = float(excess.mean()) if excess.size else float(cap)
+    var = float(excess.var()) if excess.size > 1 else mean * mean
+
+    def nll(params):
+        xi, log_sigma = params
+        sigma = np.exp(log_sigma)
+        z = excess / sigma
+        if abs(xi) < 1e-7:
+            ll = -excess.size * log_sigma - z.sum()
+            ll += n_censored * (-cap / sigma) if n_censored else 0.0
+        else:
+            t = 1.0 + xi * z
+            if np.any(t <= 0):
+                return np.inf
+            ll = -excess.size * log_sigma - (1.0 + 1.0 / xi) * np.log(t).sum()
+            if n_censored:
+                tc = 1.0 + xi * cap / sigma
+                if tc <= 0:
+                    return np.inf
+                ll += n_censored * (-np.log(tc) / xi)
+        return -ll
+
+    # Method-of-moments start, moved into the admissible region.
+    xi0 = float(np.clip(0.5 * (1.0 - mean * mean / var) if var > 0 else 0.0, -0.4, 0.9))
+    sigma0 = max(mean * (1.0 - xi0), 1e-12)
+    best = None
+    for start in ((xi0, np.log(sigma0)), (0.0, np.log(max(mean, 1e-12)))):
+        res = minimize(nll, np.asarray(start), method="Nelder-Mead",
+                       options={"xatol": 1e-8, "fatol": 1e-10, "maxiter": 4000})
+        if np.isfinite(res.fun) and (best is None or res.fun < best.fun):
+            best = res
+    if best is None:
+        raise StreamrnnError("generalised Pareto fit failed")
+    xi, log_sigma = best.x
+    return float(np.clip(xi, -0.5, 1.0)), float(np.exp(log_sigma))
+
+
+def estimate_threshold(scores: np.ndarray, target_false_alert_rate: float, calibration: str = "pot",
+                       *, level: float = POT_LEVEL, min_excesses: int = POT_MIN_EXCESSES,
+                       saturation: float = 1.0) -> dict:
+    """The score exceeded by a ``target_false_alert_rate`` fraction of events like ``scores``.
+
+    ``calibration="quantile"``: the empirical ``1 - rate`` quantile (``method="higher"``). With
+    N scores and N * rate of order 1 that is one of the few highest scores, and it swings widely
+    from one sample to the next.
+
+    ``calibration="pot"`` (peaks over threshold, Siffer et al., KDD 2017 "SPOT"): the initial
+    threshold u is the ``level`` quantile; the n_u excesses over it are fitted by a generalised
+    Pareto distribution (maximum likelihood; scores at ``saturation`` are censored there) and
+    the threshold is its quantile for the target rate: ``u + sigma / xi * ((rate * N / n_u) **
+    -xi - 1)`` (``u + sigma * log(n_u / (rate * N))`` when xi = 0). Scores are -log10(p) / 10,
+    a linear map of -log p, whose tail is exponential (xi = 0) for calibrated p-values, so the
+    score domain is the right one for the fit. Falls back to the empirical quantile when the
+    target quantile lies below u (rate >= 1 - level) or there are fewer than ``min_excesses``
+    excesses.
+
+    Returns ``{"threshold", "calibration", ...}``: ``calibration`` names the estimator used
+    ("pot" or "quantile"), ``quantile_threshold`` the empirical quantile, and for "pot" also
+    ``pot_level``, ``pot_initial`` (u), ``pot_excesses`` (n_u), ``pot_shape`` (xi) and
+    ``pot_scale`` (sigma); ``pot_fallback`` says why a requested "pot" was not used. The
+    threshold is not clamped here (:func:`calibrate` clamps it).
+    """
+    if calibration not in CALIBRATIONS:
+        raise StreamrnnError(f"calibration must be one of {', '.join(CALIBRATIONS)}, not {calibration!r}")
+    scores = np.asarray(scores, np.float64)
+    scores = scores[np.isfinite(scores)]
+    if scores.size == 0:
+        raise StreamrnnError("no finite scores to calibrate on")
+    q = float(target_false_alert_rate)
+    empirical = float(np.quantile(scores, 1.0 - q, method="higher"))
+    out = {"threshold": empirical, "calibration": "quantile", "quantile_threshold": empirical}
+    if calibration == "quantile":
+        return out
+    n = scores.size
+    u = float(np.quantile(scores, level))
+    excess = scores[scores > u] - u
+    n_u = int(excess.size)
+    tail_fraction = n_u / n
+    if q >= tail_fraction:
+        out["pot_fallback"] = "target rate not in the tail above the initial threshold"
+        return out
+    if n_u < min_excesses:
+        out["pot_fallback"] = f"{n_u} excesses over the initial threshold (fewer than {min_excesses})"
+        return out
+    cap = saturation - u
+    censored = excess >= cap
+    try:
+        xi, sigma = _gpd_fit(excess[~censored], int(censored.sum()), cap)
+    except StreamrnnError:
+        out["pot_fallback"] = "generalised Pareto fit failed"
+        return out
+    ratio = q / tail_fraction
+    threshold = u + (sigma * -np.log(ratio) if abs(xi) < 1e-7 else sigma / xi * (ratio ** -xi - 1.0))
+    if not np.isfinite(threshold):
+        out["pot_fallback"] = "generalised Pareto quantile not finite"
+        return out
+    out.update({"threshold": float(threshold), "calibration": "pot", "pot_level": float(level),
+                "pot_initial": u, "pot_excesses": n_u, "pot_shape": xi, "pot_scale": sigma})
+    return out
+
+
 def calibrate(model, batches: Iterable, *, target_false_alert_rate: float = 1e-3,
-              config: ScoringConfig | None = None) -> dict:
+              config: ScoringConfig | None = None, calibration: str = "pot") -> dict:
     """Threshold and error statistics for ``model.thresholds``.
 
     Runs a fresh :class:`~streamrnn.detector.Detector` (alerts off, so every event is learnt)
     over ``batches`` of ``(stream_ids, values, timestamps, counts_mask)`` in time order. The
-    threshold is the ``1 - target_false_alert_rate`` quantile of the scores of the events
-    with ``counts_mask`` True that are past the stream's warm-up (events before that are
-    never alerted on). Returns ``{"method", "threshold", "target_false_alert_rate",
-    "error_mean", "error_var", "events"}``; ``error_mean``/``error_var`` (the streams'
-    median error statistics, scaled units) give a new stream's scorer a prior so that it
-    scores sensibly from its first events.
+    threshold is estimated from the scores of the events with ``counts_mask`` True that are
+    past the stream's warm-up (events before that are never alerted on) by
+    :func:`estimate_threshold` for ``target_false_alert_rate`` false alerts per event:
+    ``calibration="pot"`` (default) fits a generalised Pareto tail over the 98 % quantile,
+    ``"quantile"`` takes the empirical ``1 - target_false_alert_rate`` quantile. The threshold
+    is clamped to [1e-6, :data:`MAX_CALIBRATED`]. Returns ``{"method", "threshold",
+    "target_false_alert_rate", "error_mean", "error_var", "events", "calibration",
+    "quantile_threshold", ...}`` (the estimator's fields, see :func:`estimate_threshold`);
+    ``error_mean``/``error_var`` (the streams' median error statistics, scaled units) give a
+    new stream's scorer a prior so that it scores sensibly from its first events.
     """
     from streamrnn.detector import Detector
 
     if not 0.0 < target_false_alert_rate < 1.0:
         raise StreamrnnError(f"target_false_alert_rate must be in (0, 1); got {target_false_alert_rate}")
+    if calibration not in CALIBRATIONS:
+        raise StreamrnnError(f"calibration must be one of {', '.join(CALIBRATIONS)}, not {calibration!r}")
     cfg = (config or ScoringConfig())
     cal_model = _without_calibration(model)
     det = Detector(cal_model, config=cfg.replace(threshold=1.0, lower_threshold=1.0, dynamic=False,
@@ -293,14 +418,15 @@ def calibrate(model, batches: Iterable, *, target_false_alert_rate: float = 1e-3
     scores = np.concatenate(kept) if kept else np.empty(0)
     if scores.size == 0:
         raise StreamrnnError("calibration saw no scored events past warm-up; give it more history")
-    threshold = float(np.quantile(scores, 1.0 - target_false_alert_rate, method="higher"))
+    est = estimate_threshold(scores, target_false_alert_rate, calibration)
+    threshold = est.pop("threshold")
     mean, var = det.error_statistics()
     # Scores saturate at 1 (p <= 1e-10): keep the threshold below so saturated events alert.
     return {"method": det.method, "threshold": min(max(threshold, 1e-6), MAX_CALIBRATED),
             "target_false_alert_rate": float(target_false_alert_rate),
             "error_mean": float(np.median(mean)) if mean.size else 0.0,
             "error_var": float(np.median(var)) if var.size else 0.0,
-            "events": int(scores.size)}
+            "events": int(scores.size), **est}
 
 
 def _without_calibration(model):
@@ -313,4 +439,4 @@ def _without_calibration(model):
 
 
 __all__ = ["METHODS", "DEFAULT_THRESHOLD", "ScoringConfig", "ScoringConfigError", "ResolvedScoring",
-           "calibrate", "default_method", "is_gaussian", "tail_probability"]
+           "CALIBRATIONS", "calibrate", "estimate_threshold", "default_method", "is_gaussian", "tail_probability"]

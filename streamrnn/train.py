@@ -166,6 +166,9 @@ class TrainConfig:
     # 1e-4 per event: ~0.14 false alerts per stream per day at 1-minute sampling (1e-3 gives
     # 1.4, too many for fleets of thousands of streams).
     target_false_alert_rate: float = 1e-4
+    # Threshold estimator: "pot" (generalised Pareto tail over the 98 % quantile) or "quantile"
+    # (the empirical quantile); see streamrnn.scoring.estimate_threshold.
+    calibration: str = "pot"
 
     def check(self) -> None:
         """Raise TrainError naming the first bad option."""
@@ -194,6 +197,8 @@ class TrainConfig:
             raise TrainError(f"clip must be positive (or None for no clipping), not {self.clip}")
         if self.patience is not None and self.patience < 1:
             raise TrainError(f"patience must be at least 1 (or None), not {self.patience}")
+        if self.calibration not in ("pot", "quantile"):
+            raise TrainError(f"calibration must be 'pot' or 'quantile', not {self.calibration!r}")
 
     def net(self, n_features: int) -> Net:
         return Net(self.cell, n_features, tuple(int(h) for h in self.hidden), self.reset_after,
@@ -523,7 +528,8 @@ def train(paths: Sequence[str | Path] | str | Path, out: str | Path, *, cell: st
           valid: float = 0.15, calib: float = 0.15, missing: str = "ffill",
           max_gap_ms: int | None = None, time_delta: bool = False, max_windows: int = 200_000,
           max_rows: int = 20_000_000, target_false_alert_rate: float = 1e-4,
-          restore_best: bool = True, threads: int | None = None, progress: bool = False,
+          calibration: str = "pot", restore_best: bool = True, threads: int | None = None,
+          progress: bool = False,
           name: str | None = None, log: Callable[[str], None] | None = None) -> TrainResult:
     """Train a model on Parquet/CSV history and write it to ``out``.
 
@@ -531,7 +537,9 @@ def train(paths: Sequence[str | Path] | str | Path, out: str | Path, *, cell: st
     and the newest ``calib`` fraction calibrates the thresholds stored in the model: the
     threshold is the score quantile for ``target_false_alert_rate`` false alerts per event
     (default 1e-4, about 0.14 per stream per day at 1-minute sampling; with fewer than a few
-    times ``1 / target_false_alert_rate`` calibration events it is near their maximum). The
+    times ``1 / target_false_alert_rate`` calibration events the empirical quantile is near their
+    maximum, so ``calibration="pot"``, the default, extrapolates a generalised Pareto tail fitted
+    over the 98 % quantile instead; ``"quantile"`` keeps the empirical quantile). The
     scaler is fitted on the training part only. A checkpoint is written after every epoch
     (``checkpoint``, default ``<out>.ckpt.npz``); ``resume`` continues from one. ``report``
     writes a JSON report and a PNG of the loss curves next to it.
@@ -549,7 +557,7 @@ def train(paths: Sequence[str | Path] | str | Path, out: str | Path, *, cell: st
                       scaler=scaler, per_stream_scaler=per_stream_scaler, valid=valid, calib=calib,
                       missing=missing, max_gap_ms=max_gap_ms, time_delta=time_delta,
                       max_windows=int(max_windows), max_rows=int(max_rows),
-                      target_false_alert_rate=target_false_alert_rate)
+                      target_false_alert_rate=target_false_alert_rate, calibration=calibration)
     cfg.check()
     out = Path(out)
     if out.is_dir():
@@ -568,7 +576,9 @@ def train(paths: Sequence[str | Path] | str | Path, out: str | Path, *, cell: st
     init = Model.random(cell, n_features=net.n_features, hidden=list(net.hidden), seed=cfg.seed,
                         reset_after=reset_after, peephole=peephole, nonlinearity=nonlinearity,
                         head=net.head)
-    fingerprint = {"config": {k: v for k, v in cfg.as_dict().items() if k not in ("epochs", "patience")},
+    # calibration does not change the fit, so a checkpoint resumes under either estimator
+    untracked = ("epochs", "patience", "calibration")
+    fingerprint = {"config": {k: v for k, v in cfg.as_dict().items() if k not in untracked},
                    "features": prep.features, "n_train_windows": int(len(prep.train_windows)),
                    "n_params": int(net.layout[2])}
     ckpt = Path(checkpoint) if checkpoint is not None else out.with_name(out.name + ".ckpt.npz")
@@ -650,7 +660,8 @@ def _calibrate(model: Model, prep: Prepared, cfg: TrainConfig) -> dict[str, Any]
         return {}
     try:
         return calibrate(model, calibration_batches(prep.parts),
-                         target_false_alert_rate=cfg.target_false_alert_rate)
+                         target_false_alert_rate=cfg.target_false_alert_rate,
+                         calibration=cfg.calibration)
     except StreamrnnError as exc:
         raise TrainError(f"calibration failed: {exc}") from None
 

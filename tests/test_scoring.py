@@ -10,7 +10,9 @@ from scipy import stats
 from streamrnn import Model
 from streamrnn.detector import Detector
 from streamrnn.kernels.scoring import chi2_sf, cholesky_solve, dynamic_threshold, normal_sf, score_from_tail
-from streamrnn.scoring import DEFAULT_THRESHOLD, ScoringConfig, ScoringConfigError, calibrate, tail_probability
+from streamrnn import scoring
+from streamrnn.scoring import (DEFAULT_THRESHOLD, MAX_CALIBRATED, ScoringConfig, ScoringConfigError, calibrate,
+                               estimate_threshold, tail_probability)
 
 EPS = 1e-12
 
@@ -301,11 +303,16 @@ def test_calibrate_threshold_is_the_target_quantile_and_is_read_back():
     mask = np.ones(len(ids), bool)
     mask[::7] = False
     batches = [(ids[a:a + 300], vals[a:a + 300], ts[a:a + 300], mask[a:a + 300]) for a in range(0, len(ids), 300)]
-    cal = calibrate(model, batches, target_false_alert_rate=0.02, config=ScoringConfig(warmup=5))
+    cal = calibrate(model, batches, target_false_alert_rate=0.02, config=ScoringConfig(warmup=5),
+                    calibration="quantile")
     ref = Detector(model, threshold=1.0, warmup=5).process(ids, vals, ts)
     counted = ref.score[mask & (ref.rank >= 5)]
     assert cal["events"] == counted.size
     assert cal["threshold"] == pytest.approx(np.quantile(counted, 0.98, method="higher"))
+    assert cal["calibration"] == "quantile" and cal["quantile_threshold"] == cal["threshold"]
+    # POT's default: a 2 % rate is not in the tail above the 98 % quantile, so it falls back
+    pot = calibrate(model, batches, target_false_alert_rate=0.02, config=ScoringConfig(warmup=5))
+    assert pot["calibration"] == "quantile" and "pot_fallback" in pot and pot["threshold"] == cal["threshold"]
     assert 0.01 <= np.mean(counted > cal["threshold"]) <= 0.02
     assert cal["method"] == "normalised" and cal["error_mean"] > 0 and cal["error_var"] > 0
     model.thresholds = cal
@@ -480,3 +487,87 @@ def test_range_settles_on_the_level_after_a_short_episode():
     # With a settling period shorter than a cycle, the first peak at the new level is out of
     # range and opens a second episode.
     assert any(310 < o < 345 for o in episodes(relearn_after=5))
+
+
+# --- threshold estimation: peaks over threshold (generalised Pareto tail) vs empirical quantile ---
+
+def test_pot_threshold_hits_the_true_quantile_of_a_known_tail_with_less_spread():
+    # Scores with a generalised Pareto tail of known shape and scale (xi = 0 is exponential,
+    # the tail of -log p for calibrated p-values); the true (1 - rate) quantile from SciPy.
+    rate, n, reps = 1e-4, 18_900, 60
+    rng = np.random.default_rng(21)
+    for xi, sigma in ((0.0, 0.05), (0.1, 0.04), (-0.1, 0.06)):
+        dist = stats.genpareto(xi, loc=0.0, scale=sigma)
+        true = float(dist.ppf(1.0 - rate))
+        pot, emp = [], []
+        for _ in range(reps):
+            est = estimate_threshold(dist.rvs(size=n, random_state=rng), rate)
+            assert est["calibration"] == "pot" and est["pot_excesses"] == pytest.approx(0.02 * n, abs=2)
+            pot.append(est["threshold"])
+            emp.append(est["quantile_threshold"])
+        pot, emp = np.array(pot), np.array(emp)
+        assert abs(np.median(pot) - true) < 0.05 * true, (xi, np.median(pot), true)
+        assert np.sqrt(np.mean((pot - true) ** 2)) < 0.8 * np.sqrt(np.mean((emp - true) ** 2)), xi
+        assert np.std(pot) < 0.8 * np.std(emp), xi
+
+
+def test_pot_fit_agrees_with_scipy_maximum_likelihood():
+    rng = np.random.default_rng(22)
+    scores = stats.genpareto(0.15, scale=0.05).rvs(size=20_000, random_state=rng)
+    est = estimate_threshold(scores, 1e-4)
+    u = np.quantile(scores, 0.98)
+    excess = scores[scores > u] - u
+    xi, _, sigma = stats.genpareto.fit(excess, floc=0.0)
+    assert est["pot_initial"] == pytest.approx(u) and est["pot_excesses"] == excess.size
+    assert est["pot_shape"] == pytest.approx(xi, abs=2e-3)
+    assert est["pot_scale"] == pytest.approx(sigma, rel=2e-3)
+    ref = u + sigma / xi * ((1e-4 * scores.size / excess.size) ** -xi - 1.0)
+    assert est["threshold"] == pytest.approx(ref, rel=1e-3)
+
+
+def test_pot_censors_saturated_scores():
+    # Scores clipped at a saturation level below the target quantile: the clipped values are
+    # only known to be at least that high, and the fit must treat them so.
+    rng = np.random.default_rng(23)
+    rate, sigma, sat = 1e-3, 0.1, 0.62
+    true = sigma * np.log(1.0 / rate)  # 0.69, above the saturation
+    got = []
+    for _ in range(20):
+        s = np.minimum(rng.exponential(sigma, 20_000), sat)
+        est = estimate_threshold(s, rate, saturation=sat)
+        assert est["calibration"] == "pot"
+        got.append(est["threshold"])
+        assert est["quantile_threshold"] == sat  # the empirical quantile cannot see past it
+    assert abs(np.median(got) - true) < 0.03
+
+
+def test_pot_falls_back_to_the_empirical_quantile():
+    rng = np.random.default_rng(24)
+    few = rng.exponential(0.05, 1000)  # 20 excesses over the 98 % quantile: too few to fit
+    est = estimate_threshold(few, 1e-4)
+    assert est["calibration"] == "quantile" and "fewer than 50" in est["pot_fallback"]
+    assert est["threshold"] == np.quantile(few, 1 - 1e-4, method="higher") == few.max()
+    est = estimate_threshold(rng.exponential(0.05, 50_000), 0.05)  # target below the initial threshold
+    assert est["calibration"] == "quantile" and "pot_fallback" in est
+    assert estimate_threshold(few, 1e-4, "quantile") == {"threshold": few.max(), "calibration": "quantile",
+                                                         "quantile_threshold": few.max()}
+    with pytest.raises(Exception, match="calibration must be one of"):
+        estimate_threshold(few, 1e-4, "spot")
+
+
+@pytest.mark.parametrize("estimate, clamped", [(5.0, MAX_CALIBRATED), (-0.3, 1e-6), (0.4, 0.4)])
+def test_calibrate_clamps_the_estimated_threshold(monkeypatch, estimate, clamped):
+    model = Model.random("gru", n_features=1, hidden=[4], seed=3)
+    x = np.sin(np.arange(80) / 3.0)
+    ids, ts = ["a"] * 80, np.arange(80, dtype=np.int64) * 1000
+    seen = {}
+
+    def fake(scores, rate, calibration):
+        seen["n"], seen["calibration"] = len(scores), calibration
+        return {"threshold": estimate, "calibration": "pot", "quantile_threshold": float(np.max(scores))}
+
+    monkeypatch.setattr(scoring, "estimate_threshold", fake)
+    cal = calibrate(model, [(ids, x[:, None], ts, np.ones(80, bool))], target_false_alert_rate=1e-3,
+                    config=ScoringConfig(warmup=5))
+    assert cal["threshold"] == clamped and cal["calibration"] == "pot"
+    assert seen == {"n": cal["events"], "calibration": "pot"} and cal["events"] == 80 - 1 - 5

@@ -233,7 +233,7 @@ def test_cli_train_writes_model_metadata_and_report(tmp_path):
     out, report = tmp_path / "m.safetensors", tmp_path / "report.json"
     result, text = run_cli(tmp_path / "host.parquet", "--out", out, "--cell", "gru", "--hidden", "6,4",
                            "--window", "10", "--epochs", "2", "--loss", "gaussian", "--report", report,
-                           "--reset-before")
+                           "--reset-before", "--calibration", "quantile")
     assert result.exit_code == 0, text
     model = Model.load(out)
     assert model.head == "gaussian" and model.hidden == [6, 4] and not model.reset_after
@@ -245,6 +245,10 @@ def test_cli_train_writes_model_metadata_and_report(tmp_path):
     assert info["features"] == ["cpu", "mem"] and info["hyper_parameters"]["window"] == 10
     assert info["epochs_run"] == 2 and math.isfinite(info["best_valid_loss"])
     assert model.streamrnn_version and "threshold" in model.thresholds
+    # --calibration quantile reaches calibrate and is recorded in the model's metadata
+    assert model.thresholds["calibration"] == "quantile" and "pot_fallback" not in model.thresholds
+    assert info["hyper_parameters"]["calibration"] == "quantile"
+    assert model.thresholds["threshold"] == model.thresholds["quantile_threshold"]
     rep = json.loads(report.read_text())
     assert [e["epoch"] for e in rep["epochs"]] == [1, 2]
     assert report.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -282,6 +286,7 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list, str]]:
         "all-NaN feature": ([nan], "'temp' has no value"),
         "bad option": ([good, "--cell", "transformer"], "cell must be one of"),
         "bad hidden": ([good, "--hidden", "32,x"], "--hidden takes integers"),
+        "bad calibration": ([good, "--calibration", "spot"], "calibration must be 'pot' or 'quantile'"),
     }
 
 
