@@ -36,6 +36,8 @@ from streamrnn.config import jit_options
 MR = 4
 #: Columns of a register tile: two AVX2 vectors of float32 (or four of float64).
 NR = 16
+#: Slice of a long inner dimension handled at a time (see gemm_acc).
+KC = 128
 
 _OPTS = jit_options()
 _U = np.uint64
@@ -169,8 +171,7 @@ def _narrow(c, ci, cj, m, n, a, ai, ak, b, bk, bj, kk, a2, a2i, a2k, b2, b2k, b2
 
 
 @njit(**_OPTS)
-def gemm_acc(c, ci, cj, m, n, a, ai, ak, b, bk, bj, kk, a2, a2i, a2k, b2, b2k, b2j, kk2):
-    """c[ci:+m, cj:+n] += a[ai:+m, ak:+kk] @ b[bk:+kk, bj:+n] + a2[a2i:+m, a2k:+kk2] @ b2[b2k:+kk2, b2j:+n]."""
+def _gemm_panels(c, ci, cj, m, n, a, ai, ak, b, bk, bj, kk, a2, a2i, a2k, b2, b2k, b2j, kk2):
     # Column panels outermost: the panel of b (kk x NR) stays in L1 for every row tile.
     j = 0
     while j + NR <= n:
@@ -187,6 +188,22 @@ def gemm_acc(c, ci, cj, m, n, a, ai, ak, b, bk, bj, kk, a2, a2i, a2k, b2, b2k, b
     if j < n:
         _narrow(c, ci, cj + j, m, n - j, a, ai, ak, b, bk, bj + j, kk,
                 a2, a2i, a2k, b2, b2k, b2j + j, kk2)
+
+
+@njit(**_OPTS)
+def gemm_acc(c, ci, cj, m, n, a, ai, ak, b, bk, bj, kk, a2, a2i, a2k, b2, b2k, b2j, kk2):
+    """c[ci:+m, cj:+n] += a[ai:+m, ak:+kk] @ b[bk:+kk, bj:+n] + a2[a2i:+m, a2k:+kk2] @ b2[b2k:+kk2, b2j:+n]."""
+    if kk2 > 0 or kk <= KC:
+        _gemm_panels(c, ci, cj, m, n, a, ai, ak, b, bk, bj, kk, a2, a2i, a2k, b2, b2k, b2j, kk2)
+        return
+    # A long inner dimension (a weight gradient summed over every step and window of a
+    # block) in slices of KC, so the slices of a and b a panel reads stay in L1. Each
+    # output still adds its terms in k order: the result is the same bit for bit.
+    k0 = 0
+    while k0 < kk:
+        kn = min(KC, kk - k0)
+        _gemm_panels(c, ci, cj, m, n, a, ai, ak + k0, b, bk + k0, bj, kn, a2, a2i, a2k, b2, b2k, b2j, 0)
+        k0 += kn
 
 
 @njit(**_OPTS)
