@@ -148,11 +148,13 @@ def _mat(vec, off, rows, cols):
 
 # ------------------------------------------------------------------ forward, one step
 @njit(**_OPTS)
-def _layer_forward(cell, reset_after, rc, h, r0, hl, cl, wh, bhh, peep, gl, hnl, work, accn):
+def _layer_forward(cell, reset_after, rc, h, r0, hl, cl, src, s0, k_in, wx, wh, bih, bhh, peep,
+                   gl, hnl, work, accn):
     """Step t of one layer for the block's ``rc`` rows (rows ``r0 = t * rc`` onwards).
 
-    ``work`` rows r0.. hold the input product plus biases (for GRU without the n gate's
-    recurrent bias) and receive the recurrent product; ``hl`` rows r0.. are h_{t-1} and rows
+    ``src`` rows s0+r0.. are the layer's inputs at step t. ``work`` rows r0.. receive the
+    biases (for GRU without the n gate's recurrent bias), the input product and the recurrent
+    product, in that order, in one register tile; ``hl`` rows r0.. are h_{t-1} and rows
     r0+rc.. receive h_t (``cl`` likewise c for LSTM). Saved for the backward pass: ``gl`` the
     post-activation gates; ``hnl`` the recurrent n-gate product (GRU reset-after),
     r * h_{t-1} (GRU reset-before) or tanh(c_t) (LSTM).
@@ -160,9 +162,18 @@ def _layer_forward(cell, reset_after, rc, h, r0, hl, cl, wh, bhh, peep, gl, hnl,
     g = n_gates(cell)
     gh = g * h
     ro = r0 + rc
+    summed = 2 * h if cell == GRU else gh
+    for r in range(rc):
+        a = work[r0 + r, 0:gh]
+        for j in range(summed):
+            a[j] = bih[j] + bhh[j]
+        for j in range(summed, gh):
+            a[j] = bih[j]  # GRU: b_hn stays with the recurrent product (inside the reset)
+    xr = s0 + r0
     if cell == GRU:
         h2 = 2 * h
-        gemm1_acc(work, r0, 0, rc, h2, hl, r0, 0, wh, 0, 0, h)
+        gemm_acc(work, r0, 0, rc, h2, src, xr, 0, wx, 0, 0, k_in, hl, r0, 0, wh, 0, 0, h)
+        gemm1_acc(work, r0, h2, rc, h, src, xr, 0, wx, 0, h2, k_in)
         bh = bhh[h2:gh]
         for r in range(rc):
             n_rec = accn[r, 0:h]
@@ -205,7 +216,7 @@ def _layer_forward(cell, reset_after, rc, h, r0, hl, cl, wh, bhh, peep, gl, hnl,
                 for j in range(h):
                     hnr[j] = n_rec[j]
     elif cell == LSTM:
-        gemm1_acc(work, r0, 0, rc, gh, hl, r0, 0, wh, 0, 0, h)
+        gemm_acc(work, r0, 0, rc, gh, src, xr, 0, wx, 0, 0, k_in, hl, r0, 0, wh, 0, 0, h)
         pi = peep[0, 0:h]
         pf = peep[1, 0:h]
         po = peep[2, 0:h]
@@ -238,7 +249,7 @@ def _layer_forward(cell, reset_after, rc, h, r0, hl, cl, wh, bhh, peep, gl, hnl,
                 tcr[j] = tc
                 ho[j] = og * tc
     else:
-        gemm1_acc(work, r0, 0, rc, h, hl, r0, 0, wh, 0, 0, h)
+        gemm_acc(work, r0, 0, rc, h, src, xr, 0, wx, 0, 0, k_in, hl, r0, 0, wh, 0, 0, h)
         for r in range(rc):
             a = work[r0 + r, 0:h]
             ho = hl[ro + r, 0:h]
@@ -381,9 +392,10 @@ def _block(theta, thetak, x, idx, lo, rn, cell, reset_after, peephole, hidden,
 
     Every per-step array holds the block's rows for all steps, row ``t * rc + r`` for window
     r at step t (``rc``: rn rounded up to whole register tiles; the extra rows see zero input
-    and get zero gradient). So the products that do not recur (inputs through ``w_ih``, the
-    head, every weight gradient, gradients to a layer's input) run once per layer over all
-    ``T * rc`` rows, and only h_{t-1} @ W_hh forward and dL/da_t @ W_hh backward run per step.
+    and get zero gradient). So the products that do not recur backward (the head, every
+    weight gradient, gradients to a layer's input) run once per layer over all ``T * rc``
+    rows; per step run x_t @ W_ih + h_{t-1} @ W_hh (one register tile) forward and
+    dL/da_t @ W_hh backward.
     """
     dt = theta.dtype
     n_layers = hidden.shape[0]
@@ -423,17 +435,9 @@ def _block(theta, thetak, x, idx, lo, rn, cell, reset_after, peephole, hidden,
         peep = _mat(thetak, offs[layer, 4], 3, h) if peephole else nopeep
         src = src0 if layer == 0 else hs[layer - 1]
         s0 = 0 if layer == 0 else rc
-        summed = 2 * h if cell == GRU else gh
-        for p in range(m):
-            a = work[p, 0:gh]
-            for j in range(summed):
-                a[j] = bih[j] + bhh[j]
-            for j in range(summed, gh):
-                a[j] = bih[j]  # GRU: b_hn stays with the recurrent product (inside the reset)
-        gemm1_acc(work, 0, 0, m, gh, src, s0, 0, wx, 0, 0, k_in)
         for t in range(n_steps):
-            _layer_forward(cell, reset_after, rc, h, t * rc, hs[layer], cs[layer], wh, bhh, peep,
-                           gates[layer], hn[layer], work, accn)
+            _layer_forward(cell, reset_after, rc, h, t * rc, hs[layer], cs[layer], src, s0, k_in,
+                           wx, wh, bih, bhh, peep, gates[layer], hn[layer], work, accn)
     # ---- head, loss and the gradient reaching the top layer
     wot = _mat(thetak, head[0], htop, n_out)
     bo = thetak[head[1]:head[1] + n_out]
