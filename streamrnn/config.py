@@ -45,6 +45,26 @@ CACHE: bool = _flag("STREAMRNN_CACHE", True)
 #: NumPy error model: no per-division zero checks, so inner loops vectorise.
 ERROR_MODEL: str = "numpy"
 
+
+
+def _host_has_avx512() -> bool:
+    try:
+        from llvmlite import binding
+
+        return bool(binding.get_host_cpu_features().get("avx512f"))
+    except Exception:  # an unknown host: the narrower tile is safe everywhere
+        return False
+
+
+#: Output columns of one register tile in the step kernels. A tile of 4 rows x PANEL float32
+#: accumulators must stay in the 16 vector registers with room for the operands: 32 columns
+#: fill 8 512-bit registers with AVX-512; with AVX2 (256-bit) they would take all 16 and
+#: spill, so there 16 columns (measured on Zen 3: 4x16 runs at 62-78 GFLOP/s per core, 4x32
+#: well below). Results do not depend on it: every output is summed in the same order.
+PANEL: int = int(os.environ.get("STREAMRNN_PANEL", "32" if _host_has_avx512() else "16"))
+if PANEL not in (16, 32):
+    raise ValueError(f"STREAMRNN_PANEL must be 16 or 32; got {PANEL}")
+
 _PACKAGE = Path(__file__).resolve().parent
 
 
@@ -62,7 +82,7 @@ def jit_options(parallel: bool = False) -> dict:
 def options_tag() -> str:
     """Short name of the compile options in force (one cache directory per option set)."""
     fm = sorted(FASTMATH) if FASTMATH else []
-    text = repr((fm, PARALLEL, ERROR_MODEL))
+    text = repr((fm, PARALLEL, ERROR_MODEL, PANEL))
     return "opts-" + hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

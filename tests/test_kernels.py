@@ -335,3 +335,32 @@ def test_module_dependencies_follow_imported_kernels():
     assert {"streamrnn.kernels.stream", "streamrnn.kernels.cells", "streamrnn.kernels.activations",
             "streamrnn.config"} <= set(deps)
     assert "streamrnn.kernels.scoring" not in deps
+
+
+_PANEL_PROBE = """
+import sys
+import numpy as np
+from streamrnn import Model
+from streamrnn.config import PANEL
+from streamrnn.kernels import cells
+x = np.random.default_rng(3).standard_normal((5, 30, 3)).astype(np.float32)
+outs = [Model.random(cell, n_features=3, hidden=[40, 24], seed=1).predict(x) for cell in ("gru", "lstm", "rnn")]
+np.save(sys.argv[1], np.stack(outs))
+print(PANEL, cells.NARROW)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("panel", ["16", "32"])
+def test_tile_width_never_changes_results(tmp_path, panel):
+    # The tile width follows the host's vector registers (STREAMRNN_PANEL overrides it); both
+    # widths, with their narrow tails (hidden 40 and 24 are not multiples of 32 or 16), must
+    # give the same bits as this process's build.
+    env = {k: v for k, v in os.environ.items() if k != "STREAMRNN_PANEL"}
+    out = subprocess.run([sys.executable, "-c", _PANEL_PROBE, str(tmp_path / "p.npy")],
+                         env={**env, "STREAMRNN_PANEL": panel}, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [panel, str(int(panel) // 2)]
+    x = np.random.default_rng(3).standard_normal((5, 30, 3)).astype(np.float32)
+    here = np.stack([Model.random(cell, n_features=3, hidden=[40, 24], seed=1).predict(x)
+                     for cell in ("gru", "lstm", "rnn")])
+    np.testing.assert_array_equal(np.load(tmp_path / "p.npy"), here)

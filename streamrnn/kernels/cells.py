@@ -28,7 +28,7 @@ from numba import carray, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from streamrnn.config import jit_options
+from streamrnn.config import PANEL, jit_options
 from streamrnn.kernels.activations import relu32, sigmoid32, tanh32
 
 RNN_TANH = 0
@@ -38,10 +38,11 @@ GRU = 3
 
 #: Rows (streams) stepped together: each weight vector loaded is reused for all of them.
 TILE_ROWS = 4
-#: Output columns of one register tile (two AVX-512 or four AVX2 vectors).
-PANEL = 32
+#: Output columns of one register tile: ``streamrnn.config.PANEL`` (32 with AVX-512, 16 with AVX2).
 #: Width of the narrow tile used for the last columns (G*H not a multiple of PANEL).
-NARROW = 16
+NARROW = PANEL // 2
+_PANEL_TILE = TILE_ROWS * PANEL  # stack floats of one tile (a literal for _stack_f32)
+_NARROW_TILE = TILE_ROWS * NARROW
 
 _OPTS = jit_options()
 _ONE = np.float32(1.0)  # a bare 1 would promote the gate maths to float64
@@ -72,16 +73,16 @@ def _stack_f32(typingctx, n):
 def _panel(acc, acc_col, bias, bcol, col, xp, nx, wx, hp, nh, wh):
     """acc[r, acc_col:+PANEL] = bias[bcol:+PANEL] + xp[:nx, r] @ wx[:nx, col:+PANEL]
     + hp[:nh, r] @ wh[:nh, col:+PANEL] for the TILE_ROWS rows, in registers."""
-    t = carray(_stack_f32(128), (4, 32))  # (TILE_ROWS, PANEL)
+    t = carray(_stack_f32(_PANEL_TILE), (4, PANEL))  # (TILE_ROWS, PANEL)
     for r in range(4):
-        for j in range(32):
+        for j in range(PANEL):
             t[r, j] = bias[_U(bcol + j)]
     for k in range(nx):
         v0 = xp[k, 0]
         v1 = xp[k, 1]
         v2 = xp[k, 2]
         v3 = xp[k, 3]
-        for j in range(32):
+        for j in range(PANEL):
             w = wx[k, _U(col + j)]
             t[0, j] += v0 * w
             t[1, j] += v1 * w
@@ -92,21 +93,21 @@ def _panel(acc, acc_col, bias, bcol, col, xp, nx, wx, hp, nh, wh):
         v1 = hp[k, 1]
         v2 = hp[k, 2]
         v3 = hp[k, 3]
-        for j in range(32):
+        for j in range(PANEL):
             w = wh[k, _U(col + j)]
             t[0, j] += v0 * w
             t[1, j] += v1 * w
             t[2, j] += v2 * w
             t[3, j] += v3 * w
     for r in range(4):
-        for j in range(32):
+        for j in range(PANEL):
             acc[r, _U(acc_col + j)] = t[r, j]
 
 
 @njit(**_OPTS)
 def _panel_narrow(acc, acc_col, bias, bcol, col, width, xp, nx, wx, hp, nh, wh):
     """As ``_panel`` for ``width`` <= NARROW columns (the tail of a row of gates)."""
-    t = carray(_stack_f32(64), (4, 16))  # (TILE_ROWS, NARROW)
+    t = carray(_stack_f32(_NARROW_TILE), (4, NARROW))  # (TILE_ROWS, NARROW)
     for r in range(4):
         for j in range(width):
             t[r, j] = bias[_U(bcol + j)]
