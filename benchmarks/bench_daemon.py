@@ -68,6 +68,22 @@ class Event(msgspec.Struct):
     value: float
 
 
+def reader(bootstrap: str, topic: str, wait: bool = False):
+    """A plain consumer (no group) with the shared settings, assigned every partition of
+    ``topic`` from the beginning; ``wait``: until the topic exists."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
+                      max_partition_fetch_bytes=4 << 20, **consumer_settings())
+    while wait and not c.partitions_for_topic(topic):
+        time.sleep(0.05)
+        c.topics()
+    parts = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic))]
+    c.assign(parts)
+    c.seek_to_beginning(*parts)
+    return c
+
+
 def make_model(path: Path) -> Path:
     m = Model.random("gru", n_features=1, hidden=[32], seed=0, name="bench-gru")
     m.save(path)
@@ -100,13 +116,7 @@ def create_topic(bootstrap: str, name: str, partitions: int) -> None:
 # ---------------------------------------------------------------------- backlog
 def raw_consume_decode(bootstrap: str, topic: str, n: int) -> float:
     """Messages/s for kafka-python to read ``n`` messages from the start and msgspec-decode them."""
-    from kafka import KafkaConsumer, TopicPartition
-
-    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
-                      max_partition_fetch_bytes=4 << 20, **consumer_settings())
-    parts = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic))]
-    c.assign(parts)
-    c.seek_to_beginning(*parts)
+    c = reader(bootstrap, topic)
     dec = msgspec.json.Decoder(Event)
     got = 0
     t0 = None
@@ -139,14 +149,8 @@ def daemon_backlog(bootstrap: str, topic: str, n: int, model: Path, state: Path,
 
 # ---------------------------------------------------------------------- latency
 def _raw_latency_reader(bootstrap: str, topic: str, n: int, out, tuned: dict) -> None:
-    from kafka import KafkaConsumer, TopicPartition
-
     TUNED.update(tuned)  # a spawned process: the parent's settings
-    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
-                      max_partition_fetch_bytes=4 << 20, **consumer_settings())
-    parts = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic))]
-    c.assign(parts)
-    c.seek_to_beginning(*parts)
+    c = reader(bootstrap, topic)
     dec = msgspec.json.Decoder(Event)
     lat = []
     out.put("ready")
@@ -159,19 +163,10 @@ def _raw_latency_reader(bootstrap: str, topic: str, n: int, out, tuned: dict) ->
 
 
 def _alert_latency_reader(bootstrap: str, topic: str, stop_after: float, out, done, tuned: dict) -> None:
-    from kafka import KafkaConsumer, TopicPartition
-
     from streamrnn.alerts import decode_alert
 
     TUNED.update(tuned)
-    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
-                      max_partition_fetch_bytes=4 << 20, **consumer_settings())
-    while not c.partitions_for_topic(topic):
-        time.sleep(0.05)
-        c.topics()
-    parts = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic))]
-    c.assign(parts)
-    c.seek_to_beginning(*parts)
+    c = reader(bootstrap, topic, wait=True)
     lat = []
     out.put("ready")
     deadline = None
@@ -190,15 +185,11 @@ def _relay(bootstrap: str, topic: str, out_topic: str, n: int, out, tuned: dict)
     daemon) and forwards the spikes (the events that open or close alerts) to ``out_topic``
     with the daemon's producer settings. Its end-to-end latency is the floor of any
     consume-process-produce service on this broker and client."""
-    from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+    from kafka import KafkaProducer
 
     TUNED.update(tuned)
-    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
-                      max_partition_fetch_bytes=4 << 20, **consumer_settings())
+    c = reader(bootstrap, topic)
     p = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=TUNED["linger_ms"], acks="all", enable_idempotence=True)
-    parts = [TopicPartition(topic, q) for q in sorted(c.partitions_for_topic(topic))]
-    c.assign(parts)
-    c.seek_to_beginning(*parts)
     dec = msgspec.json.Decoder(Event)
     got = 0
     out.put("ready")
@@ -214,17 +205,8 @@ def _relay(bootstrap: str, topic: str, out_topic: str, n: int, out, tuned: dict)
 
 
 def _relay_latency_reader(bootstrap: str, topic: str, stop_after: float, out, done, tuned: dict) -> None:
-    from kafka import KafkaConsumer, TopicPartition
-
     TUNED.update(tuned)
-    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
-                      max_partition_fetch_bytes=4 << 20, **consumer_settings())
-    while not c.partitions_for_topic(topic):
-        time.sleep(0.05)
-        c.topics()
-    parts = [TopicPartition(topic, q) for q in sorted(c.partitions_for_topic(topic))]
-    c.assign(parts)
-    c.seek_to_beginning(*parts)
+    c = reader(bootstrap, topic, wait=True)
     dec = msgspec.json.Decoder(Event)
     lat = []
     out.put("ready")
