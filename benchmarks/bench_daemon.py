@@ -162,18 +162,25 @@ def _raw_latency_reader(bootstrap: str, topic: str, n: int, out, tuned: dict) ->
     out.put(lat)
 
 
-def _alert_latency_reader(bootstrap: str, topic: str, stop_after: float, out, done, tuned: dict) -> None:
+def _latency_reader(bootstrap: str, topic: str, stop_after: float, out, done, tuned: dict,
+                    alerts: bool) -> None:
+    """Produce-to-arrival latencies on ``topic`` until ``stop_after`` s after ``done``:
+    (latency, opens) per alert record if ``alerts``, else latency per relayed event."""
     from streamrnn.alerts import decode_alert
 
     TUNED.update(tuned)
     c = reader(bootstrap, topic, wait=True)
+    dec = msgspec.json.Decoder(Event)
     lat = []
     out.put("ready")
     deadline = None
     while deadline is None or time.monotonic() < deadline:
         for recs in c.poll(timeout_ms=TUNED["batch_max_wait_ms"], max_records=TUNED["batch_max_events"]).values():
             now = time.time() * 1000
-            lat += [(now - a.ts, a.kind == "open") for a in map(decode_alert, (r.value for r in recs))]
+            if alerts:
+                lat += [(now - a.ts, a.kind == "open") for a in map(decode_alert, (r.value for r in recs))]
+            else:
+                lat += [now - dec.decode(r.value).ts for r in recs]
         if deadline is None and done.is_set():
             deadline = time.monotonic() + stop_after  # the producer finished: drain then stop
     c.close()
@@ -204,23 +211,6 @@ def _relay(bootstrap: str, topic: str, out_topic: str, n: int, out, tuned: dict)
     c.close()
 
 
-def _relay_latency_reader(bootstrap: str, topic: str, stop_after: float, out, done, tuned: dict) -> None:
-    TUNED.update(tuned)
-    c = reader(bootstrap, topic, wait=True)
-    dec = msgspec.json.Decoder(Event)
-    lat = []
-    out.put("ready")
-    deadline = None
-    while deadline is None or time.monotonic() < deadline:
-        for recs in c.poll(timeout_ms=TUNED["batch_max_wait_ms"], max_records=TUNED["batch_max_events"]).values():
-            now = time.time() * 1000
-            lat += [now - dec.decode(r.value).ts for r in recs]
-        if deadline is None and done.is_set():
-            deadline = time.monotonic() + stop_after
-    c.close()
-    out.put(lat)
-
-
 def fixed_rate(bootstrap: str, rate: float, seconds: float, streams: int, tmp: Path, run: int = 0,
                relay: bool = False) -> tuple:
     from kafka import KafkaProducer
@@ -243,14 +233,14 @@ def fixed_rate(bootstrap: str, rate: float, seconds: float, streams: int, tmp: P
     ctx = mp.get_context("spawn")
     q_raw, q_alert, done = ctx.Queue(), ctx.Queue(), ctx.Event()
     raw = ctx.Process(target=_raw_latency_reader, args=(bootstrap, topic, n, q_raw, TUNED))
-    alert = ctx.Process(target=_alert_latency_reader, args=(bootstrap, alerts, 3.0, q_alert, done, TUNED))
+    alert = ctx.Process(target=_latency_reader, args=(bootstrap, alerts, 3.0, q_alert, done, TUNED, True))
     procs = [raw, alert]
     if relay:
         relayed = f"latency-relayed-{run}"
         create_topic(bootstrap, relayed, 4)
         q_relay, q_relay_ready = ctx.Queue(), ctx.Queue()
         procs += [ctx.Process(target=_relay, args=(bootstrap, topic, relayed, n, q_relay_ready, TUNED)),
-                  ctx.Process(target=_relay_latency_reader, args=(bootstrap, relayed, 3.0, q_relay, done, TUNED))]
+                  ctx.Process(target=_latency_reader, args=(bootstrap, relayed, 3.0, q_relay, done, TUNED, False))]
     for pr in procs:
         pr.start()
     assert q_raw.get(timeout=60) == "ready" and q_alert.get(timeout=60) == "ready"
