@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -61,9 +62,20 @@ def _host_has_avx512() -> bool:
 #: fill 8 512-bit registers with AVX-512; with AVX2 (256-bit) they would take all 16 and
 #: spill, so there 16 columns (measured on Zen 3: 4x16 runs at 62-78 GFLOP/s per core, 4x32
 #: well below). Results do not depend on it: every output is summed in the same order.
-PANEL: int = int(os.environ.get("STREAMRNN_PANEL", "32" if _host_has_avx512() else "16"))
-if PANEL not in (16, 32):
-    raise ValueError(f"STREAMRNN_PANEL must be 16 or 32; got {PANEL}")
+def _panel_width() -> int:
+    """The host's tile width, or STREAMRNN_PANEL's; a bad setting warns and keeps the host's."""
+    default = 32 if _host_has_avx512() else 16
+    text = os.environ.get("STREAMRNN_PANEL")
+    if text is None:
+        return default
+    if text.strip() in ("16", "32"):
+        return int(text)
+    # Importing the library must not fail on a tuning knob: the width never changes results.
+    warnings.warn(f"STREAMRNN_PANEL must be 16 or 32; got {text!r}; using {default}", stacklevel=2)
+    return default
+
+
+PANEL: int = _panel_width()
 
 _PACKAGE = Path(__file__).resolve().parent
 
