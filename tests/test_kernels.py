@@ -161,7 +161,7 @@ def test_block_product_matches_float64_and_ignores_row_slot(nx, nh, ncols):
     hp = rng.standard_normal((max(nh, 1), cells.TILE_ROWS), dtype=np.float32)
     acc = np.zeros((cells.TILE_ROWS, ncols + 2), np.float32)
     # Offsets in the weights (col 4), the bias (bcol 3) and the output (acc_col 2).
-    cells.block_product(acc, 2, bias, 3, 4, ncols, xp, nx, wx, hp, nh, wh)
+    cells.block_product(acc, 2, bias, 3, 4, ncols, cells.TILE_ROWS, xp, nx, wx, hp, nh, wh)
     ref = (bias[3:3 + ncols].astype(np.float64)
            + xp[:nx].T.astype(np.float64) @ wx[:nx, 4:4 + ncols]
            + hp[:nh].T.astype(np.float64) @ wh[:nh, 4:4 + ncols])
@@ -172,8 +172,14 @@ def test_block_product_matches_float64_and_ignores_row_slot(nx, nh, ncols):
         hq = rng.standard_normal(hp.shape, dtype=np.float32)
         xq[:, slot], hq[:, slot] = xp[:, 0], hp[:, 0]
         out = np.zeros_like(acc)
-        cells.block_product(out, 2, bias, 3, 4, ncols, xq, nx, wx, hq, nh, wh)
+        cells.block_product(out, 2, bias, 3, 4, ncols, cells.TILE_ROWS, xq, nx, wx, hq, nh, wh)
         assert np.array_equal(out[slot], acc[0])
+    # A partial block computes whole micro-tiles only and leaves the rows past them alone.
+    rn = cells.MR + 1
+    part = np.full_like(acc, -7.0)
+    cells.block_product(part, 2, bias, 3, 4, ncols, rn, xp, nx, wx, hp, nh, wh)
+    assert np.array_equal(part[:rn, 2:], acc[:rn, 2:])
+    assert (part[cells.padded_rows(rn):] == -7.0).all()
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
