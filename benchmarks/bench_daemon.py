@@ -165,7 +165,8 @@ def _raw_latency_reader(bootstrap: str, topic: str, n: int, out, tuned: dict) ->
 def _latency_reader(bootstrap: str, topic: str, stop_after: float, out, done, tuned: dict,
                     alerts: bool) -> None:
     """Produce-to-arrival latencies on ``topic`` until ``stop_after`` s after ``done``:
-    (latency, opens) per alert record if ``alerts``, else latency per relayed event."""
+    (latency, last hop) per record, the last hop being arrival - the record's Kafka timestamp
+    (the second producer's send time), so latency - last hop is the first hop plus processing."""
     from streamrnn.alerts import decode_alert
 
     TUNED.update(tuned)
@@ -178,9 +179,9 @@ def _latency_reader(bootstrap: str, topic: str, stop_after: float, out, done, tu
         for recs in c.poll(timeout_ms=TUNED["batch_max_wait_ms"], max_records=TUNED["batch_max_events"]).values():
             now = time.time() * 1000
             if alerts:
-                lat += [(now - a.ts, a.kind == "open") for a in map(decode_alert, (r.value for r in recs))]
+                lat += [(now - decode_alert(r.value).ts, now - r.timestamp) for r in recs]
             else:
-                lat += [now - dec.decode(r.value).ts for r in recs]
+                lat += [(now - dec.decode(r.value).ts, now - r.timestamp) for r in recs]
         if deadline is None and done.is_set():
             deadline = time.monotonic() + stop_after  # the producer finished: drain then stop
     c.close()
@@ -291,11 +292,32 @@ def _daemon_stats(log_path: Path) -> dict:
     text = urllib.request.urlopen(url).read().decode()
     vals = {}
     for line in text.splitlines():
-        if line.startswith(("streamrnn_batch_seconds_sum", "streamrnn_batch_seconds_count",
-                            "streamrnn_checkpoint_seconds_sum", "streamrnn_checkpoint_seconds_count")):
+        if line.startswith(("streamrnn_batch_seconds", "streamrnn_checkpoint_seconds", "streamrnn_record_age",
+                            "streamrnn_output_ack")):
             name, value = line.rsplit(" ", 1)
             vals[name] = float(value)
     return vals
+
+
+def _histogram_quantiles(stats: dict, name: str) -> str:
+    """p50 and p99 upper bounds (bucket edges, ms) of a daemon histogram from /metrics."""
+    prefix = f'{name}_bucket{{le="'
+    buckets = sorted((float(k[len(prefix):-2]), v) for k, v in stats.items() if k.startswith(prefix))
+    total = stats.get(f"{name}_count", 0)
+    if not total:
+        return "none"
+    edge = lambda q: next(f"{1000 * le:g}" for le, c in buckets if c >= q * total)  # noqa: E731
+    return f"p50 <= {edge(0.5)} ms, p99 <= {edge(0.99)} ms (n={total:.0f})"
+
+
+def _hops(lat: np.ndarray) -> str:
+    """p50/p99 of the first hop with processing (second producer's send time - event time)
+    and of the last hop (arrival - that send time), from (latency, last hop) rows."""
+    if not len(lat):
+        return "no records"
+    first, last = lat[:, 0] - lat[:, 1], lat[:, 1]
+    q = lambda a: f"p50 {np.percentile(a, 50):.1f} p99 {np.percentile(a, 99):.1f} ms"  # noqa: E731
+    return f"event -> forwarded {q(first)};  forwarded -> read {q(last)}"
 
 
 def _load() -> str:
@@ -349,7 +371,9 @@ def main() -> None:
         for run in range(args.latency_runs):
             raw_lat, alert_lat, achieved, stats, relay_lat = fixed_rate(bs, args.rate, args.seconds, min(s, 1000),
                                                                         tmp, run, args.relay)
-            alert_lat = np.array([a for a, _ in alert_lat])
+            alert_hops, relay_hops = _hops(alert_lat), _hops(relay_lat)
+            alert_lat = alert_lat[:, 0] if len(alert_lat) else alert_lat
+            relay_lat = relay_lat[:, 0] if len(relay_lat) else relay_lat
             rows.append((p(raw_lat, 50), p(raw_lat, 99), p(alert_lat, 50), p(alert_lat, 99)))
             diffs.append(rows[-1][3] - rows[-1][1])
             print(f"fixed rate run {run}: {achieved:,.0f} msg/s for {args.seconds:.0f} s: raw produce->consume "
@@ -360,12 +384,17 @@ def main() -> None:
                 print(f"  raw two-hop peer (consume, forward spikes, consume) p50 {p(relay_lat, 50):.1f} ms "
                       f"p99 {p(relay_lat, 99):.1f} ms ({len(relay_lat)} records): daemon p99 - two-hop p99 "
                       f"{rows[-1][3] - p(relay_lat, 99):+.1f} ms")
+                print(f"    two-hop peer by hop: {relay_hops}")
+            print(f"  daemon by hop: {alert_hops}")
             b_n = stats.get("streamrnn_batch_seconds_count", 0)
             c_n = stats.get("streamrnn_checkpoint_seconds_count", 0)
             print(f"  daemon: {b_n:.0f} batches, mean "
                   f"{1000 * stats.get('streamrnn_batch_seconds_sum', 0) / max(b_n, 1):.2f} ms; {c_n:.0f} checkpoints "
                   f"(off the alert path), mean {1000 * stats.get('streamrnn_checkpoint_seconds_sum', 0) / max(c_n, 1):.1f}"
                   " ms from start to commit")
+            print(f"  daemon histograms: input record age at poll {_histogram_quantiles(stats, 'streamrnn_record_age_seconds')};"
+                  f"  batch {_histogram_quantiles(stats, 'streamrnn_batch_seconds')};"
+                  f"  outputs to ack {_histogram_quantiles(stats, 'streamrnn_output_ack_seconds')}")
         if rows:
             med = np.median(np.array(rows), axis=0)
             print(f"fixed rate, median of {len(rows)} runs: raw p50 {med[0]:.1f} p99 {med[1]:.1f} ms;  daemon p50 "

@@ -369,10 +369,12 @@ class Daemon:
             t0 = time.perf_counter()
             if batch and self.first_batch_at is None:
                 self.first_batch_at = t0
+            now_ms = time.time() * 1000
             for tp, records in batch.items():
                 task = self.tasks.get((tp.topic, tp.partition))
                 if task is None or not records:  # revoked during this poll
                     continue
+                self.metrics.record_age.observe(max(0.0, now_ms - records[0].timestamp) / 1000)
                 self._process(task, records)
             self._drain()
             if batch:
@@ -407,12 +409,19 @@ class Daemon:
         """Send the queued records in one burst: appends to the producer's open batches do
         not wake its I/O thread each time (a thread switch per record under load)."""
         out, self._out = self._out, []
+        if not out:
+            return
         epoch = self._sends.epoch
         ok, failed = self._sends.ok, self._sends.failed
+        t0 = time.perf_counter()
         for topic, key, value, headers, partition in out:
             fut = self.producer.send(topic, key=key, value=value, headers=headers, partition=partition)
             fut.add_callback(ok, epoch)
             fut.add_errback(failed, epoch)
+        # The last record sent stands for the burst (one timing callback, not one per record;
+        # a burst over several partitions may be acknowledged in more than one response).
+        observe = self.metrics.output_ack_seconds.observe
+        fut.add_callback(lambda _m: observe(time.perf_counter() - t0))
         self._sends.add(len(out))
 
     def _process(self, task: Task, records) -> None:

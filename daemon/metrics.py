@@ -36,6 +36,15 @@ class Metrics:
         self.batch_seconds = Histogram("streamrnn_batch_seconds", "Time to decode, score and emit a micro-batch",
                                        buckets=(.0005, .001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2),
                                        registry=r)
+        # Where produce-to-alert latency goes: input hop (record age when the poll returns it)
+        # and output hop (a poll's outputs handed to the producer until all are acknowledged).
+        latency = (.001, .002, .005, .01, .015, .02, .03, .05, .075, .1, .2, .5, 1, 2)
+        self.record_age = Histogram("streamrnn_record_age_seconds",
+                                    "Age (now - Kafka timestamp) of the oldest record of each partition's "
+                                    "batch when the poll returned it", buckets=latency, registry=r)
+        self.output_ack_seconds = Histogram("streamrnn_output_ack_seconds",
+                                            "From handing a batch's output records to the producer to the "
+                                            "acknowledgement of the last of them", buckets=latency, registry=r)
         self.events_per_second = Gauge("streamrnn_events_per_second", "Events scored per second (last 10 s)",
                                        registry=r)
         self.checkpoint_age = Gauge("streamrnn_checkpoint_age_seconds", "Seconds since the last checkpoint",

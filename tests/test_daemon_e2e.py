@@ -98,6 +98,12 @@ def test_daemon_on_json_batches_and_arrow_raises_exactly_replays_alerts(kafka_br
     assert len(got) == len(reference)  # an uninterrupted run writes each record once
     assert f"streamrnn_events_total {float(len(ids))}" in metrics
     assert "streamrnn_batch_seconds_bucket" in metrics
+    # The latency stages: a record age per partition batch; after the stop (everything flushed)
+    # an acknowledgement time per burst of output records, and the scenario has alerts.
+    assert "streamrnn_record_age_seconds_bucket" in metrics
+    sample = run.daemon.metrics.registry.get_sample_value
+    assert sample("streamrnn_record_age_seconds_count") >= 1
+    assert sample("streamrnn_output_ack_seconds_count") >= 1
 
 
 def test_dead_letters_keep_message_and_counts_add_up(kafka_broker, model_path, events, reference, tmp_path):
