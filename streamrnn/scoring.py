@@ -41,6 +41,19 @@ Bonferroni over both sides and the D features; p is the smaller of that and the 
 The calibrated threshold applies to the combined score, so the target false-alert rate
 holds for both together.
 
+Bias and energy terms (``normalised`` and ``likelihood``; ``bias_alpha = 0`` /
+``energy_alpha = 0`` turn them off). Each residual is standardised by the stream's EW
+residual mean and variance, z = (r - m_r) / s_r, winsorised to +-4. The bias term watches
+b, the EW mean of z with weight ``bias_alpha`` (a drift the state lags behind leaves a small
+error of one sign for many events): p_bias = 2 D P(Z > |b| / sqrt(a / (2 - a))), the spread
+of such a mean of independent residuals. The energy term watches q, the EW mean of z^2 over
+the features with weight ``energy_alpha`` (a variance burst, a cycle the network cannot
+follow): p_energy = P(chi2_nu / nu > q), nu = D (2 - a) / a (Wilson-Hilferty). Both
+average from a stream's 20th learnt event on and score once 2 / alpha events are averaged;
+they are silent while a stream settles after an episode, and inside an episode and while
+settling the residual mean and variance follow at the terms' rate, so that what an episode
+leaves behind (an offset after a level shift) becomes the new normal instead of an alert.
+
 Decisions: an episode opens when the score exceeds ``threshold`` (after ``warmup`` scored
 events of the stream), and, with ``dynamic = true``, the smoothed error also exceeds the
 stream's nonparametric dynamic threshold (Hundman et al. 2018, over a sliding window of
@@ -109,6 +122,8 @@ class ScoringConfig:
     short_alpha: float = 0.2
     range_alpha: float = 0.01  # how fast the normal value range widens; 0 turns the range term off
     range_warmup: int = 100  # learnt events that set a stream's normal value range
+    bias_alpha: float = 0.05  # EW weight of the recent mean signed residual; 0 turns the bias term off
+    energy_alpha: float = 0.03  # EW weight of the recent mean squared residual; 0 turns the energy term off
     drift_factor: float = 4.0
     prior_events: float = 10.0  # weight of the calibrated error statistics for a new stream
 
@@ -170,6 +185,10 @@ class ScoringConfig:
         if isinstance(self.range_alpha, bool) or not (isinstance(self.range_alpha, (int, float))
                                                        and 0.0 <= self.range_alpha <= 1.0):
             bad(f"range_alpha must be in [0, 1] (0 turns the range term off); got {self.range_alpha!r}")
+        for name in ("bias_alpha", "energy_alpha"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not (isinstance(v, (int, float)) and 0.0 <= v <= 0.5):
+                bad(f"{name} must be in [0, 0.5] (0 turns the term off); got {v!r}")
         if not (isinstance(self.drift_factor, (int, float)) and self.drift_factor > 0):
             bad(f"drift_factor must be positive; got {self.drift_factor!r}")
         if not (isinstance(self.prior_events, (int, float)) and self.prior_events >= 0):
@@ -232,6 +251,8 @@ class ResolvedScoring:
         fp[K.F_DYN_Z_LO], fp[K.F_DYN_Z_HI], fp[K.F_DYN_Z_STEP] = c.dynamic_z
         fp[K.F_EPS] = 1e-12
         fp[K.F_RANGE_ALPHA] = c.range_alpha
+        fp[K.F_BIAS_ALPHA] = c.bias_alpha
+        fp[K.F_ENERGY_ALPHA] = c.energy_alpha
         ip = np.zeros(K.N_IPARAMS, np.int64)
         ip[K.I_METHOD] = METHODS[self.method]
         ip[K.I_WARMUP] = c.warmup

@@ -9,7 +9,7 @@ from scipy import stats
 
 from streamrnn import Model
 from streamrnn.detector import Detector
-from streamrnn.kernels.scoring import chi2_sf, cholesky_solve, dynamic_threshold, normal_sf, score_from_tail
+from streamrnn.kernels.scoring import chi2_mean_sf, chi2_sf, cholesky_solve, dynamic_threshold, normal_sf, score_from_tail
 from streamrnn import scoring
 from streamrnn.scoring import (DEFAULT_THRESHOLD, MAX_CALIBRATED, ScoringConfig, ScoringConfigError, calibrate,
                                estimate_threshold, tail_probability)
@@ -114,7 +114,8 @@ def test_univariate_scorers_match_numpy(method):
     model = Model.random("gru", n_features=1, hidden=[8], seed=3)
     rng = np.random.default_rng(4)
     x = np.sin(np.arange(120) / 5.0) + rng.normal(0, 0.1, 120)
-    det = Detector(model, method=method, threshold=1.0, error_alpha=0.05, short_alpha=0.3)
+    det = Detector(model, method=method, threshold=1.0, error_alpha=0.05, short_alpha=0.3, bias_alpha=0.0,
+                   energy_alpha=0.0)
     out = _stream(det, x)
     pred = model.predict(x[:, None].astype(np.float32))[:-1, 0].astype(np.float64)
     err = np.abs(x[1:].astype(np.float32).astype(np.float64) - pred)
@@ -353,10 +354,18 @@ def _persistence_model(eps=0.01):
     return Model(cell="rnn", layers=[layer], head_weight=np.array([[1.0 / eps]]), head_bias=np.zeros(1))
 
 
-def _reference_range_scores(x, pred, alpha, sa, ra, warm):
-    """The normalised scorer with its range term, written directly over scalars (no alerts,
-    every event learnt): the expected score of every event given the model's predictions."""
+def _wilson_hilferty_sf(m, nu):
+    """P(chi2_nu / nu > m) by the cube-root normal approximation."""
+    v = 2.0 / (9.0 * nu)
+    return stats.norm.sf((np.cbrt(m) - (1.0 - v)) / np.sqrt(v))
+
+
+def _reference_range_scores(x, pred, alpha, sa, ra, warm, ba=0.0, ea=0.0, start=20):
+    """The normalised scorer with its range, bias and energy terms, written directly over
+    scalars (no alerts, every event learnt): the expected score of every event given the
+    model's predictions."""
     k, mu, var, short, vm, cov = 0, 0.0, 0.0, 0.0, 0.0, 0.0
+    bias, energy = 0.0, 0.0
     lo, hi = np.inf, -np.inf
     out = [np.nan]
     xs = np.asarray(x, np.float32).astype(np.float64)
@@ -375,7 +384,17 @@ def _reference_range_scores(x, pred, alpha, sa, ra, warm):
             beyond = max(v - hi, lo - v)
             if k >= warm and beyond > 0:
                 p = min(p, 2.0 * stats.norm.sf(beyond / np.sqrt(cov + EPS)))
+            z = np.clip((r - vm) / np.sqrt(cov + EPS), -4.0, 4.0)
+            if ba > 0 and (k - start) * ba >= 2.0:
+                b = (1 - ba) * bias + ba * z
+                p = min(p, 2.0 * stats.norm.sf(abs(b) / np.sqrt(ba / (2 - ba))))
+            if ea > 0 and (k - start) * ea >= 2.0:
+                p = min(p, _wilson_hilferty_sf((1 - ea) * energy + ea * z * z, (2 - ea) / ea))
             out.append(float(_score(p)))
+        if k >= start:
+            z = np.clip((r - vm) / np.sqrt(cov + EPS), -4.0, 4.0)
+            bb, ee = max(ba, 1.0 / (k - start + 1)), max(ea, 1.0 / (k - start + 1))
+            bias, energy = (1 - bb) * bias + bb * z, (1 - ee) * energy + ee * z * z
         if k < warm:
             lo, hi = min(lo, v), max(hi, v)
         elif v > hi:
@@ -405,13 +424,89 @@ def test_range_term_matches_numpy():
     model = _persistence_model()
     x = _slow_ramp()
     pred = model.predict(x[:, None].astype(np.float32))[:, 0].astype(np.float64)
-    out = _stream(Detector(model, threshold=1.0, error_alpha=0.02, short_alpha=0.25, range_alpha=0.05,
-                           range_warmup=60), x)
+    cfg = dict(threshold=1.0, error_alpha=0.02, short_alpha=0.25, bias_alpha=0.0, energy_alpha=0.0)
+    out = _stream(Detector(model, range_alpha=0.05, range_warmup=60, **cfg), x)
     expected = _reference_range_scores(x, pred, 0.02, 0.25, 0.05, 60)
     np.testing.assert_allclose(out.score, expected, rtol=1e-6, atol=1e-9)
     # The range term decides many scores (else this test would not test it).
-    plain = _stream(Detector(model, threshold=1.0, error_alpha=0.02, short_alpha=0.25, range_alpha=0.0), x)
+    plain = _stream(Detector(model, range_alpha=0.0, **cfg), x)
     assert np.sum(out.score > plain.score + 0.05) >= 20
+
+
+def _burst_then_bias(seed=17):
+    """Noise, then 80 events of noise 1.8x as large, then noise again, then 80 events of a
+    ramp (a persistent bias in a persistence model's errors), each too small for the point
+    scorer at threshold 0.8."""
+    x = np.random.default_rng(seed).normal(0.0, 1.0, 700)
+    x[300:380] *= 1.8
+    x[500:580] += np.cumsum(np.full(80, 1.0))
+    x[580:] += 80.0
+    return x
+
+
+@pytest.mark.parametrize("terms", [dict(bias_alpha=0.05, energy_alpha=0.0), dict(bias_alpha=0.0, energy_alpha=0.03),
+                                   dict(bias_alpha=0.04, energy_alpha=0.02)])
+def test_bias_and_energy_terms_match_numpy(terms):
+    model = _persistence_model()
+    x = _burst_then_bias()
+    pred = model.predict(x[:, None].astype(np.float32))[:, 0].astype(np.float64)
+    cfg = dict(threshold=1.0, error_alpha=0.02, short_alpha=0.25, range_alpha=0.05, range_warmup=60)
+    out = _stream(Detector(model, **cfg, **terms), x)
+    expected = _reference_range_scores(x, pred, 0.02, 0.25, 0.05, 60, terms["bias_alpha"], terms["energy_alpha"])
+    np.testing.assert_allclose(out.score, expected, rtol=1e-6, atol=1e-9)
+    # The new terms decide many scores, where they should (else this test would not test them).
+    plain = _stream(Detector(model, **cfg, bias_alpha=0.0, energy_alpha=0.0), x).score
+    raised = out.score > plain + 0.05
+    if terms["energy_alpha"]:
+        assert raised[300:390].sum() >= 20
+    if terms["bias_alpha"]:
+        assert raised[500:590].sum() >= 20
+
+
+def test_chi2_mean_tail_is_close_to_scipy():
+    for nu in (10.0, 39.0, 66.0, 99.0):
+        for m in (0.5, 1.0, 1.5, 2.0, 2.5):
+            exact = stats.chi2.sf(m * nu, nu)
+            if exact < 1e-9:
+                continue
+            approx = chi2_mean_sf(m, nu)
+            assert np.isclose(approx, _wilson_hilferty_sf(m, nu), rtol=1e-9)
+            # within a factor 1.5 of the exact tail: a score error under 0.02
+            assert exact / 1.5 < approx < exact * 1.5, (nu, m, approx, exact)
+    assert chi2_mean_sf(0.0, 20.0) == 1.0
+
+
+def test_bias_and_energy_terms_alert_on_what_the_point_scorer_misses_not_on_noise():
+    model = _persistence_model()
+    cfg = dict(threshold=0.8, warmup=20, range_alpha=0.0)
+    x = _burst_then_bias()
+    assert not _stream(Detector(model, bias_alpha=0.0, energy_alpha=0.0, **cfg), x).alerts
+    opened = [a.ts // 1000 for a in _stream(Detector(model, **cfg), x).alerts if a.kind == "open"]
+    assert any(300 <= o < 380 for o in opened) and any(500 <= o < 580 for o in opened)
+    assert all(300 <= o < 380 or 500 <= o < 580 for o in opened), opened
+    for seed in (12, 13):
+        noise = np.random.default_rng(seed).normal(0.0, 1.0, 3000)
+        assert not _stream(Detector(model, **cfg), noise).alerts
+
+
+def test_bias_and_energy_state_survives_snapshot_and_restore():
+    model = _persistence_model()
+    x = _burst_then_bias()
+    straight = _stream(Detector(model, threshold=0.5), x)
+    first = Detector(model, threshold=0.5)
+    a = _stream(first, x[:340])
+    restored = Detector.restore(model, first.snapshot(), threshold=0.5)
+    b = _stream(restored, x[340:], t0=340_000)
+    np.testing.assert_array_equal(np.r_[a.score, b.score], straight.score)
+    np.testing.assert_array_equal(np.r_[a.alert, b.alert], straight.alert)
+    assert straight.alert[300:380].any()
+
+
+def test_bias_and_energy_settings_are_validated():
+    for bad in (dict(bias_alpha=-0.1), dict(energy_alpha=0.9), dict(bias_alpha=True), dict(energy_alpha="x")):
+        with pytest.raises(ScoringConfigError, match="_alpha"):
+            ScoringConfig(**bad).validate()
+    ScoringConfig(bias_alpha=0.0, energy_alpha=0.0).validate()
 
 
 def test_range_term_alerts_on_slow_ramp_not_on_stationary_noise():

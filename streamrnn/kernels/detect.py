@@ -21,8 +21,8 @@ from numba import njit, prange
 
 from streamrnn.config import jit_options
 from streamrnn.kernels.cells import TILE_ROWS
-from streamrnn.kernels.scoring import (GAUSSIAN, LIKELIHOOD, MAHALANOBIS, chi2_sf, cholesky_solve,
-                                       dynamic_threshold, normal_sf, score_from_tail)
+from streamrnn.kernels.scoring import (GAUSSIAN, LIKELIHOOD, MAHALANOBIS, chi2_mean_sf, chi2_sf,
+                                       cholesky_solve, dynamic_threshold, normal_sf, score_from_tail)
 from streamrnn.kernels.stream import _n_chunks, _split_by_stream, _step_block, plan_waves, scratch_pool
 
 _OPTS = jit_options()
@@ -31,8 +31,9 @@ _TS_NONE = np.iinfo(np.int64).min
 
 # Indices into the float parameter vector.
 F_THRESHOLD, F_LOWER, F_ALPHA, F_SHORT_ALPHA, F_MAX_GAP, F_DRIFT, F_PRIOR_MEAN, F_PRIOR_VAR, \
-    F_PRIOR_N, F_DYN_Z_LO, F_DYN_Z_HI, F_DYN_Z_STEP, F_EPS, F_RANGE_ALPHA = range(14)
-N_FPARAMS = 14
+    F_PRIOR_N, F_DYN_Z_LO, F_DYN_Z_HI, F_DYN_Z_STEP, F_EPS, F_RANGE_ALPHA, F_BIAS_ALPHA, \
+    F_ENERGY_ALPHA = range(16)
+N_FPARAMS = 16
 # Indices into the integer parameter vector.
 I_METHOD, I_WARMUP, I_CLOSE_AFTER, I_LEARN, I_GAP_DECAY, I_ACCEPT_LATE, I_HAS_OFFSETS, \
     I_DYNAMIC, I_DYN_REFRESH, I_RELEARN, I_RANGE_WARMUP = range(11)
@@ -44,6 +45,9 @@ N_COUNTERS = 9
 CLIP_LOW, CLIP_HIGH = 2.0, 4.0
 #: Events a stream's input statistics need before scale drift is judged.
 DRIFT_MIN_EVENTS = 20
+#: Learnt events before the bias and energy terms start averaging standardised residuals
+#: (the residual variance they divide by is a plain mean of this many events by then).
+WINDOW_START = 20
 # Per-event codes in ``out_code``.
 OPENED, CLOSED = 1, 2
 
@@ -79,7 +83,8 @@ def _track_drift(e, s, xs, alpha, factor, n_seen, drift_m, drifted):
 
 @njit(inline="always", **_OPTS)
 def _score_event(e, s, xs, pred, fp, method, n_feat, err_mean, err_var, err_short, err_vm,
-                 err_cov, n_scored, resid, solve, chol, out_error, out_contrib, x_lo, x_hi, range_warmup):
+                 err_cov, n_scored, resid, solve, chol, out_error, out_contrib, x_lo, x_hi, range_warmup,
+                 err_bias, err_energy, settling):
     """Error, tail probability and smoothed error of event e (scaled units).
 
     Reads the stream's statistics as they were before the event: an anomaly must not
@@ -146,7 +151,36 @@ def _score_event(e, s, xs, pred, fp, method, n_feat, err_mean, err_var, err_shor
             if beyond > 0.0 and x_lo[s, d] <= x_hi[s, d]:  # (no range yet: lo = inf, hi = -inf)
                 z = beyond / math.sqrt(err_cov[s, d, d] + fp[F_EPS])
                 p = min(p, 2.0 * n_feat * normal_sf(z))
+    n_w = n_scored[s] - WINDOW_START
+    ba, ea = fp[F_BIAS_ALPHA], fp[F_ENERGY_ALPHA]
+    # Silent while the stream settles after an episode: its residual statistics are catching
+    # up with what the episode left behind (a new level, a new noise scale).
+    if not settling and (ba > 0.0 and n_w * ba >= 2.0) or (ea > 0.0 and n_w * ea >= 2.0):
+        energy = 0.0
+        for d in range(n_feat):
+            z = _std_resid(resid[d], s, d, err_vm, err_cov, fp[F_EPS])
+            if ba > 0.0 and n_w * ba >= 2.0:
+                # Persistent bias (a drift the state lags behind): the recent EW mean of the
+                # signed standardised residual against the spread of such a mean of
+                # independent residuals; both signs, Bonferroni over the features.
+                b = (1.0 - ba) * err_bias[s, d] + ba * z
+                p = min(p, 2.0 * n_feat * normal_sf(abs(b) / math.sqrt(ba / (2.0 - ba))))
+            energy += z * z
+        if ea > 0.0 and n_w * ea >= 2.0:
+            # Too much energy (a variance burst, a cycle the network cannot follow): the recent
+            # EW mean of squared standardised residuals, a chi-squared / nu with nu = D (2 - a) / a
+            # effective degrees of freedom for independent residuals.
+            en = (1.0 - ea) * err_energy[s] + ea * energy / n_feat
+            p = min(p, chi2_mean_sf(en, n_feat * (2.0 - ea) / ea))
     return p, short
+
+
+@njit(inline="always", **_OPTS)
+def _std_resid(r, s, d, err_vm, err_cov, eps):
+    """Residual r of feature d standardised by the stream's EW residual mean and variance,
+    winsorised to +-CLIP_HIGH (one outlier must not carry a window's average)."""
+    z = (r - err_vm[s, d]) / math.sqrt(err_cov[s, d, d] + eps)
+    return min(max(z, -CLIP_HIGH), CLIP_HIGH)
 
 
 @njit(inline="always", **_OPTS)
@@ -160,7 +194,7 @@ def _widen_range(e, s, xs, n_feat, x_lo, x_hi):
 
 @njit(inline="always", **_OPTS)
 def _update_stats(e, s, xs, pred, fp, n_feat, err_mean, err_var, err_short, err_vm, err_cov,
-                  n_scored, resid, x_lo, x_hi, range_warmup, absorb):
+                  n_scored, resid, x_lo, x_hi, range_warmup, absorb, err_bias, err_energy, fast):
     """Fold event e's error into the stream's exponentially weighted statistics."""
     k = n_scored[s]
     ra = fp[F_RANGE_ALPHA]
@@ -190,6 +224,18 @@ def _update_stats(e, s, xs, pred, fp, n_feat, err_mean, err_var, err_short, err_
         resid[d] = r
         err += r * r
     err = math.sqrt(err / n_feat)
+    n_w = k - WINDOW_START
+    if n_w >= 0:
+        # Against the residual statistics before this event, as the score reads them; plain
+        # averages until the EW weights take over.
+        ba = max(fp[F_BIAS_ALPHA], 1.0 / (n_w + 1.0))
+        ea = max(fp[F_ENERGY_ALPHA], 1.0 / (n_w + 1.0))
+        energy = 0.0
+        for d in range(n_feat):
+            z = _std_resid(resid[d], s, d, err_vm, err_cov, fp[F_EPS])
+            err_bias[s, d] = (1.0 - ba) * err_bias[s, d] + ba * z
+            energy += z * z
+        err_energy[s] = (1.0 - ea) * err_energy[s] + ea * energy / n_feat
     sa = max(fp[F_SHORT_ALPHA], 1.0 / (k + 1.0))
     err_short[s] = (1.0 - sa) * err_short[s] + sa * err
     if k * fp[F_SHORT_ALPHA] >= 2.0:
@@ -200,6 +246,11 @@ def _update_stats(e, s, xs, pred, fp, n_feat, err_mean, err_var, err_short, err_
     delta = err - err_mean[s]
     err_mean[s] += a * delta
     err_var[s] = (1.0 - a) * (err_var[s] + a * delta * delta)
+    if absorb:
+        # Inside an episode and while settling after it, the residual mean and covariance
+        # follow at ``fast`` (the bias and energy terms' rate): what the episode leaves behind
+        # (an offset the network keeps after a level shift) becomes the new normal.
+        a = max(a, fast)
     for d in range(n_feat):
         resid[d] -= err_vm[s, d]
     for i in range(n_feat):
@@ -231,6 +282,7 @@ def _dynamic_ok(s, smoothed, fp, ip, warm, dyn_buf, dyn_eps, ordered):
 def _detect_list(lo, hi, ev, sl, x, ts, offsets, fp, ip, xs, state, pred, x_mean, x_scale, last_ts,
                  last_offset, err_mean, err_var, err_short, err_vm, err_cov, n_scored, warm, in_alert,
                  below, alert_len, open_ts, drift_m, drifted, dyn_buf, dyn_eps, x_lo, x_hi,
+                 err_bias, err_energy,
                  out_pred, out_error, out_score, out_rank, out_alert, out_applied, out_code,
                  out_open_ts, out_contrib, cnt, resid, solve, chol, ordered,
                  cell, reset_after, hidden, offs, wx, wh, b, bhn, peep, wo, bo, xp, hp, acc, accn, blk):
@@ -240,6 +292,9 @@ def _detect_list(lo, hi, ev, sl, x, ts, offsets, fp, ip, xs, state, pred, x_mean
     n_feat = x.shape[1]
     thr = fp[F_THRESHOLD]
     lower = fp[F_LOWER]
+    fast = 0.0
+    if ip[I_METHOD] != MAHALANOBIS and ip[I_METHOD] != GAUSSIAN:
+        fast = max(fp[F_BIAS_ALPHA], fp[F_ENERGY_ALPHA])
     max_gap = fp[F_MAX_GAP]
     app_ev = blk[0]
     app_sl = blk[1]
@@ -311,7 +366,8 @@ def _detect_list(lo, hi, ev, sl, x, ts, offsets, fp, ip, xs, state, pred, x_mean
                 continue
             p, smoothed = _score_event(e, s, xs, pred, fp, ip[I_METHOD], n_feat, err_mean, err_var,
                                        err_short, err_vm, err_cov, n_scored, resid, solve, chol,
-                                       out_error, out_contrib, x_lo, x_hi, ip[I_RANGE_WARMUP])
+                                       out_error, out_contrib, x_lo, x_hi, ip[I_RANGE_WARMUP],
+                                       err_bias, err_energy, in_alert[s] == 0 and alert_len[s] < 0)
             score = score_from_tail(p)
             if np.isfinite(score):
                 cnt[C_SCORED] += 1
@@ -363,7 +419,7 @@ def _detect_list(lo, hi, ev, sl, x, ts, offsets, fp, ip, xs, state, pred, x_mean
             else:
                 _update_stats(e, s, xs, pred, fp, n_feat, err_mean, err_var, err_short, err_vm,
                               err_cov, n_scored, resid, x_lo, x_hi, ip[I_RANGE_WARMUP],
-                              in_alert[s] != 0 or settling)
+                              in_alert[s] != 0 or settling, err_bias, err_energy, fast)
         if n_app:
             _step_block(n_app, xs, 0, app_ev, state, app_sl, pred, cell, reset_after, hidden, offs,
                         wx, wh, b, bhn, peep, wo, bo, xp, hp, acc, accn)
@@ -373,8 +429,8 @@ def _detect_list(lo, hi, ev, sl, x, ts, offsets, fp, ip, xs, state, pred, x_mean
 def _detect_chunks_parallel(starts, ev, sl, x, ts, offsets, fp, ip, xs, state, pred, x_mean, x_scale,
                             last_ts, last_offset, err_mean, err_var, err_short, err_vm, err_cov, n_scored,
                             warm, in_alert, below, alert_len, open_ts, drift_m, drifted, dyn_buf, dyn_eps,
-                            x_lo, x_hi, out_pred, out_error, out_score, out_rank, out_alert, out_applied,
-                            out_code, out_open_ts, out_contrib, cnt, resid, solve, chol, ordered,
+                            x_lo, x_hi, err_bias, err_energy, out_pred, out_error, out_score, out_rank,
+                            out_alert, out_applied, out_code, out_open_ts, out_contrib, cnt, resid, solve, chol, ordered,
                             cell, reset_after, hidden, offs, wx, wh, b, bhn, peep, wo, bo,
                             xp, hp, acc, accn, blk):
     # Chunks own disjoint sets of streams, so they never write the same per-stream column
@@ -383,8 +439,8 @@ def _detect_chunks_parallel(starts, ev, sl, x, ts, offsets, fp, ip, xs, state, p
         _detect_list(starts[c], starts[c + 1], ev, sl, x, ts, offsets, fp, ip, xs, state, pred, x_mean,
                      x_scale, last_ts, last_offset, err_mean, err_var, err_short, err_vm, err_cov,
                      n_scored, warm, in_alert, below, alert_len, open_ts, drift_m, drifted, dyn_buf,
-                     dyn_eps, x_lo, x_hi, out_pred, out_error, out_score, out_rank, out_alert,
-                     out_applied, out_code, out_open_ts, out_contrib, cnt[c], resid[c], solve[c], chol[c],
+                     dyn_eps, x_lo, x_hi, err_bias, err_energy, out_pred, out_error, out_score, out_rank,
+                     out_alert, out_applied, out_code, out_open_ts, out_contrib, cnt[c], resid[c], solve[c], chol[c],
                      ordered[c],
                      cell, reset_after, hidden, offs, wx, wh, b, bhn, peep, wo, bo,
                      xp[c], hp[c], acc[c], accn[c], blk[c])
@@ -394,7 +450,7 @@ def _detect_chunks_parallel(starts, ev, sl, x, ts, offsets, fp, ip, xs, state, p
 def detect_batch(slots, x, ts, offsets, fp, ip, n_threads, scratch,
                  state, pred, x_mean, x_scale, last_ts, last_offset, err_mean, err_var, err_short,
                  err_vm, err_cov, n_scored, warm, in_alert, below, alert_len, open_ts, drift_m, drifted,
-                 dyn_buf, dyn_eps, x_lo, x_hi,
+                 dyn_buf, dyn_eps, x_lo, x_hi, err_bias, err_energy,
                  out_pred, out_error, out_score, out_rank, out_alert, out_applied, out_code,
                  out_open_ts, out_contrib, counters,
                  cell, reset_after, hidden, offs, wx, wh, b, bhn, peep, wo, bo):
@@ -428,7 +484,7 @@ def detect_batch(slots, x, ts, offsets, fp, ip, n_threads, scratch,
         _detect_list(0, n_ev, order, ev_slots, x, ts, offsets, fp, ip, xs, state, pred, x_mean, x_scale,
                      last_ts, last_offset, err_mean, err_var, err_short, err_vm, err_cov, n_scored, warm,
                      in_alert, below, alert_len, open_ts, drift_m, drifted, dyn_buf, dyn_eps, x_lo, x_hi,
-                     out_pred, out_error, out_score, out_rank, out_alert, out_applied, out_code,
+                     err_bias, err_energy, out_pred, out_error, out_score, out_rank, out_alert, out_applied, out_code,
                      out_open_ts, out_contrib, cnt[0], resid[0], solve[0], chol[0], ordered[0],
                      cell, reset_after, hidden, offs, wx, wh, b, bhn, peep, wo, bo,
                      xp[0], hp[0], acc[0], accn[0], blk[0])
@@ -437,8 +493,8 @@ def detect_batch(slots, x, ts, offsets, fp, ip, n_threads, scratch,
         _detect_chunks_parallel(cstarts, ev, sl, x, ts, offsets, fp, ip, xs, state, pred, x_mean, x_scale,
                                 last_ts, last_offset, err_mean, err_var, err_short, err_vm, err_cov,
                                 n_scored, warm, in_alert, below, alert_len, open_ts, drift_m, drifted,
-                                dyn_buf, dyn_eps, x_lo, x_hi, out_pred, out_error, out_score, out_rank,
-                                out_alert, out_applied, out_code, out_open_ts, out_contrib, cnt, resid, solve,
+                                dyn_buf, dyn_eps, x_lo, x_hi, err_bias, err_energy, out_pred, out_error, out_score,
+                                out_rank, out_alert, out_applied, out_code, out_open_ts, out_contrib, cnt, resid, solve,
                                 chol, ordered, cell, reset_after, hidden, offs, wx, wh, b, bhn, peep, wo, bo,
                                 xp, hp, acc, accn, blk)
     for c in range(n_chunks):
