@@ -16,7 +16,10 @@ the events were batched, chunked or tiled, so all give identical numbers.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from streamrnn.config import jit_options
 from streamrnn.kernels.cells import TILE_ROWS, head_step, layer_step
@@ -29,6 +32,39 @@ _PAR_OPTS = jit_options(parallel=True)
 SERIAL_WAVE = 64
 #: Chunks per thread the streams are split into (balances the load).
 CHUNKS_PER_THREAD = 4
+#: Bytes apart of the prefetches that cover a state row (one per cache line).
+_LINE = 64
+
+
+@intrinsic
+def _prefetch(typingctx, arr, i):
+    """Hint the CPU to fetch the cache line of arr[i] (a 1-D array) for reading and writing."""
+    if not isinstance(arr, types.Array) or arr.ndim != 1 or not isinstance(i, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        aryty, ity = signature.args
+        ary = context.make_array(aryty)(context, builder, args[0])
+        idx = context.cast(builder, args[1], ity, types.intp)
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [idx])
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        # rw=1 (the row is written back), locality=3 (keep in all levels), data cache.
+        builder.call(fn, [ptr, ir.Constant(i32, 1), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(arr, i), codegen
+
+
+@njit(**_OPTS)
+def _prefetch_row(a, r):
+    """Prefetch every cache line of row r of a 2-D float32 array."""
+    row = a[r]
+    per_line = _LINE // 4
+    for k in range(0, row.shape[0], per_line):
+        _prefetch(row, k)
+    _prefetch(row, row.shape[0] - 1)
 
 
 @njit(**_OPTS)
@@ -93,6 +129,12 @@ def _step_list(lo, hi, ev, sl, xs, state, pred, prev_out,
             sl_blk[rn] = s
             rn += 1
             i += 1
+        # The next block's streams are (most likely) the next TILE_ROWS in the list: start
+        # fetching their state rows, scattered over a table too large for the caches when
+        # there are many streams, while this block computes.
+        for q in range(i, min(hi, i + TILE_ROWS)):
+            _prefetch_row(state, sl[q])
+            _prefetch_row(pred, sl[q])
         for r in range(rn):
             e = ev_blk[r]
             s = sl_blk[r]
