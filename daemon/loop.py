@@ -15,8 +15,9 @@ once: alert delivery never waits for a checkpoint. Checkpoint protocol, in this 
 3. commit the offsets after the last processed message of the frozen state.
 
 Between interval checkpoints the steps advance while the loop goes on scoring (one
-checkpoint in flight at a time); on rebalance, model change and shutdown the loop blocks
-until they are done (finishing the one in flight first).
+checkpoint in flight at a time; its commit is asynchronous, answered in a later poll); on
+rebalance, model change and shutdown the loop blocks until they are done (finishing the one
+in flight first, sending its commit again synchronously).
 
 A crash between any two steps replays input whose events the restored state either lacks
 (they are applied again, their alerts produced again with the same ids) or already holds
@@ -132,6 +133,9 @@ class _SendCounter:
         return self.sent - self.acked
 
 
+_IN_FLIGHT = object()
+
+
 @dataclass
 class _Checkpoint:
     """A checkpoint in flight: the frozen state of its partitions and how far it got."""
@@ -139,9 +143,11 @@ class _Checkpoint:
     epoch: int  # outputs of the covered events were sent in this epoch or before
     items: list  # (task, next offset, what the store prepared)
     started: float
-    stage: str = "acks"  # -> "writing" (local) or "changelog" -> done
+    stage: str = "acks"  # -> "writing" (local) or "changelog" -> "committing" -> done
     future: Future | None = None
     changelog_epoch: int = -1
+    commit: list | None = None  # (task, offset) of the asynchronous commit in flight
+    commit_result: object = _IN_FLIGHT  # what its callback reported: an exception, or not
 
 
 class Daemon:
@@ -547,19 +553,42 @@ class Daemon:
             elif not self._sends.acked_through(ck.changelog_epoch):
                 return False
             self._check_sends("writing the changelog")
-        live = [(t, off) for t, off, _p in ck.items if self.tasks.get((t.topic, t.partition)) is t]
-        if live:
-            try:  # 3.
-                self.consumer.commit({TopicPartition(t.topic, t.partition): OffsetAndMetadata(off, "", -1)
-                                      for t, off in live})
+        if ck.stage != "committing":
+            ck.commit = [(t, off) for t, off, _p in ck.items if self.tasks.get((t.topic, t.partition)) is t]
+            if not block and ck.commit:
+                # 3. asynchronously: a synchronous commit stalled the loop (and every event
+                # waiting in the fetch buffer) for a broker round trip, 2-75 ms measured.
+                ck.stage = "committing"
+                self.consumer.commit_async(_offsets(ck.commit), callback=lambda _o, res: _set_result(ck, res))
+                return False
+        if ck.stage == "committing" and not block:
+            if ck.commit_result is _IN_FLIGHT:  # the callback runs in a later poll, on this thread
+                return False
+            if isinstance(ck.commit_result, Exception):
+                return self._commit_failed(ck, ck.commit_result)
+        else:  # 3. blocking (rebalance, model change, shutdown); a commit in flight is sent again
+            ck.commit = [(t, off) for t, off in ck.commit if self.tasks.get((t.topic, t.partition)) is t]
+        if block and ck.commit:
+            try:
+                self.consumer.commit(_offsets(ck.commit))
             except CommitFailedError as exc:
-                self._lost([t for t, _ in live], exc)
-                return True
-        for t, off in live:
+                return self._commit_failed(ck, exc)
+        for t, off in ck.commit:
             t.committed = off
         self.counts["checkpoints"] += 1
         self.metrics.checkpoint_seconds.observe(time.perf_counter() - ck.started)
         self.metrics.last_checkpoint = time.monotonic()
+        return True
+
+    def _commit_failed(self, ck: _Checkpoint, exc: Exception) -> bool:
+        """The commit of ``ck`` failed. Its state and outputs are saved, so the offsets can
+        wait: a retriable error leaves them for the next checkpoint; a rebalance loses the
+        partitions. Returns True (the checkpoint is over)."""
+        if isinstance(exc, CommitFailedError):
+            self._lost([t for t, _ in ck.commit], exc)
+        else:
+            log.warning("offset commit failed; the next checkpoint commits again", extra={"fields": {
+                "partitions": [f"{t.topic}[{t.partition}]" for t, _ in ck.commit], "reason": repr(exc)}})
         return True
 
     def _write_local(self, prepared: list) -> None:
@@ -574,7 +603,9 @@ class Daemon:
         log.warning("offset commit failed: partitions were reassigned", extra={"fields": {
             "partitions": [f"{t.topic}[{t.partition}]" for t in tasks], "reason": str(exc)}})
         for t in tasks:
-            self.tasks.pop((t.topic, t.partition), None)
+            if self.tasks.get((t.topic, t.partition)) is not t:
+                continue  # already revoked (and perhaps assigned again: a new task)
+            self.tasks.pop((t.topic, t.partition))
             forget = getattr(self.store, "forget", None)
             if forget:
                 forget(t.topic, t.partition)
@@ -666,6 +697,15 @@ class Daemon:
                 except Exception as exc:  # closing is best effort; the commit is done
                     log.warning("close failed", extra={"fields": {"client": name, "reason": str(exc)}})
             setattr(self, name, None)
+
+
+def _offsets(commit: list) -> dict:
+    return {TopicPartition(t.topic, t.partition): OffsetAndMetadata(off, "", -1) for t, off in commit}
+
+
+def _set_result(ck: _Checkpoint, result) -> None:
+    """Commit callback (kafka-python 3 reports success as None, failure as an exception)."""
+    ck.commit_result = result
 
 
 class _Listener(ConsumerRebalanceListener):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from kafka.errors import KafkaConnectionError, KafkaError
+from kafka.errors import CommitFailedError, KafkaConnectionError, KafkaError
 
 import daemon.loop as loop
 from daemon.errors import DaemonError
@@ -52,11 +52,26 @@ class FakeProducer:
 
 
 class FakeConsumer:
+    """``commits``: the offsets the broker has taken, in order; asynchronous commits wait in
+    ``in_flight`` until :meth:`answer`."""
+
     def __init__(self) -> None:
         self.commits: list[dict] = []
+        self.in_flight: list = []
 
     def commit(self, offsets) -> None:
         self.commits.append({tp.partition: om.offset for tp, om in offsets.items()})
+
+    def commit_async(self, offsets, callback) -> None:
+        self.in_flight.append((offsets, callback))
+
+    def answer(self, error: Exception | None = None) -> None:
+        """The broker answers the commits in flight (kafka-python runs the callbacks in a poll)."""
+        for offsets, callback in self.in_flight:
+            if error is None:
+                self.commit(offsets)
+            callback(offsets, error)  # kafka-python 3 reports success as None
+        self.in_flight = []
 
     def highwater(self, tp):
         return None
@@ -137,8 +152,12 @@ def test_state_saved_only_after_acks_and_committed_only_after_save():
     assert ck.stage == "writing" and d.consumer.commits == []
     store.gate.set()
     ck.future.result(30)
-    assert d._advance(ck, block=False)
+    assert not d._advance(ck, block=False)  # saved; the commit is sent without waiting
     assert store.written == [(0, 0)]  # the frozen state, not the live one
+    assert ck.stage == "committing" and d.consumer.commits == [] and task.committed is None
+    assert not d._advance(ck, block=False)  # no answer yet
+    d.consumer.answer()
+    assert d._advance(ck, block=False)
     assert d.consumer.commits == [{0: 10}] and task.committed == 10
     d._close()
 
@@ -159,6 +178,9 @@ def test_changelog_rows_sent_after_alert_acks_and_commit_after_row_acks():
     d.producer.ack(1)
     assert not d._advance(ck, block=False)
     d.producer.ack(2)
+    assert not d._advance(ck, block=False)
+    assert d.consumer.commits == [] and len(d.consumer.in_flight) == 1
+    d.consumer.answer()
     assert d._advance(ck, block=False)
     assert d.consumer.commits == [{0: 7}]
 
@@ -175,6 +197,44 @@ def test_blocking_checkpoint_finishes_the_one_in_flight_first():
     assert d._pending is None
     assert d.consumer.commits == [{0: 10}, {0: 20}]
     assert all(r[5] for r in d.producer.sent)
+    d._close()
+
+
+def saved_and_committing(store):
+    """A daemon whose checkpoint of offset 10 is saved and has its commit in flight."""
+    store.gate.set()
+    d, task = make_daemon(store)
+    task.next_offset = 10
+    d._send("alerts", b"s1", b"alert-1")
+    ck = d._begin([task])
+    d.producer.flush()
+    assert not d._advance(ck, block=False)
+    ck.future.result(30)
+    assert not d._advance(ck, block=False) and ck.stage == "committing"
+    return d, task, ck
+
+
+def test_blocking_checkpoint_commits_again_what_is_in_flight():
+    d, task, ck = saved_and_committing(LocalLike())
+    d._pending = ck
+    d.checkpoint([task])  # e.g. a revocation: cannot wait for a later poll to run the callback
+    assert d._pending is None and d.consumer.commits == [{0: 10}] and task.committed == 10
+    d.consumer.answer(CommitFailedError("late answer of the first commit"))  # ignored: that checkpoint is over
+    assert d.tasks[("in", 0)] is task
+    d._close()
+
+
+def test_failed_async_commit_loses_partition_on_rebalance_and_retries_otherwise():
+    d, task, ck = saved_and_committing(LocalLike())
+    d.consumer.answer(KafkaConnectionError("coordinator moved"))  # retriable
+    assert d._advance(ck, block=False)
+    assert task.committed is None and d.tasks[("in", 0)] is task  # the next checkpoint commits again
+    assert [t for t in [task] if t.next_offset != t.committed]  # still dirty
+    d._close()
+    d, task, ck = saved_and_committing(LocalLike())
+    d.consumer.answer(CommitFailedError("rebalanced"))
+    assert d._advance(ck, block=False)
+    assert ("in", 0) not in d.tasks and d.consumer.commits == []
     d._close()
 
 
@@ -196,6 +256,7 @@ def test_loop_turn_advances_and_starts_checkpoints():
             break
         if d._pending.future is not None:
             d._pending.future.result(30)
+        d.consumer.answer()
         d._turn_checkpoints()
     assert d.consumer.commits == [{0: 3}] and task.committed == 3
     d._close()
