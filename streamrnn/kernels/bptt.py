@@ -148,8 +148,50 @@ def _mat(vec, off, rows, cols):
 
 # ------------------------------------------------------------------ forward, one step
 @njit(**_OPTS)
-def _layer_forward(cell, reset_after, rc, h, r0, hl, cl, src, s0, k_in, wx, wh, bih, bhh, peep,
-                   gl, hnl, work, accn):
+def _act(dst, src, n, sig):
+    """dst[:n] = sigmoid(src[:n]) if sig else tanh(src[:n]) (loops from 0: with a runtime
+    start Numba's negative-index check stays in the loop and it does not vectorise)."""
+    if sig:
+        for j in range(n):
+            dst[j] = _sigmoid(src[j])
+    else:
+        for j in range(n):
+            dst[j] = _tanh(src[j])
+
+
+@njit(**_OPTS)
+def _lstm_gates(rc, h, r0, ro, work, gl, cl, hl, hnl):
+    """LSTM without peepholes: the four gates of a row need no cell state, so they are taken
+    in loops over one gate's columns, then the cell update. Every loop reads and writes few
+    arrays: with more, LLVM's runtime overlap checks give up and the loop stays scalar (the
+    fused loop of the peephole case costs about twice as much). Same operations, same order.
+    """
+    for r in range(rc):
+        a = work[r0 + r]
+        gr = gl[r0 + r]
+        _act(gr[0:2 * h], a[0:2 * h], 2 * h, True)
+        _act(gr[2 * h:3 * h], a[2 * h:3 * h], h, False)
+        _act(gr[3 * h:4 * h], a[3 * h:4 * h], h, True)
+    for r in range(rc):
+        gi = gl[r0 + r, 0:h]
+        gf = gl[r0 + r, h:2 * h]
+        gg_ = gl[r0 + r, 2 * h:3 * h]
+        cp = cl[r0 + r, 0:h]
+        co = cl[ro + r, 0:h]
+        for j in range(h):
+            co[j] = gi[j] * gg_[j] + gf[j] * cp[j]
+        tcr = hnl[r0 + r, 0:h]
+        for j in range(h):
+            tcr[j] = _tanh(co[j])
+        go = gl[r0 + r, 3 * h:4 * h]
+        ho = hl[ro + r, 0:h]
+        for j in range(h):
+            ho[j] = go[j] * tcr[j]
+
+
+@njit(**_OPTS)
+def _layer_forward(cell, reset_after, peephole, rc, h, r0, hl, cl, src, s0, k_in, wx, wh, bih, bhh,
+                   peep, gl, hnl, work, accn):
     """Step t of one layer for the block's ``rc`` rows (rows ``r0 = t * rc`` onwards).
 
     ``src`` rows s0+r0.. are the layer's inputs at step t. ``work`` rows r0.. receive the
@@ -215,6 +257,9 @@ def _layer_forward(cell, reset_after, rc, h, r0, hl, cl, src, s0, k_in, wx, wh, 
                 hnr = hnl[r0 + r, 0:h]
                 for j in range(h):
                     hnr[j] = n_rec[j]
+    elif cell == LSTM and not peephole:
+        gemm_acc(work, r0, 0, rc, gh, src, xr, 0, wx, 0, 0, k_in, hl, r0, 0, wh, 0, 0, h)
+        _lstm_gates(rc, h, r0, ro, work, gl, cl, hl, hnl)
     elif cell == LSTM:
         gemm_acc(work, r0, 0, rc, gh, src, xr, 0, wx, 0, 0, k_in, hl, r0, 0, wh, 0, 0, h)
         pi = peep[0, 0:h]
@@ -436,7 +481,7 @@ def _block(theta, thetak, x, idx, lo, rn, cell, reset_after, peephole, hidden,
         src = src0 if layer == 0 else hs[layer - 1]
         s0 = 0 if layer == 0 else rc
         for t in range(n_steps):
-            _layer_forward(cell, reset_after, rc, h, t * rc, hs[layer], cs[layer], src, s0, k_in,
+            _layer_forward(cell, reset_after, peephole, rc, h, t * rc, hs[layer], cs[layer], src, s0, k_in,
                            wx, wh, bih, bhh, peep, gates[layer], hn[layer], work, accn)
     # ---- head, loss and the gradient reaching the top layer
     wot = _mat(thetak, head[0], htop, n_out)
@@ -547,14 +592,15 @@ def _block(theta, thetak, x, idx, lo, rn, cell, reset_after, peephole, hidden,
             dx = work[p, 0:gh]
             for j in range(gh):
                 gbih[j] += dx[j]
+        # b_hh gets the same sums as b_ih (both start at zero in this block's row), except
+        # GRU reset-after's n part, which is summed from dhn.
         split = 2 * h if cell == GRU and reset_after else gh
-        for p in range(m):
-            dx = work[p, 0:split]
-            for j in range(split):
-                gbhh[j] += dx[j]
-            if split < gh:
+        for j in range(split):
+            gbhh[j] += gbih[j]
+        if split < gh:
+            gn = gbhh[split:gh]
+            for p in range(m):
                 dn = dhn[p, 0:h]
-                gn = gbhh[split:gh]
                 for j in range(h):
                     gn[j] += dn[j]
         if layer > 0:
@@ -565,6 +611,19 @@ def _block(theta, thetak, x, idx, lo, rn, cell, reset_after, peephole, hidden,
 
 
 # ------------------------------------------------------------------ batch entry points
+# Arrays for the parallel entry points come from these serial functions: in a parallel
+# function np.zeros becomes a parallel loop, which with a chunk size of 1 (Net.grad hands
+# blocks out one at a time) is scheduled element by element.
+@njit(**_OPTS)
+def _zeros(shape, like):
+    return np.zeros(shape, like.dtype)
+
+
+@njit(**_OPTS)
+def _zeros64(shape):
+    return np.zeros(shape)
+
+
 @njit(**_PAR_OPTS)
 def batch_grad(theta, x, idx, cell, reset_after, peephole, hidden, n_out, gaussian,
                offs, head, scale):
@@ -580,22 +639,22 @@ def batch_grad(theta, x, idx, cell, reset_after, peephole, hidden, n_out, gaussi
     n = idx.shape[0]
     n_blocks = (n + BLOCK - 1) // BLOCK
     total = theta.shape[0]
-    rows = np.zeros((n_blocks, total), theta.dtype)
-    losses = np.zeros(n_blocks)
-    no_outs = np.zeros((0, 1, 1), theta.dtype)
+    rows = _zeros((n_blocks, total), theta)
+    losses = _zeros64(n_blocks)
+    no_outs = _zeros((0, 1, 1), theta)
     for b in prange(n_blocks):
         lo = b * BLOCK
         rn = min(BLOCK, n - lo)
         losses[b] = _block(theta, thetak, x, idx, lo, rn, cell, reset_after, peephole,
                            hidden, n_out, gaussian, offs, head, scale, rows[b], True, no_outs)
     # Fixed-order reduction: block 0, 1, 2, ... whatever thread ran which block.
-    summed = np.zeros(total)
+    summed = _zeros64(total)
     loss = 0.0
     for b in range(n_blocks):
         loss += losses[b]
         for i in range(total):
             summed[i] += rows[b, i]
-    grad = np.zeros(total)
+    grad = _zeros64(total)
     from_kernel_layout_add(grad, summed, g, hidden, d_in, n_out, offs, head, total)
     return loss, grad
 
@@ -609,9 +668,9 @@ def batch_forward(theta, x, idx, cell, reset_after, peephole, hidden, n_out, gau
     thetak = to_kernel_layout(theta, g, hidden, d_in, n_out, offs, head)
     n = idx.shape[0]
     n_blocks = (n + BLOCK - 1) // BLOCK
-    losses = np.zeros(n_blocks)
-    outs = np.zeros((n if want_outputs else 0, x.shape[1] - 1, n_out), theta.dtype)
-    dummy = np.zeros(0, theta.dtype)
+    losses = _zeros64(n_blocks)
+    outs = _zeros((n if want_outputs else 0, x.shape[1] - 1, n_out), theta)
+    dummy = _zeros(0, theta)
     for b in prange(n_blocks):
         lo = b * BLOCK
         rn = min(BLOCK, n - lo)
