@@ -370,3 +370,20 @@ def test_tile_width_never_changes_results(tmp_path, panel):
     here = np.stack([Model.random(cell, n_features=3, hidden=[40, 24], seed=1).predict(x)
                      for cell in ("gru", "lstm", "rnn")])
     np.testing.assert_array_equal(np.load(tmp_path / "p.npy"), here)
+
+
+def test_lstm_gates_without_peepholes_give_the_same_bits():
+    # Models without peepholes take a loop with no peephole terms; with zero peepholes the
+    # general loop must produce exactly the same state.
+    rng = np.random.default_rng(7)
+    rn, h = 5, 40
+    acc = (3 * rng.standard_normal((cells.TILE_ROWS, 4 * h))).astype(np.float32)
+    state = rng.standard_normal((9, 2 * h + 3), dtype=np.float32)
+    rows = np.array([8, 2, 5, 0, 3], np.int64)
+    before = state.copy()
+    plain = state.copy()
+    cells._lstm_gates(rn, state, rows, 3, h, acc, np.zeros((3, h), np.float32))
+    cells._lstm_gates_plain(rn, plain, rows, 3, h, acc)
+    assert np.array_equal(state, plain)
+    assert not np.array_equal(state[rows], before[rows])  # the rows did step
+    assert np.array_equal(np.delete(state, rows, 0), np.delete(before, rows, 0))

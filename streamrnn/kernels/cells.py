@@ -224,6 +224,32 @@ def _lstm_gates(rn, state, rows, off, hsz, acc, peep):
 
 
 @njit(**_OPTS)
+def _lstm_gates_plain(rn, state, rows, off, hsz, acc):
+    """``_lstm_gates`` without peepholes: the same numbers (adding 0 * c changes nothing) with
+    three fewer loads and FMAs per unit, in a loop that then fits the vector registers."""
+    offc = off + hsz
+    for r in range(rn):
+        row = state[rows[r]]
+        for j in range(hsz):
+            c = row[_U(offc + j)]
+            ig = sigmoid32(acc[r, j])
+            fg = sigmoid32(acc[r, _U(hsz + j)])
+            gg = tanh32(acc[r, _U(2 * hsz + j)])
+            cn = fg * c + ig * gg
+            og = sigmoid32(acc[r, _U(3 * hsz + j)])
+            row[_U(offc + j)] = cn
+            row[_U(off + j)] = og * tanh32(cn)
+
+
+@njit(**_OPTS)
+def _all_zero(a):
+    for v in a.ravel():
+        if v != _ZERO:
+            return False
+    return True
+
+
+@njit(**_OPTS)
 def _rnn_gates(cell, rn, state, rows, off, hsz, acc):
     for r in range(rn):
         row = state[rows[r]]
@@ -259,7 +285,10 @@ def layer_step(cell, reset_after, rn, src, src_rows, src_col, n_in, state, rows,
         _gru_gates(rn, state, rows, off, hsz, acc, accn, reset_after)
     elif cell == LSTM:
         block_product(acc, 0, b, 0, 0, 4 * hsz, rn, xp, n_in, wx, hp, hsz, wh)
-        _lstm_gates(rn, state, rows, off, hsz, acc, peep)
+        if _all_zero(peep):
+            _lstm_gates_plain(rn, state, rows, off, hsz, acc)
+        else:
+            _lstm_gates(rn, state, rows, off, hsz, acc, peep)
     else:
         block_product(acc, 0, b, 0, 0, hsz, rn, xp, n_in, wx, hp, hsz, wh)
         _rnn_gates(cell, rn, state, rows, off, hsz, acc)
