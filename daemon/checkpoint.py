@@ -9,8 +9,10 @@
   the table). Any consumer of the group can rebuild a partition's state by reading its
   changelog partition to the end, so partitions move between machines.
 
-A row is the stream's values of every table column packed into fixed-size bytes; the
-layout's hash goes in a header so rows of another model architecture are never mixed in.
+A row is the stream's values of every table column packed into fixed-size bytes. Its
+headers carry the layout's hash and the layout itself (column names, dtypes and shapes), so a
+newer version restores rows written before it added columns (they take the columns' upgrade
+values, as local snapshots do); rows of another model architecture are never mixed in.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streamrnn.detector import Detector
+from streamrnn.detector import ADDED_COLUMNS, Detector
 from streamrnn.errors import StreamrnnError
 from streamrnn.state import StreamTable
 
@@ -33,6 +35,8 @@ __all__ = ["LocalStore", "ChangelogStore", "RowCodec", "changelog_partition"]
 
 log = logging.getLogger("daemon.checkpoint")
 LAYOUT_HEADER = "streamrnn.layout"
+#: JSON ``[[name, dtype, shape], ...]`` of the row's columns in packing order.
+LAYOUT_SPEC_HEADER = "streamrnn.layout_spec"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -104,6 +108,32 @@ class RowCodec:
         self.dtype = np.dtype([(name, spec.dtype, spec.shape) for name, spec in self.columns.items()])
         spec = json.dumps({n: [str(s.dtype), list(s.shape)] for n, s in self.columns.items()}, sort_keys=True)
         self.layout = hashlib.sha256(spec.encode()).hexdigest()[:16].encode()
+        self.spec = json.dumps([[n, self.dtype[n].base.str, list(s.shape)] for n, s in self.columns.items()],
+                               separators=(",", ":")).encode()
+
+    def upgrade(self, spec: bytes, rows: list[bytes], added: dict | None = None) -> list[bytes] | None:
+        """Rows packed in the layout ``spec`` (another codec's :attr:`spec`) repacked in this
+        one: shared columns copied, columns the old layout lacks set to their value in
+        ``added`` (default :data:`streamrnn.detector.ADDED_COLUMNS`). None when that is not
+        possible (a shared column changed dtype or shape, a new column has no upgrade value)."""
+        added = ADDED_COLUMNS if added is None else added
+        try:
+            old = np.dtype([(n, np.dtype(d), tuple(shape)) for n, d, shape in json.loads(spec)])
+        except (TypeError, ValueError):
+            return None
+        if any(len(r) != old.itemsize for r in rows):
+            return None
+        data = np.frombuffer(b"".join(rows), old)
+        out = np.zeros(len(rows), self.dtype)
+        for name in self.columns:
+            if name in old.names and old[name] == self.dtype[name]:
+                out[name] = data[name]
+            elif name not in old.names and name in added:
+                out[name] = added[name]
+            else:
+                return None
+        blob, size = out.tobytes(), self.dtype.itemsize
+        return [blob[i * size:(i + 1) * size] for i in range(len(rows))]
 
     def export(self, table: StreamTable, stream_ids: list[str]) -> tuple[list[str], list[bytes | None]]:
         """Rows of ``stream_ids``; None (a tombstone) for streams the table no longer holds."""
@@ -137,6 +167,30 @@ def changelog_partition(inputs: list[tuple[str, int]], topic: str, partition: in
         return inputs.index((topic, partition))
     except ValueError:
         raise StreamrnnError(f"{topic}[{partition}] is not an input partition") from None
+
+
+def _current_rows(codec: RowCodec, latest: dict[str, tuple]) -> tuple[dict[str, bytes], int, int]:
+    """Rows in ``codec``'s layout from (layout, spec, row) per stream: rows of an older layout
+    upgraded (a layout at a time); rows that cannot be, or carry no spec, dropped (the stream
+    starts cold). Returns the rows, how many were upgraded and how many dropped."""
+    current: dict[str, bytes] = {}
+    older: dict[tuple, list[str]] = {}
+    for key, (layout, spec, row) in latest.items():
+        if layout == codec.layout:
+            current[key] = row
+        else:
+            older.setdefault((layout, spec), []).append(key)
+    upgraded = foreign = 0
+    for (layout, spec), keys in older.items():
+        new = codec.upgrade(spec, [latest[k][2] for k in keys]) if spec is not None else None
+        if new is None:
+            foreign += len(keys)
+            log.warning("changelog rows of another layout cannot be upgraded; their streams start cold",
+                        extra={"fields": {"layout": (layout or b"").decode(errors="replace"), "streams": len(keys)}})
+            continue
+        current.update(zip(keys, new))
+        upgraded += len(keys)
+    return {k: current[k] for k in latest if k in current}, upgraded, foreign  # in changelog order
 
 
 class ChangelogStore:
@@ -177,13 +231,13 @@ class ChangelogStore:
         part = changelog_partition(self.inputs, topic, partition)
         for sid, row in zip(names, rows):
             (known.add if row is not None else known.discard)(sid)
-        return part, codec.layout, names, rows
+        return part, (codec.layout, codec.spec), names, rows
 
     def write(self, prepared, send: Callable | None = None) -> None:
         """Send prepared rows with ``send(topic, key, value, partition, headers)`` (default:
         the producer's ``send``); the caller waits for their acknowledgements."""
-        part, layout, names, rows = prepared
-        headers = [(LAYOUT_HEADER, layout)]
+        part, (layout, spec), names, rows = prepared
+        headers = [(LAYOUT_HEADER, layout), (LAYOUT_SPEC_HEADER, spec)]
         for sid, row in zip(names, rows):
             if send is None:
                 self.producer.send(self.topic, key=sid.encode(), value=row, partition=part, headers=headers)
@@ -198,8 +252,7 @@ class ChangelogStore:
         codec = RowCodec(det.table)
         part = changelog_partition(self.inputs, topic, partition)
         tp = TopicPartition(self.topic, part)
-        latest: dict[str, bytes | None] = {}
-        foreign = 0
+        latest: dict[str, tuple | None] = {}  # the last record per stream: (layout, spec, row)
         t0 = time.perf_counter()
         consumer = self.consumer_factory()
         try:
@@ -208,20 +261,20 @@ class ChangelogStore:
             end = consumer.end_offsets([tp])[tp]
             while consumer.position(tp) < end:
                 for rec in consumer.poll(timeout_ms=200).get(tp, []):
-                    layout = dict(rec.headers or []).get(LAYOUT_HEADER)
-                    if rec.value is not None and layout != codec.layout:
-                        foreign += 1
+                    if rec.value is None:
+                        latest[rec.key.decode()] = None
                         continue
-                    latest[rec.key.decode()] = rec.value
+                    headers = dict(rec.headers or [])
+                    latest[rec.key.decode()] = (headers.get(LAYOUT_HEADER), headers.get(LAYOUT_SPEC_HEADER), rec.value)
         finally:
             consumer.close()
-        rows = {k: v for k, v in latest.items() if v is not None}
+        rows, upgraded, foreign = _current_rows(codec, {k: v for k, v in latest.items() if v is not None})
         codec.import_rows(det.table, list(rows), list(rows.values()))
         self._known[(topic, partition)] = set(rows)
         self._evictions[(topic, partition)] = det.table.evictions
         log.info("restored partition from changelog",
                  extra={"fields": {"topic": topic, "partition": partition, "streams": len(rows),
-                                   "records": end, "foreign_layout": foreign,
+                                   "records": end, "upgraded_layout": upgraded, "foreign_layout": foreign,
                                    "seconds": round(time.perf_counter() - t0, 3)}})
         return det
 

@@ -5,15 +5,22 @@ connection the broker resets at start-up is retried, a real error is not."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
+from typing import NamedTuple
 
+import numpy as np
 import pytest
 from kafka.errors import CommitFailedError, KafkaConnectionError, KafkaError
 
 import daemon.loop as loop
+from daemon.checkpoint import LAYOUT_HEADER, LAYOUT_SPEC_HEADER, ChangelogStore, RowCodec
 from daemon.errors import DaemonError
 from daemon.config import load_config
 from daemon.loop import Daemon, Task, _SendCounter
+from streamrnn.detector import ADDED_COLUMNS, Detector
+from streamrnn.model import Model
 
 
 class FakeFuture:
@@ -373,3 +380,104 @@ def test_a_partition_whose_state_cannot_be_restored_stops_the_loop_instead_of_be
     assert set(d.tasks) == {("in", 0)}
     with pytest.raises(DaemonError, match="cannot restore the state"):
         d._check_assigned()
+
+
+# ---------------------------------------------------------------------- changelog layouts
+class Record(NamedTuple):
+    key: bytes
+    value: bytes | None
+    headers: list
+
+
+class ChangelogReader:
+    """A group-less consumer of one changelog partition holding ``records``."""
+
+    def __init__(self, records: list[Record]) -> None:
+        self.records, self.pos = records, 0
+
+    def assign(self, tps) -> None:
+        self.tp = tps[0]
+
+    def seek_to_beginning(self, tp) -> None:
+        self.pos = 0
+
+    def end_offsets(self, tps) -> dict:
+        return {self.tp: len(self.records)}
+
+    def position(self, tp) -> int:
+        return self.pos
+
+    def poll(self, timeout_ms=0) -> dict:
+        out, self.pos = self.records[self.pos:], len(self.records)
+        return {self.tp: out}
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def scored():
+    """A detector that has scored a few streams, and its model."""
+    model = Model.random("gru", n_features=1, hidden=[4], seed=0)
+    det = Detector(model)
+    rng = np.random.default_rng(0)
+    ids = [s for _ in range(20) for s in ("a", "b", "c", "d")]
+    det.process(ids, rng.normal(size=(len(ids), 1)), np.arange(len(ids), dtype=np.int64) * 1000,
+                offsets=np.arange(len(ids), dtype=np.int64))
+    return model, det
+
+
+def old_layout(codec: RowCodec, drop: list[str], ids: list[str], table):
+    """(hash, spec, rows) of ``ids`` as a version without the columns ``drop`` wrote them."""
+    kept = [n for n in codec.columns if n not in drop]
+    spec = json.dumps({n: [str(codec.columns[n].dtype), list(codec.columns[n].shape)] for n in kept}, sort_keys=True)
+    layout = hashlib.sha256(spec.encode()).hexdigest()[:16].encode()
+    fields = [[n, codec.dtype[n].base.str, list(codec.columns[n].shape)] for n in kept]
+    rows = np.zeros(len(ids), np.dtype([(n, d, tuple(s)) for n, d, s in fields]))
+    slots = table.lookup(ids)
+    for n in kept:
+        rows[n] = table.column(n)[slots]
+    return layout, json.dumps(fields).encode(), [r.tobytes() for r in rows]
+
+
+def row_values(table, sid: str) -> dict:
+    slot = int(table.lookup([sid])[0])
+    return {n: table.column(n)[slot] for n in table.columns if n != "touch"}
+
+
+def test_changelog_rows_of_an_older_layout_are_upgraded(scored):
+    model, det = scored
+    codec = RowCodec(det.table)
+    drop = [n for n in ADDED_COLUMNS if n in codec.columns][:2]
+    assert drop, "the detector must have columns added after its first version"
+    layout, spec, rows = old_layout(codec, drop, ["a", "b", "c", "d"], det.table)
+    _, current = codec.export(det.table, ["b"])
+    bad_spec = json.dumps([[n, d, [99] if n == "state" else shape] for n, d, shape in json.loads(spec)]).encode()
+    old = [(LAYOUT_HEADER, layout), (LAYOUT_SPEC_HEADER, spec)]
+    records = [Record(b"a", rows[0], old),
+               Record(b"b", rows[1], old), Record(b"b", current[0], [(LAYOUT_HEADER, codec.layout)]),
+               Record(b"c", rows[2], [(LAYOUT_HEADER, b"0" * 16), (LAYOUT_SPEC_HEADER, bad_spec)]),
+               Record(b"d", rows[3], old), Record(b"d", None, [])]
+    store = ChangelogStore("cl", None, lambda: ChangelogReader(records), [("in", 0)])
+    restored = store.load("in", 0, lambda: Detector(model)).table
+    assert sorted(restored.ids()) == ["a", "b"]  # c cannot be upgraded, d was deleted
+    want, got = row_values(det.table, "a"), row_values(restored, "a")
+    for name in want:
+        expect = np.broadcast_to(ADDED_COLUMNS[name], want[name].shape) if name in drop else want[name]
+        np.testing.assert_array_equal(got[name], expect, err_msg=name)
+    for name, value in row_values(det.table, "b").items():  # the latest record, current layout
+        np.testing.assert_array_equal(row_values(restored, "b")[name], value, err_msg=name)
+
+
+def test_changelog_rows_carry_their_layout_and_restore_exactly(scored):
+    model, det = scored
+    store = ChangelogStore("cl", None, None, [("in", 0)])
+    sent = []
+    store.write(store.prepare("in", 0, det, {"a", "b", "c", "d"}),
+                send=lambda topic, key, value, part, headers: sent.append(Record(key, value, headers)))
+    assert all(dict(r.headers)[LAYOUT_SPEC_HEADER] == RowCodec(det.table).spec for r in sent)
+    store.consumer_factory = lambda: ChangelogReader(sent)
+    restored = store.load("in", 0, lambda: Detector(model)).table
+    for sid in "abcd":
+        for name, value in row_values(det.table, sid).items():
+            np.testing.assert_array_equal(row_values(restored, sid)[name], value, err_msg=name)
