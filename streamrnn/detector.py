@@ -82,8 +82,10 @@ class ScoredBatch:
 #: snapshot get: a snapshot without them is upgraded on restore instead of refused. The
 #: value range of a restored stream was never learnt, so it is set to cover everything
 #: (the range term stays off for that stream, as it was when the snapshot was written);
-#: its bias and energy averages start at their expected values under normal behaviour.
-ADDED_COLUMNS = {"x_lo": -np.inf, "x_hi": np.inf, "err_bias": 0.0, "err_energy": 1.0}
+#: its bias and energy averages start at their expected values under normal behaviour, and
+#: its rate of repeated values is learnt afresh.
+ADDED_COLUMNS = {"x_lo": -np.inf, "x_hi": np.inf, "err_bias": 0.0, "err_energy": 1.0, "x_last": np.nan,
+                 "rep": 0.0}
 
 
 class Detector:
@@ -182,6 +184,8 @@ class Detector:
             "x_hi": Column((d,), np.float64, -np.inf),
             "err_bias": Column((d,), np.float64, 0.0),
             "err_energy": Column((), np.float64, 0.0),
+            "x_last": Column((d,), np.float64, np.nan),
+            "rep": Column((3,), np.float64, 0.0),
         }
 
     def _check_table(self, table: StreamTable) -> None:
@@ -230,7 +234,7 @@ class Detector:
                                       "err_mean", "err_var", "err_short", "err_vm", "err_cov",
                                       "n_scored", "warm", "in_alert", "below", "alert_len", "open_ts",
                                       "drift_m", "drifted", "dyn_buf", "dyn_eps", "x_lo", "x_hi",
-                                      "err_bias", "err_energy")]
+                                      "err_bias", "err_energy", "x_last", "rep")]
         K.detect_batch(slots, x, ts, off, fp, ip, numba.get_num_threads(), self._scratch, *cols,
                        pred, error, score, rank, alert, applied, code, open_ts, contrib,
                        self._counters, *self.model.packed.kernel_args())

@@ -54,6 +54,14 @@ they are silent while a stream settles after an episode, and inside an episode a
 settling the residual mean and variance follow at the terms' rate, so that what an episode
 leaves behind (an offset after a level shift) becomes the new normal instead of an alert.
 
+Repeat term (``normalised`` and ``likelihood``; ``stuck_values = false`` turns it off). A
+stuck sensor repeats its last value exactly, which the network may even predict well. Each
+stream counts, among its learnt events, those whose values all equal the previous event's;
+with c such repeats in n events its rate is (c + 1) / (n + 2) (Laplace), and the r-th
+identical value in a row has p_repeat = rate^r: a stream that never repeats alerts after a
+few, a quantised stream that often repeats only after many. It scores once a stream has 20
+learnt events.
+
 Decisions: an episode opens when the score exceeds ``threshold`` (after ``warmup`` scored
 events of the stream), and, with ``dynamic = true``, the smoothed error also exceeds the
 stream's nonparametric dynamic threshold (Hundman et al. 2018, over a sliding window of
@@ -124,6 +132,7 @@ class ScoringConfig:
     range_warmup: int = 100  # learnt events that set a stream's normal value range
     bias_alpha: float = 0.05  # EW weight of the recent mean signed residual; 0 turns the bias term off
     energy_alpha: float = 0.03  # EW weight of the recent mean squared residual; 0 turns the energy term off
+    stuck_values: bool = True  # flag runs of identical values by the stream's own rate of repeats
     drift_factor: float = 4.0
     prior_events: float = 10.0  # weight of the calibrated error statistics for a new stream
 
@@ -197,7 +206,7 @@ class ScoringConfig:
         if (len(z) != 3 or not all(isinstance(v, (int, float)) for v in z)
                 or not (0 < z[0] <= z[1] and z[2] > 0)):
             bad(f"dynamic_z must be [lowest, highest, step] with 0 < lowest <= highest, step > 0; got {z!r}")
-        for name in ("dynamic", "learn_during_alert"):
+        for name in ("dynamic", "learn_during_alert", "stuck_values"):
             if not isinstance(getattr(self, name), bool):
                 bad(f"{name} must be true or false; got {getattr(self, name)!r}")
 
@@ -265,6 +274,7 @@ class ResolvedScoring:
         ip[K.I_DYN_REFRESH] = c.dynamic_refresh
         ip[K.I_RELEARN] = c.relearn_after
         ip[K.I_RANGE_WARMUP] = c.range_warmup
+        ip[K.I_REPEATS] = int(c.stuck_values)
         return fp, ip
 
 

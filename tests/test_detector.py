@@ -454,23 +454,25 @@ def test_restore_snapshot_without_range_columns_upgrades_and_keeps_range_term_of
     assert set(again.table.columns) >= {"x_lo", "x_hi"}
 
 
-def test_restore_snapshot_without_bias_and_energy_columns_starts_them_neutral():
-    # A snapshot from before the bias and energy terms: restored streams continue exactly as
-    # if their recent averages had been at the values expected under normal behaviour
-    # (mean standardised residual 0, mean square 1).
+def test_restore_snapshot_without_bias_energy_and_repeat_columns_starts_them_neutral():
+    # A snapshot from before the bias, energy and repeat terms: restored streams continue
+    # exactly as if their recent averages had been at the values expected under normal
+    # behaviour (mean standardised residual 0, mean square 1) and no repeat had been seen.
     model = Model.random("gru", n_features=1, hidden=[8], seed=2)
     rng = np.random.default_rng(5)
     x = np.sin(np.arange(600) / 6.0) + rng.normal(0.0, 0.2, 600)
     ts = 1000 * np.arange(600, dtype=np.int64)
     first = Detector(model, threshold=0.5)
     first.process(["s"] * 300, x[:300, None], ts[:300])
-    upgraded = Detector.restore(model, _older_snapshot(first, ("err_bias", "err_energy")), threshold=0.5)
+    upgraded = Detector.restore(model, _older_snapshot(first, ("err_bias", "err_energy", "x_last", "rep")), threshold=0.5)
     slot = upgraded.table.lookup(["s"])
     assert upgraded.table.column("err_bias")[slot].tolist() == [[0.0]]
     assert upgraded.table.column("err_energy")[slot].tolist() == [1.0]
     by_hand = Detector.restore(model, first.snapshot(), threshold=0.5)
     by_hand.table.column("err_bias")[slot] = 0.0
     by_hand.table.column("err_energy")[slot] = 1.0
+    by_hand.table.column("x_last")[slot] = np.nan
+    by_hand.table.column("rep")[slot] = 0.0
     a = upgraded.process(["s"] * 300, x[300:, None], ts[300:])
     b = by_hand.process(["s"] * 300, x[300:, None], ts[300:])
     np.testing.assert_array_equal(a.score, b.score)

@@ -189,8 +189,10 @@ def test_mahalanobis_scorer_matches_numpy_and_names_top_feature():
 
 # ---------------------------------------------------------------- decisions
 def _hand_detector(**options):
-    # Zero model, normalised scorer: error = |x|. Base noise alternates 1.0 / 1.2.
-    cfg = dict(threshold=0.5, lower_threshold=0.25, close_after=3, warmup=5, error_alpha=0.1)
+    # Zero model, normalised scorer: error = |x|. Base noise alternates 1.0 / 1.2. The hand-made
+    # sequences repeat values exactly (1.0, 1.0, 1.0 as quiet events), which the repeat term
+    # would flag as a stuck sensor: off here, it is tested on its own.
+    cfg = dict(threshold=0.5, lower_threshold=0.25, close_after=3, warmup=5, error_alpha=0.1, stuck_values=False)
     cfg.update(options)
     return Detector(_zero_model(1), **cfg)
 
@@ -360,12 +362,13 @@ def _wilson_hilferty_sf(m, nu):
     return stats.norm.sf((np.cbrt(m) - (1.0 - v)) / np.sqrt(v))
 
 
-def _reference_range_scores(x, pred, alpha, sa, ra, warm, ba=0.0, ea=0.0, start=20):
-    """The normalised scorer with its range, bias and energy terms, written directly over
-    scalars (no alerts, every event learnt): the expected score of every event given the
+def _reference_range_scores(x, pred, alpha, sa, ra, warm, ba=0.0, ea=0.0, start=20, repeats=False):
+    """The normalised scorer with its range, bias, energy and repeat terms, written directly
+    over scalars (no alerts, every event learnt): the expected score of every event given the
     model's predictions."""
     k, mu, var, short, vm, cov = 0, 0.0, 0.0, 0.0, 0.0, 0.0
     bias, energy = 0.0, 0.0
+    run, n_rep = 0, 0
     lo, hi = np.inf, -np.inf
     out = [np.nan]
     xs = np.asarray(x, np.float32).astype(np.float64)
@@ -374,6 +377,7 @@ def _reference_range_scores(x, pred, alpha, sa, ra, warm, ba=0.0, ea=0.0, start=
         r = v - pred[t - 1]
         err = abs(r)
         ssa = max(sa, 1.0 / (k + 1))
+        run = run + 1 if xs[t] == xs[t - 1] else 0
         if k == 0:
             out.append(np.nan)
         else:
@@ -390,7 +394,10 @@ def _reference_range_scores(x, pred, alpha, sa, ra, warm, ba=0.0, ea=0.0, start=
                 p = min(p, 2.0 * stats.norm.sf(abs(b) / np.sqrt(ba / (2 - ba))))
             if ea > 0 and (k - start) * ea >= 2.0:
                 p = min(p, _wilson_hilferty_sf((1 - ea) * energy + ea * z * z, (2 - ea) / ea))
+            if repeats and run > 0 and k >= start:
+                p = min(p, ((n_rep + 1) / (k + 2)) ** run)
             out.append(float(_score(p)))
+        n_rep += run > 0
         if k >= start:
             z = np.clip((r - vm) / np.sqrt(cov + EPS), -4.0, 4.0)
             bb, ee = max(ba, 1.0 / (k - start + 1)), max(ea, 1.0 / (k - start + 1))
@@ -463,6 +470,44 @@ def test_bias_and_energy_terms_match_numpy(terms):
         assert raised[500:590].sum() >= 20
 
 
+def _noise_with_stuck_values(seed=19, quantum=None):
+    """Noise (rounded to ``quantum`` if given) with two single repeats and a stuck run of 15."""
+    x = np.random.default_rng(seed).normal(0.0, 1.0, 500)
+    if quantum:
+        x = np.round(x / quantum) * quantum
+    x[100], x[200] = x[99], x[199]
+    x[300:315] = x[299]
+    return x
+
+
+def test_repeat_term_matches_numpy():
+    model = _persistence_model()
+    x = _noise_with_stuck_values()
+    pred = model.predict(x[:, None].astype(np.float32))[:, 0].astype(np.float64)
+    cfg = dict(threshold=1.0, error_alpha=0.02, short_alpha=0.25, range_alpha=0.0, bias_alpha=0.0, energy_alpha=0.0)
+    out = _stream(Detector(model, **cfg), x)
+    expected = _reference_range_scores(x, pred, 0.02, 0.25, 0.0, 60, repeats=True)
+    np.testing.assert_allclose(out.score, expected, rtol=1e-6, atol=1e-9)
+    plain = _stream(Detector(model, stuck_values=False, **cfg), x).score
+    raised = np.flatnonzero(out.score > plain + 0.05)
+    assert set(range(302, 315)) <= set(raised.tolist()) and raised.min() >= 300
+
+
+def test_repeat_term_flags_a_stuck_sensor_early_but_not_a_quantised_stream():
+    model = _persistence_model()
+    cfg = dict(threshold=0.8, warmup=20, range_alpha=0.0)
+    opened = [a.ts // 1000 for a in _stream(Detector(model, **cfg), _noise_with_stuck_values()).alerts
+              if a.kind == "open"]
+    assert opened and 300 < opened[0] <= 305
+    assert not any(300 < o <= 305 for o in (a.ts // 1000 for a in _stream(
+        Detector(model, stuck_values=False, **cfg), _noise_with_stuck_values()).alerts))
+    # Values on a coarse grid repeat often: the stream's own rate of repeats makes a run of a
+    # few ordinary repeats unremarkable.
+    coarse = _noise_with_stuck_values(quantum=0.5)
+    coarse[300:315] = np.round(np.random.default_rng(20).normal(0.0, 1.0, 15) / 0.5) * 0.5
+    assert not _stream(Detector(model, **cfg), coarse).alerts
+
+
 def test_chi2_mean_tail_is_close_to_scipy():
     for nu in (10.0, 39.0, 66.0, 99.0):
         for m in (0.5, 1.0, 1.5, 2.0, 2.5):
@@ -506,6 +551,8 @@ def test_bias_and_energy_settings_are_validated():
     for bad in (dict(bias_alpha=-0.1), dict(energy_alpha=0.9), dict(bias_alpha=True), dict(energy_alpha="x")):
         with pytest.raises(ScoringConfigError, match="_alpha"):
             ScoringConfig(**bad).validate()
+    with pytest.raises(ScoringConfigError, match="stuck_values"):
+        ScoringConfig(stuck_values=1).validate()
     ScoringConfig(bias_alpha=0.0, energy_alpha=0.0).validate()
 
 

@@ -36,8 +36,11 @@ F_THRESHOLD, F_LOWER, F_ALPHA, F_SHORT_ALPHA, F_MAX_GAP, F_DRIFT, F_PRIOR_MEAN, 
 N_FPARAMS = 16
 # Indices into the integer parameter vector.
 I_METHOD, I_WARMUP, I_CLOSE_AFTER, I_LEARN, I_GAP_DECAY, I_ACCEPT_LATE, I_HAS_OFFSETS, \
-    I_DYNAMIC, I_DYN_REFRESH, I_RELEARN, I_RANGE_WARMUP = range(11)
-N_IPARAMS = 11
+    I_DYNAMIC, I_DYN_REFRESH, I_RELEARN, I_RANGE_WARMUP, I_REPEATS = range(12)
+N_IPARAMS = 12
+# Columns of the per-stream ``rep`` state: the current run of repeated values, and the
+# repeats and comparisons among learnt events (the stream's own rate of repeats).
+R_RUN, R_COUNT, R_N = range(3)
 # Indices into the counters vector (names in streamrnn.detector.COUNTERS, same order).
 C_SCORED, C_MISSING, C_LATE, C_REPLAY, C_GAP, C_COLD, C_DRIFT, C_OPENED, C_CLOSED = range(9)
 N_COUNTERS = 9
@@ -184,6 +187,18 @@ def _std_resid(r, s, d, err_vm, err_cov, eps):
 
 
 @njit(inline="always", **_OPTS)
+def _repeat_run(e, s, xs, n_feat, x_last, rep):
+    """Length of the run of events up to e whose values all equal the previous event's."""
+    same = True
+    for d in range(n_feat):
+        same = same and xs[e, d] == x_last[s, d]
+        x_last[s, d] = xs[e, d]
+    run = rep[s, R_RUN] + 1.0 if same else 0.0
+    rep[s, R_RUN] = run
+    return run
+
+
+@njit(inline="always", **_OPTS)
 def _widen_range(e, s, xs, n_feat, x_lo, x_hi):
     """Make event e's scaled values part of the stream's normal range."""
     for d in range(n_feat):
@@ -282,7 +297,7 @@ def _dynamic_ok(s, smoothed, fp, ip, warm, dyn_buf, dyn_eps, ordered):
 def _detect_list(lo, hi, ev, sl, x, ts, offsets, fp, ip, xs, state, pred, x_mean, x_scale, last_ts,
                  last_offset, err_mean, err_var, err_short, err_vm, err_cov, n_scored, warm, in_alert,
                  below, alert_len, open_ts, drift_m, drifted, dyn_buf, dyn_eps, x_lo, x_hi,
-                 err_bias, err_energy,
+                 err_bias, err_energy, x_last, rep,
                  out_pred, out_error, out_score, out_rank, out_alert, out_applied, out_code,
                  out_open_ts, out_contrib, cnt, resid, solve, chol, ordered,
                  cell, reset_after, hidden, offs, wx, wh, b, bhn, peep, wo, bo, xp, hp, acc, accn, blk):
@@ -293,8 +308,10 @@ def _detect_list(lo, hi, ev, sl, x, ts, offsets, fp, ip, xs, state, pred, x_mean
     thr = fp[F_THRESHOLD]
     lower = fp[F_LOWER]
     fast = 0.0
+    repeats = False
     if ip[I_METHOD] != MAHALANOBIS and ip[I_METHOD] != GAUSSIAN:
         fast = max(fp[F_BIAS_ALPHA], fp[F_ENERGY_ALPHA])
+        repeats = ip[I_REPEATS] != 0
     max_gap = fp[F_MAX_GAP]
     app_ev = blk[0]
     app_sl = blk[1]
@@ -358,6 +375,9 @@ def _detect_list(lo, hi, ev, sl, x, ts, offsets, fp, ip, xs, state, pred, x_mean
             for d in range(n_feat):
                 xs[e, d] = np.float32((x[e, d] - x_mean[s, d]) / x_scale[s, d])
             cnt[C_DRIFT] += _track_drift(e, s, xs, fp[F_ALPHA], fp[F_DRIFT], n_scored[s], drift_m, drifted)
+            run = 0.0
+            if repeats:
+                run = _repeat_run(e, s, xs, n_feat, x_last, rep)
             out_applied[e] = True
             app_ev[n_app] = e
             app_sl[n_app] = s
@@ -368,6 +388,11 @@ def _detect_list(lo, hi, ev, sl, x, ts, offsets, fp, ip, xs, state, pred, x_mean
                                        err_short, err_vm, err_cov, n_scored, resid, solve, chol,
                                        out_error, out_contrib, x_lo, x_hi, ip[I_RANGE_WARMUP],
                                        err_bias, err_energy, in_alert[s] == 0 and alert_len[s] < 0)
+            if repeats and run > 0.0 and rep[s, R_N] >= WINDOW_START and np.isfinite(p):
+                # A run of identical values (a stuck sensor): as likely as ``run`` repeats in a
+                # row at the stream's own rate of repeats (Laplace-smoothed, so a stream that
+                # never repeated needs a few in a row, a quantised one many).
+                p = min(p, ((rep[s, R_COUNT] + 1.0) / (rep[s, R_N] + 2.0)) ** run)
             score = score_from_tail(p)
             if np.isfinite(score):
                 cnt[C_SCORED] += 1
@@ -417,6 +442,9 @@ def _detect_list(lo, hi, ev, sl, x, ts, offsets, fp, ip, xs, state, pred, x_mean
                 for d in range(n_feat):
                     xs[e, d] = pred[s, d]
             else:
+                if repeats:
+                    rep[s, R_COUNT] += 1.0 if run > 0.0 else 0.0
+                    rep[s, R_N] += 1.0
                 _update_stats(e, s, xs, pred, fp, n_feat, err_mean, err_var, err_short, err_vm,
                               err_cov, n_scored, resid, x_lo, x_hi, ip[I_RANGE_WARMUP],
                               in_alert[s] != 0 or settling, err_bias, err_energy, fast)
@@ -429,8 +457,9 @@ def _detect_list(lo, hi, ev, sl, x, ts, offsets, fp, ip, xs, state, pred, x_mean
 def _detect_chunks_parallel(starts, ev, sl, x, ts, offsets, fp, ip, xs, state, pred, x_mean, x_scale,
                             last_ts, last_offset, err_mean, err_var, err_short, err_vm, err_cov, n_scored,
                             warm, in_alert, below, alert_len, open_ts, drift_m, drifted, dyn_buf, dyn_eps,
-                            x_lo, x_hi, err_bias, err_energy, out_pred, out_error, out_score, out_rank,
-                            out_alert, out_applied, out_code, out_open_ts, out_contrib, cnt, resid, solve, chol, ordered,
+                            x_lo, x_hi, err_bias, err_energy, x_last, rep, out_pred, out_error, out_score,
+                            out_rank, out_alert, out_applied, out_code, out_open_ts, out_contrib, cnt, resid, solve,
+                            chol, ordered,
                             cell, reset_after, hidden, offs, wx, wh, b, bhn, peep, wo, bo,
                             xp, hp, acc, accn, blk):
     # Chunks own disjoint sets of streams, so they never write the same per-stream column
@@ -439,9 +468,9 @@ def _detect_chunks_parallel(starts, ev, sl, x, ts, offsets, fp, ip, xs, state, p
         _detect_list(starts[c], starts[c + 1], ev, sl, x, ts, offsets, fp, ip, xs, state, pred, x_mean,
                      x_scale, last_ts, last_offset, err_mean, err_var, err_short, err_vm, err_cov,
                      n_scored, warm, in_alert, below, alert_len, open_ts, drift_m, drifted, dyn_buf,
-                     dyn_eps, x_lo, x_hi, err_bias, err_energy, out_pred, out_error, out_score, out_rank,
-                     out_alert, out_applied, out_code, out_open_ts, out_contrib, cnt[c], resid[c], solve[c], chol[c],
-                     ordered[c],
+                     dyn_eps, x_lo, x_hi, err_bias, err_energy, x_last, rep, out_pred, out_error, out_score,
+                     out_rank, out_alert, out_applied, out_code, out_open_ts, out_contrib, cnt[c], resid[c],
+                     solve[c], chol[c], ordered[c],
                      cell, reset_after, hidden, offs, wx, wh, b, bhn, peep, wo, bo,
                      xp[c], hp[c], acc[c], accn[c], blk[c])
 
@@ -450,7 +479,7 @@ def _detect_chunks_parallel(starts, ev, sl, x, ts, offsets, fp, ip, xs, state, p
 def detect_batch(slots, x, ts, offsets, fp, ip, n_threads, scratch,
                  state, pred, x_mean, x_scale, last_ts, last_offset, err_mean, err_var, err_short,
                  err_vm, err_cov, n_scored, warm, in_alert, below, alert_len, open_ts, drift_m, drifted,
-                 dyn_buf, dyn_eps, x_lo, x_hi, err_bias, err_energy,
+                 dyn_buf, dyn_eps, x_lo, x_hi, err_bias, err_energy, x_last, rep,
                  out_pred, out_error, out_score, out_rank, out_alert, out_applied, out_code,
                  out_open_ts, out_contrib, counters,
                  cell, reset_after, hidden, offs, wx, wh, b, bhn, peep, wo, bo):
@@ -484,8 +513,8 @@ def detect_batch(slots, x, ts, offsets, fp, ip, n_threads, scratch,
         _detect_list(0, n_ev, order, ev_slots, x, ts, offsets, fp, ip, xs, state, pred, x_mean, x_scale,
                      last_ts, last_offset, err_mean, err_var, err_short, err_vm, err_cov, n_scored, warm,
                      in_alert, below, alert_len, open_ts, drift_m, drifted, dyn_buf, dyn_eps, x_lo, x_hi,
-                     err_bias, err_energy, out_pred, out_error, out_score, out_rank, out_alert, out_applied, out_code,
-                     out_open_ts, out_contrib, cnt[0], resid[0], solve[0], chol[0], ordered[0],
+                     err_bias, err_energy, x_last, rep, out_pred, out_error, out_score, out_rank, out_alert,
+                     out_applied, out_code, out_open_ts, out_contrib, cnt[0], resid[0], solve[0], chol[0], ordered[0],
                      cell, reset_after, hidden, offs, wx, wh, b, bhn, peep, wo, bo,
                      xp[0], hp[0], acc[0], accn[0], blk[0])
     else:
@@ -493,8 +522,9 @@ def detect_batch(slots, x, ts, offsets, fp, ip, n_threads, scratch,
         _detect_chunks_parallel(cstarts, ev, sl, x, ts, offsets, fp, ip, xs, state, pred, x_mean, x_scale,
                                 last_ts, last_offset, err_mean, err_var, err_short, err_vm, err_cov,
                                 n_scored, warm, in_alert, below, alert_len, open_ts, drift_m, drifted,
-                                dyn_buf, dyn_eps, x_lo, x_hi, err_bias, err_energy, out_pred, out_error, out_score,
-                                out_rank, out_alert, out_applied, out_code, out_open_ts, out_contrib, cnt, resid, solve,
+                                dyn_buf, dyn_eps, x_lo, x_hi, err_bias, err_energy, x_last, rep, out_pred,
+                                out_error, out_score, out_rank, out_alert, out_applied, out_code, out_open_ts,
+                                out_contrib, cnt, resid, solve,
                                 chol, ordered, cell, reset_after, hidden, offs, wx, wh, b, bhn, peep, wo, bo,
                                 xp, hp, acc, accn, blk)
     for c in range(n_chunks):
