@@ -26,7 +26,7 @@ Methods (``ScoringConfig.method``), errors in the model's scaled units:
     of the residual vectors r; p = chi-squared tail with D degrees of freedom. Each
     feature's term of q is its contribution (alerts name the top features).
 
-Range term (``normalised`` and ``likelihood``; ``range_alpha = 0`` turns it off). A slow
+Range term (``normalised`` only; ``range_alpha = 0`` turns it off). A slow
 drift is followed by the network's state, so its one-step errors stay small; its values
 leave the range the stream normally covers. Each stream keeps the range [lo, hi] of its
 scaled values per feature: plain min/max over its first ``range_warmup`` learnt events, then
@@ -41,7 +41,7 @@ Bonferroni over both sides and the D features; p is the smaller of that and the 
 The calibrated threshold applies to the combined score, so the target false-alert rate
 holds for both together.
 
-Bias and energy terms (``normalised`` and ``likelihood``; ``bias_alpha = 0`` /
+Bias and energy terms (``normalised`` only; ``bias_alpha = 0`` /
 ``energy_alpha = 0`` turn them off). Each residual is standardised by the stream's EW
 residual mean and variance, z = (r - m_r) / s_r, winsorised to +-4. The bias term watches
 b, the EW mean of z with weight ``bias_alpha`` (a drift the state lags behind leaves a small
