@@ -9,8 +9,9 @@ Adam), prints:
   weights, the same batches in the same order;
 - the ratio ours / PyTorch for both (target: at least 2x).
 
-Then the peak RSS of ``streamrnn.train.train`` over a Parquet history several times larger
-than the rows it may hold at once (``max_rows``), to show memory stays bounded.
+Then the peak RSS of ``streamrnn.train.train`` over two Parquet histories, 4x and 16x the rows
+it may hold at once (``max_rows``), side by side: memory stays bounded if the peak does not
+grow with the history.
 
 Usage: ``python benchmarks/bench_train.py [--threads N] [--quick] [--cells gru,lstm] [--hidden 32,64]``
 """
@@ -36,6 +37,7 @@ from streamrnn.optim import Adam, clip_grad_norm
 from streamrnn.train import Net
 
 WINDOW, BATCH, LR, CLIP = 32, 64, 3e-3, 1.0
+FILE_ROWS, ROW_GROUP = 100_000, 20_000  # the memory benchmark's Parquet layout
 
 
 def sine_windows(n: int, seed: int) -> np.ndarray:
@@ -161,12 +163,14 @@ def bench_speed(threads: int, repeats: int, n_windows: int, target: float, max_e
 
 # --------------------------------------------------------------------------- memory
 def write_history(directory: Path, n_streams: int, rows_per_stream: int) -> int:
+    """Parquet files of at most FILE_ROWS rows in row groups of ROW_GROUP rows, so the reader's
+    unit of work (a row group) is the same whatever the history's size."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     rng = np.random.default_rng(0)
     t = np.arange(rows_per_stream)
-    per_file = max(1, n_streams // 8)
+    per_file = max(1, FILE_ROWS // rows_per_stream)
     for f in range(0, n_streams, per_file):
         ids, ts, vals = [], [], []
         for s in range(f, min(f + per_file, n_streams)):
@@ -174,7 +178,8 @@ def write_history(directory: Path, n_streams: int, rows_per_stream: int) -> int:
             ts.append(1_767_225_600_000 + t * 60_000)
             vals.append(10 * s + np.sin(t / (5 + s % 7)) + 0.1 * rng.normal(size=rows_per_stream))
         pq.write_table(pa.table({"stream": np.concatenate(ids), "ts": np.concatenate(ts),
-                                 "value": np.concatenate(vals)}), directory / f"part-{f:05d}.parquet")
+                                 "value": np.concatenate(vals)}), directory / f"part-{f:05d}.parquet",
+                       row_group_size=ROW_GROUP)
     return n_streams * rows_per_stream
 
 
@@ -189,22 +194,30 @@ def _rss_child(directory: str, max_rows: int) -> None:
                       "rows": result.model.training["rows"]["rows"]}))
 
 
-def bench_memory(n_streams: int, rows_per_stream: int, max_rows: int) -> dict:
+def _measure_rss(n_streams: int, rows_per_stream: int, max_rows: int) -> dict:
+    """Write a history of n_streams x rows_per_stream rows, train on it in a fresh process."""
     with tempfile.TemporaryDirectory() as tmp:
         rows = write_history(Path(tmp), n_streams, rows_per_stream)
-        base = json.loads(subprocess.run(
-            [sys.executable, "-c", "import json, resource, streamrnn.train, streamrnn.scoring, "
-             "streamrnn.data;print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))"],
-            check=True, capture_output=True, text=True).stdout)
         out = subprocess.run([sys.executable, __file__, "--rss-child", tmp, str(max_rows)], check=True,
                              capture_output=True, text=True).stdout.strip().splitlines()[-1]
         info = json.loads(out)
-    in_memory = rows * (8 + 8 + 8)  # ts + value + a stream code per row, the least a full load holds
-    print(f"memory: {rows:,} rows ({in_memory / 2**20:,.0f} MiB as bare arrays), max_rows {max_rows:,}: "
-          f"peak RSS {info['peak_rss'] / 2**20:,.0f} MiB (imports alone {base / 2**20:,.0f} MiB), "
-          f"{info['seconds']:.1f} s", flush=True)
-    return {"rows": rows, "max_rows": max_rows, "peak_rss": info["peak_rss"], "import_rss": base,
-            "bare_arrays_bytes": in_memory}
+    return {"rows": rows, "max_rows": max_rows, "peak_rss": info["peak_rss"], "seconds": info["seconds"],
+            "bare_arrays_bytes": rows * (8 + 8 + 8)}  # ts + value + a stream code per row
+
+
+def bench_memory(n_streams: int, rows_per_stream: tuple[int, ...], max_rows: int) -> dict:
+    """Peak RSS of training on histories of growing size with the same ``max_rows``: bounded
+    memory means the peak stays flat while the history (and what a full load would take) grows."""
+    base = json.loads(subprocess.run(
+        [sys.executable, "-c", "import json, resource, streamrnn.train, streamrnn.scoring, "
+         "streamrnn.data;print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))"],
+        check=True, capture_output=True, text=True).stdout)
+    runs = [_measure_rss(n_streams, r, max_rows) for r in rows_per_stream]
+    print(f"memory (max_rows {max_rows:,}; imports alone {base / 2**20:,.0f} MiB peak RSS):", flush=True)
+    for run in runs:
+        print(f"  history {run['rows']:>12,} rows ({run['bare_arrays_bytes'] / 2**20:6,.0f} MiB as bare arrays): "
+              f"peak RSS {run['peak_rss'] / 2**20:6,.0f} MiB, {run['seconds']:.1f} s", flush=True)
+    return {"max_rows": max_rows, "import_rss": base, "runs": runs}
 
 
 def main() -> None:
@@ -219,6 +232,7 @@ def main() -> None:
     p.add_argument("--cells", default="gru,lstm", help="comma-separated subset of gru,lstm")
     p.add_argument("--hidden", default="32,64", help="comma-separated hidden sizes")
     p.add_argument("--skip-memory", action="store_true", help="only the speed comparison")
+    p.add_argument("--skip-speed", action="store_true", help="only the peak-RSS measurement")
     p.add_argument("--rss-child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.rss_child:
@@ -229,11 +243,13 @@ def main() -> None:
     print(f"threads {args.threads} (Numba and PyTorch), window {WINDOW}, batch {BATCH}, Adam lr {LR}, "
           f"clip {CLIP}; torch {torch.__version__}, numba {numba.__version__}", flush=True)
     n = 512 if args.quick else args.windows
-    rows = bench_speed(args.threads, args.repeats, n, args.target, args.max_epochs,
-                       tuple(args.cells.split(",")), tuple(int(h) for h in args.hidden.split(",")))
+    rows = [] if args.skip_speed else bench_speed(
+        args.threads, args.repeats, n, args.target, args.max_epochs,
+        tuple(args.cells.split(",")), tuple(int(h) for h in args.hidden.split(",")))
     mem = None
     if not args.skip_memory:
-        mem = bench_memory(200, 2_000, 100_000) if args.quick else bench_memory(200, 10_000, 250_000)
+        mem = (bench_memory(200, (1_000, 4_000), 100_000) if args.quick
+               else bench_memory(200, (5_000, 20_000), 250_000))
     if args.json:
         args.json.write_text(json.dumps({"speed": rows, "memory": mem}, indent=2))
 
