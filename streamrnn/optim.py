@@ -6,9 +6,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit
 
-from streamrnn.config import jit_options
+from streamrnn.kernels.adam import adam_update
 
 SCHEDULES = ("constant", "cosine", "plateau")
 
@@ -32,7 +31,7 @@ class Adam:
         self.step_count += 1
         c1 = 1.0 - self.beta1 ** self.step_count
         c2 = 1.0 - self.beta2 ** self.step_count
-        _adam_update(theta, grad, self.m, self.v, self.beta1, self.beta2, self.eps, lr / c1, c2)
+        adam_update(theta, grad, self.m, self.v, self.beta1, self.beta2, self.eps, lr / c1, c2)
 
     def state(self) -> dict[str, np.ndarray]:
         return {"adam_m": self.m, "adam_v": self.v, "adam_step": np.array(self.step_count)}
@@ -41,20 +40,6 @@ class Adam:
         self.m = np.array(state["adam_m"], np.float64)
         self.v = np.array(state["adam_v"], np.float64)
         self.step_count = int(state["adam_step"])
-
-
-@njit(**dict(jit_options(), fastmath=False))  # strict IEEE: no fused multiply-adds
-def _adam_update(theta, grad, m, v, beta1, beta2, eps, step, c2):
-    """The Adam update in one pass (strict IEEE, the same operations NumPy did in ten)."""
-    b1 = 1.0 - beta1
-    b2 = 1.0 - beta2
-    for i in range(theta.shape[0]):
-        g = grad[i]
-        mi = m[i] * beta1 + b1 * g
-        vi = v[i] * beta2 + b2 * g * g
-        m[i] = mi
-        v[i] = vi
-        theta[i] -= step * mi / (np.sqrt(vi / c2) + eps)
 
 
 def clip_grad_norm(grad: np.ndarray, max_norm: float | None) -> float:
