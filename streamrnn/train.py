@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import json
 import math
 import time
@@ -28,6 +29,7 @@ from streamrnn.model import Model
 _CELL_CODES = {"gru": bptt.GRU, "lstm": bptt.LSTM, "rnn": bptt.RNN_TANH}
 
 
+@functools.cache  # once per process
 def _keep_freed_scratch() -> None:
     """Let glibc reuse freed blocks of up to 8 MiB instead of unmapping them.
 
@@ -46,9 +48,6 @@ def _keep_freed_scratch() -> None:
     mallopt(m_trim_threshold, 32 << 20)
 
 
-_keep_freed_scratch()
-
-
 class TrainError(StreamrnnError):
     """Bad training options or data that cannot train a model."""
 
@@ -65,6 +64,10 @@ class Net:
     peephole: bool = False
     nonlinearity: str = "tanh"
     head: str = "linear"
+
+    def __post_init__(self) -> None:
+        # Here, not at import: only a process that trains changes the allocator's setting.
+        _keep_freed_scratch()
 
     @property
     def code(self) -> int:
