@@ -387,3 +387,46 @@ def test_lstm_gates_without_peepholes_give_the_same_bits():
     assert np.array_equal(state, plain)
     assert not np.array_equal(state[rows], before[rows])  # the rows did step
     assert np.array_equal(np.delete(state, rows, 0), np.delete(before, rows, 0))
+
+
+@pytest.mark.parametrize("nx", [1, 3, cells.FEW_INPUTS])
+def test_input_rows_give_the_bits_of_block_product(nx):
+    # The GRU's input-only product takes input_rows for a few inputs; the numbers must not
+    # depend on which of the two computed them.
+    rng = np.random.default_rng(nx)
+    rn, ncols, col, width = 7, 40, 24, 80
+    xp = rng.standard_normal((nx, cells.TILE_ROWS), dtype=np.float32)
+    wx = rng.standard_normal((nx, width), dtype=np.float32)
+    bias = rng.standard_normal(width, dtype=np.float32)
+    tiled = np.zeros((cells.TILE_ROWS, 3 * ncols), np.float32)
+    rows = np.zeros_like(tiled)
+    cells.block_product(tiled, ncols, bias, col, col, ncols, rn, xp, nx, wx, xp, 0, wx)
+    cells.input_rows(rows, ncols, bias, col, rn, xp, nx, wx, col, ncols)
+    assert np.array_equal(rows[:rn], tiled[:rn])
+    exact = bias[col:col + ncols] + xp[:, :rn].T.astype(np.float64) @ wx[:, col:col + ncols]
+    np.testing.assert_allclose(rows[:rn, ncols:2 * ncols], exact, rtol=1e-5, atol=1e-5)
+    assert not rows[:rn, :ncols].any() and not rows[:rn, 2 * ncols:].any()  # nothing else written
+
+
+@pytest.mark.parametrize("reset_after", [True, False])
+def test_gru_gate_loops_against_float64_reference(reset_after):
+    rng = np.random.default_rng(11)
+    rn, h, off = 6, 40, 3
+    acc = (3 * rng.standard_normal((cells.TILE_ROWS, 4 * h))).astype(np.float32)
+    accn = (3 * rng.standard_normal((cells.TILE_ROWS, h))).astype(np.float32)
+    state = rng.standard_normal((9, h + 5), dtype=np.float32)
+    rows = np.array([8, 2, 5, 0, 3, 7], np.int64)
+    a64, n64 = acc[:rn].astype(np.float64), accn[:rn].astype(np.float64)
+    h_old = state[rows, off:off + h].astype(np.float64)
+    r_g, z_g = expit(a64[:, :h]), expit(a64[:, h:2 * h])
+    n_g = np.tanh(a64[:, 2 * h:3 * h] + (r_g * n64 if reset_after else n64))
+    expected = (1 - z_g) * n_g + z_g * h_old
+    before = state.copy()
+    if reset_after:
+        cells._gru_gates_after(rn, state, rows, off, h, acc.copy(), accn)
+    else:
+        cells._gru_gates_before(rn, state, rows, off, h, acc.copy(), accn)
+    np.testing.assert_allclose(state[rows, off:off + h], expected, rtol=0, atol=2e-6)
+    untouched = np.ones(state.shape, bool)
+    untouched[rows, off:off + h] = False
+    assert np.array_equal(state[untouched], before[untouched])

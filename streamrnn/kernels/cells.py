@@ -53,6 +53,9 @@ NARROW = PANEL // 2
 #: Heads with fewer outputs than this skip the packed product (a fixed number, not tied to
 #: PANEL, so the tile width never chooses the code path).
 HEAD_DIRECT = 8
+#: A GRU's input-only product (the n gate's x part) with at most this many inputs runs
+#: through ``input_rows`` (same numbers): at D=1 the tiles were ~5% of a GRU64 step.
+FEW_INPUTS = 4
 _PANEL_TILE = MR * PANEL  # stack floats of one tile (a literal for _stack_f32)
 _NARROW_TILE = MR * NARROW
 
@@ -182,6 +185,23 @@ def block_product(acc, acc_col, bias, bcol, col, ncols, rn, xp, nx, wx, hp, nh, 
 
 
 @njit(**_OPTS)
+def input_rows(acc, acc_col, bias, bcol, rn, xp, nx, wx, col, ncols):
+    """acc[:rn, acc_col:+ncols] = bias[bcol:+ncols] + xp[:nx, :rn].T @ wx[:nx, col:+ncols], row
+    by row through memory: the same terms in the same order as ``block_product``, for a
+    product with a few inputs, where the register tiles' per-call setup costs more than
+    the multiply-adds."""
+    for r in range(rn):
+        a = acc[r]
+        for j in range(ncols):
+            a[_U(acc_col + j)] = bias[_U(bcol + j)]
+        for k in range(nx):
+            v = xp[k, r]
+            wk = wx[k]
+            for j in range(ncols):
+                a[_U(acc_col + j)] += v * wk[_U(col + j)]
+
+
+@njit(**_OPTS)
 def pack_rows(dst, src, rows, rn, col, n):
     """dst[k, r] = src[rows[r], col + k] for k < n; rows rn..padded_rows(rn)-1 are zero
     (computed, unused)."""
@@ -195,17 +215,45 @@ def pack_rows(dst, src, rows, rn, col, n):
 
 
 @njit(**_OPTS)
-def _gru_gates(rn, state, rows, off, hsz, acc, accn, reset_after):
+def _sigmoid_cols(rn, acc, ncols):
+    """acc[:rn, :ncols] = sigmoid(acc[:rn, :ncols]) in place."""
+    for r in range(rn):
+        a = acc[r]
+        for j in range(ncols):
+            a[j] = sigmoid32(a[j])
+
+
+@njit(**_OPTS)
+def _gru_gates_after(rn, state, rows, off, hsz, acc, accn):
+    """GRU update with the reset gate applied after the recurrent product (PyTorch, Keras
+    default): n = tanh(x_n + r * (h W_hn + b_hn)), accn holding the bracket.
+
+    The r and z gates go first in a loop of their own: one unit's r -> n -> h chain is
+    ~100 cycles of dependent FMAs and divisions, longer than the out-of-order window
+    covers, so in one fused loop the core waited on it; short loops overlap many units."""
+    h2 = 2 * hsz
+    _sigmoid_cols(rn, acc, h2)
+    for r in range(rn):
+        row = state[rows[r]]
+        a = acc[r]
+        an = accn[r]
+        for j in range(hsz):
+            ng = tanh32(a[_U(h2 + j)] + a[j] * an[j])
+            zg = a[_U(hsz + j)]
+            h = row[_U(off + j)]
+            row[_U(off + j)] = (_ONE - zg) * ng + zg * h
+
+
+@njit(**_OPTS)
+def _gru_gates_before(rn, state, rows, off, hsz, acc, accn):
+    """GRU update with the reset gate applied before the recurrent product (Cho et al.):
+    accn already holds (r * h) W_hn + b_hn."""
     h2 = 2 * hsz
     for r in range(rn):
         row = state[rows[r]]
         for j in range(hsz):
-            rg = sigmoid32(acc[r, j])
             zg = sigmoid32(acc[r, _U(hsz + j)])
-            if reset_after:
-                ng = tanh32(acc[r, _U(h2 + j)] + rg * accn[r, j])
-            else:
-                ng = tanh32(acc[r, _U(h2 + j)] + accn[r, j])
+            ng = tanh32(acc[r, _U(h2 + j)] + accn[r, j])
             h = row[_U(off + j)]
             row[_U(off + j)] = (_ONE - zg) * ng + zg * h
 
@@ -278,14 +326,22 @@ def layer_step(cell, reset_after, rn, src, src_rows, src_col, n_in, state, rows,
     if cell == GRU:
         h2 = 2 * hsz
         block_product(acc, 0, b, 0, 0, h2, rn, xp, n_in, wx, hp, hsz, wh)
-        block_product(acc, h2, b, h2, h2, hsz, rn, xp, n_in, wx, hp, 0, wh)
+        if n_in <= FEW_INPUTS:
+            input_rows(acc, h2, b, h2, rn, xp, n_in, wx, h2, hsz)
+        else:
+            block_product(acc, h2, b, h2, h2, hsz, rn, xp, n_in, wx, hp, 0, wh)
         if not reset_after:
             # Cho et al.: the n gate's recurrent product sees r * h instead of h.
             for k in range(hsz):
                 for r in range(padded_rows(rn)):
                     hp[k, r] = sigmoid32(acc[r, k]) * hp[k, r]
         block_product(accn, 0, bhn, 0, h2, hsz, rn, xp, 0, wx, hp, hsz, wh)
-        _gru_gates(rn, state, rows, off, hsz, acc, accn, reset_after)
+        # One loop per variant: with the choice inside, LLVM vectorised both arms with
+        # masked loads and reloaded the activation constants every iteration.
+        if reset_after:
+            _gru_gates_after(rn, state, rows, off, hsz, acc, accn)
+        else:
+            _gru_gates_before(rn, state, rows, off, hsz, acc, accn)
     elif cell == LSTM:
         block_product(acc, 0, b, 0, 0, 4 * hsz, rn, xp, n_in, wx, hp, hsz, wh)
         if _all_zero(peep):
