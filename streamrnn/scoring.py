@@ -349,10 +349,84 @@ def _gpd_fit(excess: np.ndarray, n_censored: int = 0, cap: float = np.inf) -> tu
     return float(np.clip(xi, -0.5, 1.0)), float(np.exp(log_sigma))
 
 
+class ScoreTail:
+    """The largest finite scores of a stream of scores, in bounded memory.
+
+    Keeps the ``capacity`` largest of the ``n`` finite scores offered (with their arrival
+    positions) and the count ``n``: what :func:`estimate_threshold` needs, since the empirical
+    ``1 - rate`` quantile and the peaks-over-threshold fit only look at the top few percent.
+    Memory stays at about ``2 * capacity`` scores. Ties at the cut keep some of the equal
+    scores; which ones changes no quantile and no set of excesses.
+    """
+
+    def __init__(self, capacity: int = 100_000):
+        if capacity < 1:
+            raise StreamrnnError(f"score tail capacity must be at least 1, not {capacity}")
+        self.capacity = int(capacity)
+        self.n = 0  # finite scores offered
+        self._scores: list[np.ndarray] = []
+        self._order: list[np.ndarray] = []
+        self._held = 0
+
+    def add(self, scores: np.ndarray) -> None:
+        s = np.asarray(scores, np.float64)
+        s = s[np.isfinite(s)]
+        self._scores.append(s)
+        self._order.append(self.n + np.arange(s.size, dtype=np.int64))
+        self.n += int(s.size)
+        self._held += int(s.size)
+        if self._held > 2 * self.capacity:
+            self._prune()
+
+    def _prune(self) -> None:
+        if not self._scores:
+            self._scores, self._order = [np.empty(0)], [np.empty(0, np.int64)]
+        s, o = np.concatenate(self._scores), np.concatenate(self._order)
+        if s.size > self.capacity:
+            # Fixed capacity: a score outside the top of a prefix is outside the top of the whole.
+            top = np.argpartition(s, s.size - self.capacity)[s.size - self.capacity:]
+            s, o = s[top], o[top]
+        self._scores, self._order, self._held = [s], [o], int(s.size)
+
+    def scores(self) -> np.ndarray:
+        """The kept scores (the largest ``min(n, capacity)``) in the order they were offered."""
+        self._prune()
+        s, o = self._scores[0], self._order[0]
+        return s[np.argsort(o, kind="stable")]
+
+
+def _lerp(a: float, b: float, t: float) -> float:
+    """NumPy's linear interpolation (np.quantile's ``linear`` method), bit for bit."""
+    d = b - a
+    return float(a + d * t) if t < 0.5 else float(b - d * (1.0 - t))
+
+
+def _tail_quantile(top: np.ndarray, n: int, p: float, method: str) -> float | None:
+    """``np.quantile`` of all ``n`` scores at ``p`` (``linear`` or ``higher``) from ``top``, the
+    largest of them in ascending order; None when the quantile needs a score not in ``top``."""
+    first = n - top.size  # rank of top[0] among all n scores
+    vi = (n - 1) * np.float64(p)
+    if method == "higher":
+        i = int(np.ceil(vi))
+        return float(top[i - first]) if i >= first else None
+    if vi >= n - 1:
+        return float(top[-1])
+    j = int(np.floor(vi))
+    if j < first:
+        return None
+    return _lerp(top[j - first], top[j + 1 - first], float(vi - j))
+
+
 def estimate_threshold(scores: np.ndarray, target_false_alert_rate: float, calibration: str = "pot",
                        *, level: float = POT_LEVEL, min_excesses: int = POT_MIN_EXCESSES,
-                       saturation: float = 1.0) -> dict:
+                       saturation: float = 1.0, n_scores: int | None = None) -> dict:
     """The score exceeded by a ``target_false_alert_rate`` fraction of events like ``scores``.
+
+    ``scores`` are all the scores, or, with ``n_scores``, only the largest finite ones of
+    ``n_scores`` in the order they came (as :class:`ScoreTail` keeps them): the result is the
+    same as from all of them as long as they reach down to the ``level`` quantile; if they do
+    not, the initial threshold u is the lowest of them and ``pot_level`` says which quantile
+    that is.
 
     ``calibration="quantile"``: the empirical ``1 - rate`` quantile (``method="higher"``). With
     N scores and N * rate of order 1 that is one of the few highest scores, and it swings widely
@@ -378,15 +452,22 @@ def estimate_threshold(scores: np.ndarray, target_false_alert_rate: float, calib
         raise StreamrnnError(f"calibration must be one of {', '.join(CALIBRATIONS)}, not {calibration!r}")
     scores = np.asarray(scores, np.float64)
     scores = scores[np.isfinite(scores)]
-    if scores.size == 0:
-        raise StreamrnnError("no finite scores to calibrate on")
+    n = scores.size if n_scores is None else int(n_scores)
+    if scores.size == 0 or n < scores.size:
+        raise StreamrnnError("no finite scores to calibrate on" if scores.size == 0 else
+                             f"{scores.size} tail scores but only {n} scores in all")
+    top = np.sort(scores)
     q = float(target_false_alert_rate)
-    empirical = float(np.quantile(scores, 1.0 - q, method="higher"))
+    empirical = _tail_quantile(top, n, 1.0 - q, "higher")
+    if empirical is None:
+        raise StreamrnnError(f"the target false-alert rate {q} needs the top {q * n:.0f} of {n} scores "
+                             f"but only the top {top.size} were kept; keep more (tail_capacity)")
     out = {"threshold": empirical, "calibration": "quantile", "quantile_threshold": empirical}
     if calibration == "quantile":
         return out
-    n = scores.size
-    u = float(np.quantile(scores, level))
+    u = _tail_quantile(top, n, level, "linear")
+    if u is None:  # the kept tail is shorter than the level asks for: start at its lowest score
+        u, level = float(top[0]), (n - top.size) / (n - 1)
     excess = scores[scores > u] - u
     n_u = int(excess.size)
     tail_fraction = n_u / n
@@ -414,7 +495,8 @@ def estimate_threshold(scores: np.ndarray, target_false_alert_rate: float, calib
 
 
 def calibrate(model, batches: Iterable, *, target_false_alert_rate: float = 1e-3,
-              config: ScoringConfig | None = None, calibration: str = "pot") -> dict:
+              config: ScoringConfig | None = None, calibration: str = "pot",
+              tail_capacity: int = 100_000) -> dict:
     """Threshold and error statistics for ``model.thresholds``.
 
     Runs a fresh :class:`~streamrnn.detector.Detector` (alerts off, so every event is learnt)
@@ -429,6 +511,12 @@ def calibrate(model, batches: Iterable, *, target_false_alert_rate: float = 1e-3
     "quantile_threshold", ...}`` (the estimator's fields, see :func:`estimate_threshold`);
     ``error_mean``/``error_var`` (the streams' median error statistics, scaled units) give a
     new stream's scorer a prior so that it scores sensibly from its first events.
+
+    Memory stays bounded however many events calibrate: only the ``tail_capacity`` largest
+    scores are kept (:class:`ScoreTail`). That gives the same threshold as all of them up to
+    ``tail_capacity / (1 - POT_LEVEL)`` (5M by default) events; beyond that the tail fit
+    starts at the lowest kept score (a quantile above 98 %). The empirical quantile needs
+    ``target_false_alert_rate`` of the events kept: more raises an error.
     """
     from streamrnn.detector import Detector
 
@@ -441,15 +529,14 @@ def calibrate(model, batches: Iterable, *, target_false_alert_rate: float = 1e-3
     det = Detector(cal_model, config=cfg.replace(threshold=1.0, lower_threshold=1.0, dynamic=False,
                                                 learn_during_alert=True, prior_events=0.0))
     warmup = cfg.warmup
-    kept = []
+    tail = ScoreTail(tail_capacity)
     for stream_ids, values, timestamps, counts_mask in batches:
         out = det.process(stream_ids, values, timestamps)
         mask = np.asarray(counts_mask, bool) & np.isfinite(out.score) & (out.rank >= warmup)
-        kept.append(out.score[mask])
-    scores = np.concatenate(kept) if kept else np.empty(0)
-    if scores.size == 0:
+        tail.add(out.score[mask])
+    if tail.n == 0:
         raise StreamrnnError("calibration saw no scored events past warm-up; give it more history")
-    est = estimate_threshold(scores, target_false_alert_rate, calibration)
+    est = estimate_threshold(tail.scores(), target_false_alert_rate, calibration, n_scores=tail.n)
     threshold = est.pop("threshold")
     mean, var = det.error_statistics()
     # Scores saturate at 1 (p <= 1e-10): keep the threshold below so saturated events alert.
@@ -457,7 +544,7 @@ def calibrate(model, batches: Iterable, *, target_false_alert_rate: float = 1e-3
             "target_false_alert_rate": float(target_false_alert_rate),
             "error_mean": float(np.median(mean)) if mean.size else 0.0,
             "error_var": float(np.median(var)) if var.size else 0.0,
-            "events": int(scores.size), **est}
+            "events": int(tail.n), **est}
 
 
 def _without_calibration(model):
@@ -470,4 +557,4 @@ def _without_calibration(model):
 
 
 __all__ = ["METHODS", "DEFAULT_THRESHOLD", "ScoringConfig", "ScoringConfigError", "ResolvedScoring",
-           "CALIBRATIONS", "calibrate", "estimate_threshold", "default_method", "is_gaussian", "tail_probability"]
+           "CALIBRATIONS", "ScoreTail", "calibrate", "estimate_threshold", "default_method", "is_gaussian", "tail_probability"]

@@ -288,14 +288,15 @@ def prepare(paths: Sequence[str | Path] | str | Path, cfg: TrainConfig, stream_c
         if cache:
             yield from cache
             return
-        pieces = []
-        for part in data.iter_history(source, cfg.max_rows, **opts):
+        # Only a history that is one part is kept for the next pass; holding every part
+        # until the pass ends made memory grow with the history.
+        first = None
+        for i, part in enumerate(data.iter_history(source, cfg.max_rows, **opts)):
             split = data.split_by_time(part, valid=cfg.valid, calib=cfg.calib)
-            pieces.append((part, split))
+            first = (part, split) if i == 0 else None
             yield part, split
-        if len(pieces) == 1:
-            cache.extend(pieces)
-        pieces.clear()
+        if first is not None:
+            cache.append(first)
 
     scaler, stats = _fit_scaler_streaming(parts, cfg, source.n_rows)
     train_s = data.WindowSampler(cfg.window, cfg.stride, cfg.max_windows, cfg.seed)
@@ -339,8 +340,9 @@ def _fit_scaler_streaming(parts, cfg: TrainConfig, total_rows: int):
             stream_rows.append((list(sc.stream_ids), sc.stream_mean, sc.stream_scale))
         for s, t, v in zip(split.train.streams, split.train.ts, split.train.values):
             keep_streams.append(s)
-            keep_ts.append(t[::thin])
-            keep_vals.append(v[::thin])
+            # Thinned rows are copied: a strided view would keep the whole part alive.
+            keep_ts.append(t[::thin].copy() if thin > 1 else t)
+            keep_vals.append(v[::thin].copy() if thin > 1 else v)
     stats.update(features=features, paths=[str(p) for p in paths], scaler_thinning=thin)
     if stats["rows_train"] == 0:
         raise TrainError("the training part is empty: every stream is too short to split "
@@ -690,9 +692,12 @@ def _calibrate(model: Model, prep: Prepared, cfg: TrainConfig) -> dict[str, Any]
     if cfg.calib <= 0:
         return {}
     try:
+        # The calibration part's row count bounds its events: keep enough of the highest
+        # scores for the empirical quantile of any target rate.
+        need = math.ceil(cfg.target_false_alert_rate * prep.stats["rows_calib"]) + 2
         return calibrate(model, calibration_batches(prep.parts),
                          target_false_alert_rate=cfg.target_false_alert_rate,
-                         calibration=cfg.calibration)
+                         calibration=cfg.calibration, tail_capacity=max(100_000, need))
     except StreamrnnError as exc:
         raise TrainError(f"calibration failed: {exc}") from None
 

@@ -697,6 +697,54 @@ def test_pot_falls_back_to_the_empirical_quantile():
         estimate_threshold(few, 1e-4, "spot")
 
 
+def _fed_in_chunks(scores: np.ndarray, capacity: int, seed: int) -> scoring.ScoreTail:
+    tail = scoring.ScoreTail(capacity)
+    cuts = np.sort(np.random.default_rng(seed).integers(0, scores.size, 40))
+    for part in np.split(scores, cuts):
+        tail.add(part)
+    return tail
+
+
+@pytest.mark.parametrize("n, rate, quantised", [(20_000, 1e-4, False), (60_001, 1e-3, False),
+                                                (50_000, 1e-4, True), (3_000, 1e-2, False)])
+def test_threshold_from_the_kept_tail_equals_the_one_from_all_scores(n, rate, quantised):
+    # A tail long enough for the 98 % quantile gives the same dict, bit for bit, as all scores,
+    # and both match NumPy's quantiles over all scores.
+    rng = np.random.default_rng(n)
+    scores = stats.genpareto(0.1, scale=0.05).rvs(size=n, random_state=rng)
+    if quantised:  # many ties, also at the tail's cut
+        scores = np.round(scores, 2)
+    scores[rng.integers(0, n, 5)] = np.nan  # not scores: skipped by both
+    finite = scores[np.isfinite(scores)]
+    capacity = int(0.02 * n) + 2
+    tail = _fed_in_chunks(scores, capacity, seed=n)
+    assert tail.n == finite.size and len(tail.scores()) == capacity
+    assert tail._held <= 2 * capacity
+    assert np.array_equal(np.sort(tail.scores()), np.sort(finite)[-capacity:])
+    for method in ("pot", "quantile"):
+        got = estimate_threshold(tail.scores(), rate, method, n_scores=tail.n)
+        assert got == estimate_threshold(scores, rate, method)
+        assert got["quantile_threshold"] == np.quantile(finite, 1 - rate, method="higher")
+    got = estimate_threshold(tail.scores(), rate, n_scores=tail.n)
+    if got["calibration"] == "pot":
+        assert got["pot_initial"] == np.quantile(finite, 0.98)
+        assert got["pot_excesses"] == int(np.sum(finite > np.quantile(finite, 0.98)))
+
+
+def test_a_short_tail_raises_the_initial_threshold_or_says_what_is_missing():
+    rng = np.random.default_rng(31)
+    scores = rng.exponential(0.05, 100_000)
+    tail = _fed_in_chunks(scores, 500, seed=1)  # the top 0.5 %, not the top 2 %
+    est = estimate_threshold(tail.scores(), 1e-4, n_scores=tail.n)
+    lowest = np.sort(scores)[-500]
+    assert est["calibration"] == "pot" and est["pot_initial"] == lowest
+    assert est["pot_level"] == pytest.approx(0.995, abs=1e-4) and est["pot_excesses"] == 499
+    true = 0.05 * np.log(1e4)  # exponential tail: the quantile is known
+    assert abs(est["threshold"] - true) < 0.1 * true
+    with pytest.raises(Exception, match="only the top 500 were kept"):
+        estimate_threshold(tail.scores(), 1e-2, n_scores=tail.n)
+
+
 @pytest.mark.parametrize("estimate, clamped", [(5.0, MAX_CALIBRATED), (-0.3, 1e-6), (0.4, 0.4)])
 def test_calibrate_clamps_the_estimated_threshold(monkeypatch, estimate, clamped):
     model = Model.random("gru", n_features=1, hidden=[4], seed=3)
@@ -704,8 +752,8 @@ def test_calibrate_clamps_the_estimated_threshold(monkeypatch, estimate, clamped
     ids, ts = ["a"] * 80, np.arange(80, dtype=np.int64) * 1000
     seen = {}
 
-    def fake(scores, rate, calibration):
-        seen["n"], seen["calibration"] = len(scores), calibration
+    def fake(scores, rate, calibration, n_scores):
+        seen["n"], seen["calibration"] = n_scores, calibration
         return {"threshold": estimate, "calibration": "pot", "quantile_threshold": float(np.max(scores))}
 
     monkeypatch.setattr(scoring, "estimate_threshold", fake)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -211,6 +213,25 @@ def test_data_after_a_split_point_changes_nothing_before_it(tmp_path):
     d = train([changed], tmp_path / "d.safetensors", **{**SMALL, "per_stream_scaler": True})
     assert same_weights(c.model, d.model) and c.epochs[-1]["valid_loss"] == d.epochs[-1]["valid_loss"]
     assert c.model.thresholds["events"] == d.model.thresholds["events"]
+
+
+def test_history_read_in_parts_holds_one_part_at_a_time(tmp_path):
+    # Bounded memory: a pass over a history of several parts lets each part go once the next
+    # is read; only a history that is a single part is kept for the next pass.
+    path = tmp_path / "h.parquet"
+    sines(path, n_rows=300)
+    prep = prepare([path], TrainConfig(window=8, stride=4, max_rows=300))
+    refs = []
+    for part, split in prep.parts():
+        refs.append(weakref.ref(part))
+        del part, split
+        gc.collect()
+        assert sum(r() is not None for r in refs) == 1
+    assert len(refs) == len(AMPS)  # one stream per part
+    gc.collect()
+    assert all(r() is None for r in refs)
+    whole = prepare([path], TrainConfig(window=8, stride=4))
+    assert [p for p, _ in whole.parts()][0] is [p for p, _ in whole.parts()][0]
 
 
 # ----------------------------------------------------------------------------- CLI
