@@ -157,20 +157,20 @@ def test_block_product_matches_float64_and_ignores_row_slot(nx, nh, ncols):
     wx = rng.standard_normal((max(nx, 1), ncols + 5), dtype=np.float32)
     wh = rng.standard_normal((max(nh, 1), ncols + 5), dtype=np.float32)
     bias = rng.standard_normal(ncols + 3, dtype=np.float32)
-    xp = rng.standard_normal((max(nx, 1), cells.TILE_ROWS), dtype=np.float32)
-    hp = rng.standard_normal((max(nh, 1), cells.TILE_ROWS), dtype=np.float32)
+    xp = rng.standard_normal((cells.TILE_ROWS, max(nx, 1)), dtype=np.float32)
+    hp = rng.standard_normal((cells.TILE_ROWS, max(nh, 1)), dtype=np.float32)
     acc = np.zeros((cells.TILE_ROWS, ncols + 2), np.float32)
     # Offsets in the weights (col 4), the bias (bcol 3) and the output (acc_col 2).
     cells.block_product(acc, 2, bias, 3, 4, ncols, cells.TILE_ROWS, xp, nx, wx, hp, nh, wh)
     ref = (bias[3:3 + ncols].astype(np.float64)
-           + xp[:nx].T.astype(np.float64) @ wx[:nx, 4:4 + ncols]
-           + hp[:nh].T.astype(np.float64) @ wh[:nh, 4:4 + ncols])
+           + xp[:, :nx].astype(np.float64) @ wx[:nx, 4:4 + ncols]
+           + hp[:, :nh].astype(np.float64) @ wh[:nh, 4:4 + ncols])
     np.testing.assert_allclose(acc[:, 2:], ref, rtol=1e-5, atol=1e-5)
     # The same row in every slot of the tile, beside different neighbours: identical bits.
     for slot in range(cells.TILE_ROWS):
         xq = rng.standard_normal(xp.shape, dtype=np.float32)
         hq = rng.standard_normal(hp.shape, dtype=np.float32)
-        xq[:, slot], hq[:, slot] = xp[:, 0], hp[:, 0]
+        xq[slot], hq[slot] = xp[0], hp[0]
         out = np.zeros_like(acc)
         cells.block_product(out, 2, bias, 3, 4, ncols, cells.TILE_ROWS, xq, nx, wx, hq, nh, wh)
         assert np.array_equal(out[slot], acc[0])
@@ -284,7 +284,7 @@ def test_step_events_split_across_threads_equals_forward_bit_for_bit(i):
 def test_scratch_pool_sizes_cover_inputs_wider_than_hidden():
     hidden = np.array([8, 4], np.int64)
     xp, hp, acc, accn, blk = scratch_pool(3, hidden, 20, 30)
-    assert xp.shape == (3, 20, cells.TILE_ROWS) and hp.shape == (3, 8, cells.TILE_ROWS)
+    assert xp.shape == (3, cells.TILE_ROWS, 20) and hp.shape == (3, cells.TILE_ROWS, 8)
     assert acc.shape == (3, cells.TILE_ROWS, 32) and accn.shape == (3, cells.TILE_ROWS, 8)
     assert blk.shape == (3, 2, cells.TILE_ROWS)
     model = Model.random("lstm", n_features=20, hidden=[4], seed=3)
@@ -296,9 +296,9 @@ def test_scratch_pool_sizes_cover_inputs_wider_than_hidden():
 _CACHE_PROBE = """
 import numpy as np
 from streamrnn.kernels import cells
-dst = np.empty((3, 4), np.float32)
+dst = np.empty((4, 3), np.float32)  # (padded rows, n)
 cells.pack_rows(dst, np.arange(12, dtype=np.float32).reshape(4, 3), np.array([1, 2]), 2, 0, 3)
-assert np.array_equal(dst[:, 0], [3, 4, 5]) and not dst[:, 2:].any()
+assert np.array_equal(dst[0], [3, 4, 5]) and not dst[2:].any()
 st = cells.pack_rows.stats
 print(sum(st.cache_hits.values()), sum(st.cache_misses.values()), bool(cells.pack_rows.targetoptions["fastmath"]))
 """
@@ -395,7 +395,7 @@ def test_input_rows_give_the_bits_of_block_product(nx):
     # depend on which of the two computed them.
     rng = np.random.default_rng(nx)
     rn, ncols, col, width = 7, 40, 24, 80
-    xp = rng.standard_normal((nx, cells.TILE_ROWS), dtype=np.float32)
+    xp = rng.standard_normal((cells.TILE_ROWS, nx), dtype=np.float32)
     wx = rng.standard_normal((nx, width), dtype=np.float32)
     bias = rng.standard_normal(width, dtype=np.float32)
     tiled = np.zeros((cells.TILE_ROWS, 3 * ncols), np.float32)
@@ -403,7 +403,7 @@ def test_input_rows_give_the_bits_of_block_product(nx):
     cells.block_product(tiled, ncols, bias, col, col, ncols, rn, xp, nx, wx, xp, 0, wx)
     cells.input_rows(rows, ncols, bias, col, rn, xp, nx, wx, col, ncols)
     assert np.array_equal(rows[:rn], tiled[:rn])
-    exact = bias[col:col + ncols] + xp[:, :rn].T.astype(np.float64) @ wx[:, col:col + ncols]
+    exact = bias[col:col + ncols] + xp[:rn].astype(np.float64) @ wx[:, col:col + ncols]
     np.testing.assert_allclose(rows[:rn, ncols:2 * ncols], exact, rtol=1e-5, atol=1e-5)
     assert not rows[:rn, :ncols].any() and not rows[:rn, 2 * ncols:].any()  # nothing else written
 

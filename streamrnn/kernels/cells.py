@@ -5,7 +5,7 @@ Layout follows PyTorch: gate blocks stacked along the output axis, LSTM (i, f, g
 weight row is contiguous over output columns.
 
 The products run in a register-blocked micro-kernel: the inputs of the block's rows are
-first packed into a small (K, TILE_ROWS) buffer, then each micro-tile of MR rows x PANEL
+first packed into a small (TILE_ROWS, K) buffer, then each micro-tile of MR rows x PANEL
 columns is accumulated in registers (a stack array LLVM promotes) with the k loop inside,
 so every weight vector loaded is used for MR rows and no accumulator goes through memory
 per k. Column panels are the outer loop and the block's micro-tiles the inner one, so a
@@ -86,30 +86,36 @@ def _stack_f32(typingctx, n):
 
 @njit(**_OPTS)
 def _panel(acc, r0, acc_col, bias, bcol, col, xp, nx, wx, hp, nh, wh):
-    """acc[r0:+MR, acc_col:+PANEL] = bias[bcol:+PANEL] + xp[:nx, r0:+MR].T @ wx[:nx, col:+PANEL]
-    + hp[:nh, r0:+MR].T @ wh[:nh, col:+PANEL], in registers."""
+    """acc[r0:+MR, acc_col:+PANEL] = bias[bcol:+PANEL] + xp[r0:+MR, :nx] @ wx[:nx, col:+PANEL]
+    + hp[r0:+MR, :nh] @ wh[:nh, col:+PANEL], in registers."""
     t = carray(_stack_f32(_PANEL_TILE), (4, PANEL))  # (MR, PANEL)
     for r in range(4):
         for j in range(PANEL):
             t[r, j] = bias[_U(bcol + j)]
+    x0 = xp[_U(r0)]
+    x1 = xp[_U(r0 + 1)]
+    x2 = xp[_U(r0 + 2)]
+    x3 = xp[_U(r0 + 3)]
     for k in range(nx):
-        xk = xp[k]
-        v0 = xk[_U(r0)]
-        v1 = xk[_U(r0 + 1)]
-        v2 = xk[_U(r0 + 2)]
-        v3 = xk[_U(r0 + 3)]
+        v0 = x0[k]
+        v1 = x1[k]
+        v2 = x2[k]
+        v3 = x3[k]
         for j in range(PANEL):
             w = wx[k, _U(col + j)]
             t[0, j] += v0 * w
             t[1, j] += v1 * w
             t[2, j] += v2 * w
             t[3, j] += v3 * w
+    h0 = hp[_U(r0)]
+    h1 = hp[_U(r0 + 1)]
+    h2 = hp[_U(r0 + 2)]
+    h3 = hp[_U(r0 + 3)]
     for k in range(nh):
-        hk = hp[k]
-        v0 = hk[_U(r0)]
-        v1 = hk[_U(r0 + 1)]
-        v2 = hk[_U(r0 + 2)]
-        v3 = hk[_U(r0 + 3)]
+        v0 = h0[k]
+        v1 = h1[k]
+        v2 = h2[k]
+        v3 = h3[k]
         for j in range(PANEL):
             w = wh[k, _U(col + j)]
             t[0, j] += v0 * w
@@ -129,24 +135,30 @@ def _panel_narrow(acc, r0, acc_col, bias, bcol, col, width, xp, nx, wx, hp, nh, 
     for r in range(4):
         for j in range(width):
             t[r, j] = bias[_U(bcol + j)]
+    x0 = xp[_U(r0)]
+    x1 = xp[_U(r0 + 1)]
+    x2 = xp[_U(r0 + 2)]
+    x3 = xp[_U(r0 + 3)]
     for k in range(nx):
-        xk = xp[k]
-        v0 = xk[_U(r0)]
-        v1 = xk[_U(r0 + 1)]
-        v2 = xk[_U(r0 + 2)]
-        v3 = xk[_U(r0 + 3)]
+        v0 = x0[k]
+        v1 = x1[k]
+        v2 = x2[k]
+        v3 = x3[k]
         for j in range(width):
             w = wx[k, _U(col + j)]
             t[0, j] += v0 * w
             t[1, j] += v1 * w
             t[2, j] += v2 * w
             t[3, j] += v3 * w
+    h0 = hp[_U(r0)]
+    h1 = hp[_U(r0 + 1)]
+    h2 = hp[_U(r0 + 2)]
+    h3 = hp[_U(r0 + 3)]
     for k in range(nh):
-        hk = hp[k]
-        v0 = hk[_U(r0)]
-        v1 = hk[_U(r0 + 1)]
-        v2 = hk[_U(r0 + 2)]
-        v3 = hk[_U(r0 + 3)]
+        v0 = h0[k]
+        v1 = h1[k]
+        v2 = h2[k]
+        v3 = h3[k]
         for j in range(width):
             w = wh[k, _U(col + j)]
             t[0, j] += v0 * w
@@ -167,8 +179,8 @@ def padded_rows(rn):
 
 @njit(**_OPTS)
 def block_product(acc, acc_col, bias, bcol, col, ncols, rn, xp, nx, wx, hp, nh, wh):
-    """acc[:rn, acc_col:+ncols] = bias[bcol:+ncols] + xp[:nx, :rn].T @ wx[:nx, col:+ncols]
-    + hp[:nh, :rn].T @ wh[:nh, col:+ncols] for the block's packed rows (nx or nh may be 0).
+    """acc[:rn, acc_col:+ncols] = bias[bcol:+ncols] + xp[:rn, :nx] @ wx[:nx, col:+ncols]
+    + hp[:rn, :nh] @ wh[:nh, col:+ncols] for the block's packed rows (nx or nh may be 0).
 
     Rows up to ``padded_rows(rn)`` are computed (their packed inputs must be finite)."""
     n_mt = (rn + MR - 1) // MR
@@ -186,7 +198,7 @@ def block_product(acc, acc_col, bias, bcol, col, ncols, rn, xp, nx, wx, hp, nh, 
 
 @njit(**_OPTS)
 def input_rows(acc, acc_col, bias, bcol, rn, xp, nx, wx, col, ncols):
-    """acc[:rn, acc_col:+ncols] = bias[bcol:+ncols] + xp[:nx, :rn].T @ wx[:nx, col:+ncols], row
+    """acc[:rn, acc_col:+ncols] = bias[bcol:+ncols] + xp[:rn, :nx] @ wx[:nx, col:+ncols], row
     by row through memory: the same terms in the same order as ``block_product``, for a
     product with a few inputs, where the register tiles' per-call setup costs more than
     the multiply-adds."""
@@ -195,7 +207,7 @@ def input_rows(acc, acc_col, bias, bcol, rn, xp, nx, wx, col, ncols):
         for j in range(ncols):
             a[_U(acc_col + j)] = bias[_U(bcol + j)]
         for k in range(nx):
-            v = xp[k, r]
+            v = xp[r, k]
             wk = wx[k]
             for j in range(ncols):
                 a[_U(acc_col + j)] += v * wk[_U(col + j)]
@@ -203,15 +215,18 @@ def input_rows(acc, acc_col, bias, bcol, rn, xp, nx, wx, col, ncols):
 
 @njit(**_OPTS)
 def pack_rows(dst, src, rows, rn, col, n):
-    """dst[k, r] = src[rows[r], col + k] for k < n; rows rn..padded_rows(rn)-1 are zero
-    (computed, unused)."""
+    """dst[r, :n] = src[rows[r], col:col+n]; rows rn..padded_rows(rn)-1 are zero (computed,
+    unused). Row-major, so each row is one contiguous (vectorised) copy; the micro-tiles
+    read their MR rows through MR pointers."""
     for r in range(rn):
         row = src[rows[r]]
+        d = dst[r]
         for k in range(n):
-            dst[k, r] = row[_U(col + k)]
+            d[k] = row[_U(col + k)]
     for r in range(rn, padded_rows(rn)):
+        d = dst[r]
         for k in range(n):
-            dst[k, r] = _ZERO
+            d[k] = _ZERO
 
 
 @njit(**_OPTS)
@@ -318,8 +333,8 @@ def layer_step(cell, reset_after, rn, src, src_rows, src_col, n_in, state, rows,
 
     src[src_rows[r], src_col:src_col+n_in] is the layer input of row r (the events for the
     first layer, the state row of the layer below otherwise); state[rows[r], off:off+H] is
-    h and, for LSTM, state[rows[r], off+H:off+2H] is c. xp (>= n_in, TILE_ROWS),
-    hp (>= H, TILE_ROWS), acc (TILE_ROWS, >= G*H) and accn (TILE_ROWS, >= H) are scratch.
+    h and, for LSTM, state[rows[r], off+H:off+2H] is c. xp (TILE_ROWS, >= n_in),
+    hp (TILE_ROWS, >= H), acc (TILE_ROWS, >= G*H) and accn (TILE_ROWS, >= H) are scratch.
     """
     pack_rows(xp, src, src_rows, rn, src_col, n_in)
     pack_rows(hp, state, rows, rn, off, hsz)
@@ -332,9 +347,9 @@ def layer_step(cell, reset_after, rn, src, src_rows, src_col, n_in, state, rows,
             block_product(acc, h2, b, h2, h2, hsz, rn, xp, n_in, wx, hp, 0, wh)
         if not reset_after:
             # Cho et al.: the n gate's recurrent product sees r * h instead of h.
-            for k in range(hsz):
-                for r in range(padded_rows(rn)):
-                    hp[k, r] = sigmoid32(acc[r, k]) * hp[k, r]
+            for r in range(padded_rows(rn)):
+                for k in range(hsz):
+                    hp[r, k] = sigmoid32(acc[r, k]) * hp[r, k]
         block_product(accn, 0, bhn, 0, h2, hsz, rn, xp, 0, wx, hp, hsz, wh)
         # One loop per variant: with the choice inside, LLVM vectorised both arms with
         # masked loads and reloaded the activation constants every iteration.

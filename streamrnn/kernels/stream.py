@@ -71,8 +71,8 @@ def _prefetch_row(a, r):
 def scratch_pool(n_chunks, hidden, n_in, n_out):
     """Scratch for ``n_chunks`` concurrent row blocks, allocated once per kernel call.
 
-    Returns (xp, hp, acc, accn, blk): packed layer inputs (C, K, TILE_ROWS), packed hidden
-    states (C, H, TILE_ROWS), gate accumulators (C, TILE_ROWS, G) and (C, TILE_ROWS, H), and
+    Returns (xp, hp, acc, accn, blk): packed layer inputs (C, TILE_ROWS, K), packed hidden
+    states (C, TILE_ROWS, H), gate accumulators (C, TILE_ROWS, G) and (C, TILE_ROWS, H), and
     the block's event and slot indices (C, 2, TILE_ROWS).
     """
     hmax = 1
@@ -80,8 +80,8 @@ def scratch_pool(n_chunks, hidden, n_in, n_out):
         hmax = max(hmax, h)
     kmax = max(n_in, hmax)
     gmax = max(4 * hmax, n_out)
-    return (np.empty((n_chunks, kmax, TILE_ROWS), np.float32),
-            np.empty((n_chunks, hmax, TILE_ROWS), np.float32),
+    return (np.empty((n_chunks, TILE_ROWS, kmax), np.float32),
+            np.empty((n_chunks, TILE_ROWS, hmax), np.float32),
             np.empty((n_chunks, TILE_ROWS, gmax), np.float32),
             np.empty((n_chunks, TILE_ROWS, hmax), np.float32),
             np.empty((n_chunks, 2, TILE_ROWS), np.int64))
