@@ -371,6 +371,8 @@ class Daemon:
             # With a checkpoint in flight, turn sooner to advance it when input is idle.
             wait = cfg.batch_max_wait_ms if self._pending is None else min(cfg.batch_max_wait_ms, 5)
             batch = self.consumer.poll(timeout_ms=wait, max_records=cfg.batch_max_events)
+            if batch:
+                self._prefetch(batch)
             self._check_assigned()
             t0 = time.perf_counter()
             if batch and self.first_batch_at is None:
@@ -394,6 +396,20 @@ class Daemon:
             if cfg.model_reload_interval_s and time.monotonic() >= self._next_reload:
                 self._next_reload = time.monotonic() + cfg.model_reload_interval_s
                 self._maybe_reload()
+
+    def _prefetch(self, batch: dict) -> None:
+        """Put the next fetch request in flight before scoring ``batch``. kafka-python sends one
+        only when a poll starts with no buffered records, so a poll that had to wait for its
+        records returns with none in flight: input arriving while the loop scores waited in
+        the broker until the next poll asked for it (a fetch round trip and a wake-up of the
+        consumer's I/O thread on top of the scoring time, every turn). A zero-timeout poll
+        sends it now; records it already has join ``batch``, after those of the same
+        partition."""
+        room = self.cfg.batch_max_events - sum(len(r) for r in batch.values())
+        if room <= 0:  # records left in the buffer: the next poll returns them at once
+            return
+        for tp, records in self.consumer.poll(timeout_ms=0, max_records=room).items():
+            batch.setdefault(tp, []).extend(records)
 
     def _turn_checkpoints(self) -> None:
         """Once per loop turn: advance the checkpoint in flight, start one when due."""

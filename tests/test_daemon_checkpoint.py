@@ -269,6 +269,39 @@ def test_loop_turn_advances_and_starts_checkpoints():
     d._close()
 
 
+class BufferingConsumer(FakeConsumer):
+    """A consumer whose buffer holds ``buffered`` records: a poll returns them (up to
+    ``max_records``, in order) and records its arguments."""
+
+    def __init__(self, buffered: dict) -> None:
+        super().__init__()
+        self.buffered = buffered
+        self.polls: list[tuple] = []
+
+    def poll(self, timeout_ms, max_records):
+        self.polls.append((timeout_ms, max_records))
+        out, left = {}, max_records
+        for tp in list(self.buffered):
+            take = self.buffered[tp][:left]
+            self.buffered[tp] = self.buffered[tp][left:]
+            if take:
+                out[tp] = take
+                left -= len(take)
+        return out
+
+
+def test_prefetch_polls_without_waiting_and_appends_records_in_partition_order():
+    d, _task = make_daemon(LocalLike())
+    d.cfg.batch_max_events = 6
+    d.consumer = BufferingConsumer({"p0": ["a3"], "p1": ["b1", "b2", "b3", "b4"]})
+    batch = {"p0": ["a1", "a2"]}
+    d._prefetch(batch)
+    assert d.consumer.polls == [(0, 4)]  # no wait, at most batch_max_events in the batch
+    assert batch == {"p0": ["a1", "a2", "a3"], "p1": ["b1", "b2", "b3"]}
+    d._prefetch(batch)  # the batch is full: what is left stays buffered for the next poll
+    assert d.consumer.polls == [(0, 4)] and d.consumer.buffered["p1"] == ["b4"]
+
+
 def test_send_counter_epochs_with_acks_out_of_order():
     c = _SendCounter()
     c.add(2)
