@@ -217,7 +217,12 @@ def bench_memory(n_streams: int, rows_per_stream: tuple[int, ...], max_rows: int
     for run in runs:
         print(f"  history {run['rows']:>12,} rows ({run['bare_arrays_bytes'] / 2**20:6,.0f} MiB as bare arrays): "
               f"peak RSS {run['peak_rss'] / 2**20:6,.0f} MiB, {run['seconds']:.1f} s", flush=True)
-    return {"max_rows": max_rows, "import_rss": base, "runs": runs}
+    first, last = runs[0], runs[-1]
+    slope = (last["peak_rss"] - first["peak_rss"]) / max(last["rows"] - first["rows"], 1)
+    print(f"  growth: {(last['peak_rss'] - first['peak_rss']) / 2**20:+,.0f} MiB for "
+          f"{last['rows'] - first['rows']:+,} rows ({slope:+.1f} bytes per extra row; holding a "
+          f"timestamp and a value per row would be +16)", flush=True)
+    return {"max_rows": max_rows, "import_rss": base, "runs": runs, "bytes_per_extra_row": slope}
 
 
 def main() -> None:
