@@ -89,6 +89,14 @@ def _full(shape, fill, dtype) -> np.ndarray:
     return out
 
 
+def _copy_head(arr: np.ndarray, n: int) -> np.ndarray:
+    """An array shaped like ``arr`` whose first ``n`` rows are copied; the rest, never read
+    before being written, stay unwritten (not resident)."""
+    out = _empty(arr.shape, arr.dtype)
+    out[:n] = arr[:n]
+    return out
+
+
 class Column:
     """Specification of one per-stream column.
 
@@ -604,6 +612,30 @@ class StreamTable:
         if slots.size == 0:
             return []
         return self._id_array(np.ascontiguousarray(slots, np.int64)).to_pylist()
+
+    # ------------------------------------------------------------------ copies
+
+    def copy(self) -> StreamTable:
+        """An independent table with the same streams, columns, LRU clock, watermark and
+        settings. Only memory copies of the rows in use (no encoding): a checkpoint takes one
+        on the scoring thread and encodes its :meth:`snapshot` on another while this table
+        goes on changing."""
+        high = int(self._meta[idmap.M_HIGH_WATER])
+        new = object.__new__(StreamTable)
+        new._max_streams = self._max_streams
+        new._idle_timeout_ms = self._idle_timeout_ms
+        new._specs = dict(self._specs)
+        new._capacity = self._capacity
+        new._cols = {name: _copy_head(col, high) for name, col in self._cols.items()}
+        new._id_ref = _copy_head(self._id_ref, high)
+        new._free = _copy_head(self._free, int(self._meta[idmap.M_N_FREE]))
+        new._table = _copy_head(self._table, self._table.shape[0])
+        new._arena = _copy_head(self._arena, int(self._meta[idmap.M_ARENA_USED]))
+        new._meta = self._meta.copy()
+        new._clock = self._clock
+        new._watermark = self._watermark
+        new._evictions = self._evictions
+        return new
 
     # ------------------------------------------------------------------ snapshots
 

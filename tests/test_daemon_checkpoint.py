@@ -514,3 +514,19 @@ def test_changelog_rows_carry_their_layout_and_restore_exactly(scored):
     for sid in "abcd":
         for name, value in row_values(det.table, sid).items():
             np.testing.assert_array_equal(row_values(restored, sid)[name], value, err_msg=name)
+
+
+def test_local_store_writes_the_state_as_of_prepare_while_the_detector_goes_on(scored, tmp_path):
+    from daemon.checkpoint import LocalStore
+
+    model, scored_det = scored
+    det = Detector.restore(model, scored_det.snapshot())
+    store = LocalStore(tmp_path)
+    want = det.snapshot()
+    prepared = store.prepare("in", 0, det, set())
+    det.process(["a", "e"], np.array([[5.0], [1.0]]), np.array([90_000, 90_000], np.int64),
+                offsets=np.array([100, 101], np.int64))
+    assert det.snapshot() != want
+    store.write(prepared)
+    assert store.path("in", 0).read_bytes() == want
+    assert sorted(store.load("in", 0, lambda snapshot=None: Detector.restore(model, snapshot)).table.ids()) == list("abcd")

@@ -700,3 +700,43 @@ def test_add_column_sets_existing_rows_then_fill_for_new_streams_and_snapshots()
         table.add_column("lo", Column((), np.float64))
     with pytest.raises(StreamTableError, match="does not fit"):
         table.add_column("n", Column((), np.int8), existing="x")
+
+
+# ------------------------------------------------------------------ copies
+
+
+def churned_table() -> StreamTable:
+    """A table with LRU evictions, removed streams (free slots) and NaN payloads."""
+    table = StreamTable(make_columns(), max_streams=60, idle_timeout_ms=20)
+    rng = np.random.default_rng(11)
+    for step in range(5):
+        ids = [f"s{i}" for i in rng.integers(0, 40, 50)] + ["日本", "🙂"]
+        a = table.assign(ids, (step * 10 + rng.integers(0, 5, len(ids))).tolist())
+        apply_model(table, a, ids)
+    table.assign([f"evict-me{i}" for i in range(30)], [60] * 30)
+    table.column("last_offset")[: table.capacity] = np.arange(table.capacity)
+    table.remove(table.ids()[::4])
+    return table
+
+
+def test_copy_snapshot_equals_original_snapshot_after_original_changes():
+    table = churned_table()
+    before = table.snapshot()
+    copy = table.copy()
+    run_further(table, FURTHER_OPS)
+    table.column("state")[:] = 7.0
+    assert copy.snapshot() == before
+    assert table.snapshot() != before
+
+
+def test_copy_continues_like_the_original_and_leaves_it_alone():
+    table = churned_table()
+    copy = table.copy()
+    restored = StreamTable.restore(table.snapshot())
+    copy_log = run_further(copy, FURTHER_OPS)
+    after_copy_changed = table.snapshot()
+    assert copy_log == run_further(restored, FURTHER_OPS)
+    assert table_rows(copy) == table_rows(restored) and copy.evictions == restored.evictions
+    assert run_further(table, FURTHER_OPS) == copy_log
+    assert table.snapshot() == copy.snapshot()
+    assert StreamTable.restore(after_copy_changed).ids() != copy.ids()  # the copy's changes stayed in the copy
