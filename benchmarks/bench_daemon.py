@@ -13,9 +13,11 @@
    ``--relay`` adds a raw two-hop peer (kafka-python consumes, forwards the spikes with the
    daemon's producer settings, another consumer reads them): the daemon's path has two
    broker hops, the raw peer one.
+3. Idle cost (``--idle-seconds``): % of a core of a reader polling an empty topic, of the
+   idle daemon, and of the broker serving each (waiting fetches cost CPU on both sides).
 
 Run: ``NUMBA_CACHE_DIR=.numba_cache .venv/bin/python benchmarks/bench_daemon.py [--messages N]
-[--rate R] [--seconds S] [--latency-runs K] [--relay]``.
+[--rate R] [--seconds S] [--latency-runs K] [--relay] [--fetch-max-wait-ms W] [--idle-seconds S]``.
 """
 
 from __future__ import annotations
@@ -145,6 +147,65 @@ def daemon_backlog(bootstrap: str, topic: str, n: int, model: Path, state: Path,
     d.stop()
     th.join()
     return n / dt
+
+
+# ---------------------------------------------------------------------- idle cost
+def _idle_reader(bootstrap: str, topic: str, seconds: float, out, tuned: dict) -> None:
+    """CPU seconds of a reader (shared settings) polling the empty ``topic`` for ``seconds``."""
+    TUNED.update(tuned)
+    c = reader(bootstrap, topic)
+    c.poll(timeout_ms=500)  # connected, positions known: the steady idle state
+    cpu0, end = time.process_time(), time.monotonic() + seconds
+    while time.monotonic() < end:
+        c.poll(timeout_ms=TUNED["batch_max_wait_ms"], max_records=TUNED["batch_max_events"])
+    out.put(time.process_time() - cpu0)
+    c.close()
+
+
+def _cpu_seconds(pid: int) -> float:
+    import psutil
+
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
+def idle_cpu(broker, seconds: float, tmp: Path) -> tuple[float, float, float, float]:
+    """% of a core while nothing arrives on a 4-partition topic: a raw reader and the broker
+    serving it, then the daemon (its consumer group loop, producer and metrics idle) and
+    the broker serving it. The waiting fetches cost CPU on both sides."""
+    bs = broker.bootstrap
+    topic = f"idle-{TUNED['fetch_max_wait_ms']}"
+    create_topic(bs, topic, 4)
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    pr = ctx.Process(target=_idle_reader, args=(bs, topic, seconds, q, TUNED))
+    pr.start()
+    time.sleep(2.0)  # the reader's start-up (imports, connection) is not idle time
+    b0 = _cpu_seconds(broker.process.pid)
+    raw_cpu = q.get(timeout=seconds + 60)
+    raw_broker = _cpu_seconds(broker.process.pid) - b0
+    pr.join()
+    model = persistence_model(tmp / "idle.safetensors")
+    cmd = [sys.executable, "-m", "daemon", "--bootstrap", bs, "--input", topic, "--alerts", f"{topic}-alerts",
+           "--model", str(model), "--group", f"{topic}-g", "--state-dir", str(tmp / f"{topic}-state")]
+    for k, v in {**TUNED, **GROUP, "checkpoint_interval_ms": CKPT_MS, "metrics_port": 0}.items():
+        cmd += ["--set", f"{k}={v}"]
+    log_path = tmp / f"{topic}-daemon.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            while b"partitions assigned" not in log_path.read_bytes():
+                assert proc.poll() is None, log_path.read_text()
+                time.sleep(0.1)
+            time.sleep(1.0)
+            d0, b0, t0 = _cpu_seconds(proc.pid), _cpu_seconds(broker.process.pid), time.monotonic()
+            time.sleep(seconds)
+            dt = time.monotonic() - t0
+            daemon_cpu, daemon_broker = _cpu_seconds(proc.pid) - d0, _cpu_seconds(broker.process.pid) - b0
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    return (100 * raw_cpu / seconds, 100 * raw_broker / seconds, 100 * daemon_cpu / dt, 100 * daemon_broker / dt)
 
 
 # ---------------------------------------------------------------------- latency
@@ -333,6 +394,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="backlog rounds (0: skip the backlog part)")
     ap.add_argument("--latency-runs", type=int, default=3, help="fixed-rate runs (each with raw and daemon)")
     ap.add_argument("--fetch-max-wait-ms", type=int, default=TUNED["fetch_max_wait_ms"])
+    ap.add_argument("--idle-seconds", type=float, default=0.0,
+                    help="also measure the CPU of idle readers and of the idle daemon for this long (0: skip)")
     ap.add_argument("--relay", action="store_true",
                     help="also run the raw two-hop peer (consume, forward spikes, consume) in the fixed-rate runs")
     args = ap.parse_args()
@@ -365,6 +428,12 @@ def main() -> None:
             raw_best, our_best = max(raws), max(ours)
             print(f"backlog best: daemon {our_best:,.0f} events/s vs raw consume+decode {raw_best:,.0f} msg/s: "
                   f"{our_best / raw_best:.0%} (target >= 70%)")
+
+        if args.idle_seconds > 0:
+            raw_pct, raw_broker_pct, d_pct, d_broker_pct = idle_cpu(broker, args.idle_seconds, tmp)
+            print(f"idle (fetch_max_wait_ms={TUNED['fetch_max_wait_ms']}, {args.idle_seconds:.0f} s, empty 4-partition "
+                  f"topic): raw reader {raw_pct:.1f}% of a core + broker {raw_broker_pct:.1f}%;  daemon "
+                  f"{d_pct:.1f}% + broker {d_broker_pct:.1f}%   ({_load()})")
 
         p = lambda a, q: float(np.percentile(a, q)) if len(a) else float("nan")  # noqa: E731
         diffs, rows = [], []

@@ -67,6 +67,9 @@ class DaemonConfig:
     linger_ms: int = 1
     batch_size: int = 256 << 10
     acks: str = "all"
+    # Client of the output producer (alerts, scores, dead letters, changelog rows):
+    # "kafka-python" or "confluent-kafka" (librdkafka: network I/O off the GIL).
+    producer_client: str = "kafka-python"
     session_timeout_ms: int = 10000
     heartbeat_interval_ms: int = 1000
     max_poll_interval_ms: int = 30000
@@ -159,6 +162,8 @@ class DaemonConfig:
             problems.append(f"state_store must be 'local' or 'changelog', got {self.state_store!r}")
         if self.auto_offset_reset not in ("earliest", "latest"):
             problems.append(f"auto_offset_reset must be 'earliest' or 'latest', got {self.auto_offset_reset!r}")
+        if self.producer_client not in ("kafka-python", "confluent-kafka"):
+            problems.append(f"producer_client must be 'kafka-python' or 'confluent-kafka', got {self.producer_client!r}")
         if self.acks not in ("all", "0", "1"):
             problems.append(f"acks must be 'all', '0' or '1', got {self.acks!r}")
         positive = ("checkpoint_interval_ms", "checkpoint_events", "batch_max_events", "max_poll_records",

@@ -168,6 +168,7 @@ class Daemon:
         self._sends = _SendCounter()
         self._out: list[tuple] = []  # output records of the current poll, not yet sent
         self._pending: _Checkpoint | None = None  # the checkpoint in flight
+        self._serve_outputs = None  # runs the delivery reports of a producer that has them
         self._assign_error: Exception | None = None  # a partition whose state could not be restored
         self._writer: ThreadPoolExecutor | None = None  # writes local snapshots (fsync)
         self._last_ckpt = time.monotonic()
@@ -299,12 +300,7 @@ class Daemon:
             self.admin = KafkaAdminClient(**common)
             self.inputs = self._input_partitions()
             self._create_outputs()
-            # Idempotent with acks=all: several requests in flight (latency) without
-            # reordering or duplicating alerts on retries.
-            self.producer = KafkaProducer(**common, acks=cfg.acks if cfg.acks == "all" else int(cfg.acks),
-                                          linger_ms=cfg.linger_ms, batch_size=cfg.batch_size,
-                                          enable_idempotence=cfg.acks == "all",
-                                          max_in_flight_requests_per_connection=5)
+            self.producer = self._producer()
             self.consumer = KafkaConsumer(
                 **common, group_id=cfg.group, enable_auto_commit=False,
                 auto_offset_reset=cfg.auto_offset_reset, fetch_min_bytes=cfg.fetch_min_bytes,
@@ -320,6 +316,18 @@ class Daemon:
         else:
             self.store = ChangelogStore(cfg.changelog, self.producer, self._plain_consumer, self.inputs)
         self.consumer.subscribe(cfg.input, listener=_Listener(self))
+
+    def _producer(self):
+        cfg = self.cfg
+        if cfg.producer_client == "confluent-kafka":
+            from daemon.output import ConfluentProducer
+
+            return ConfluentProducer(cfg)
+        # Idempotent with acks=all: several requests in flight (latency) without
+        # reordering or duplicating alerts on retries.
+        return KafkaProducer(**cfg.kafka_common(), acks=cfg.acks if cfg.acks == "all" else int(cfg.acks),
+                             linger_ms=cfg.linger_ms, batch_size=cfg.batch_size,
+                             enable_idempotence=cfg.acks == "all", max_in_flight_requests_per_connection=5)
 
     def _plain_consumer(self):
         return KafkaConsumer(**self.cfg.kafka_common(), enable_auto_commit=False, group_id=None,
@@ -362,6 +370,7 @@ class Daemon:
     # ------------------------------------------------------------------ the loop
     def _loop(self) -> None:
         cfg = self.cfg
+        self._serve_outputs = getattr(self.producer, "serve", None)
         self.ready.set()
         if self.health:
             self.health.ready = True
@@ -385,6 +394,8 @@ class Daemon:
                 self.metrics.record_age.observe(max(0.0, now_ms - records[0].timestamp) / 1000)
                 self._process(task, records)
             self._drain()
+            if self._serve_outputs is not None:  # delivery reports run on this thread
+                self._serve_outputs()
             if batch:
                 self.last_batch_at = time.perf_counter()
                 self.metrics.batch_seconds.observe(self.last_batch_at - t0)

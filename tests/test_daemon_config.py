@@ -54,12 +54,25 @@ def test_secrets_are_redacted_and_passed_to_clients(tmp_path, model_file):
     assert cfg.kafka_common()["sasl_plain_password"] == "hunter2"
 
 
+def test_secrets_reach_the_confluent_producer_by_librdkafka_names(tmp_path, model_file):
+    from daemon.output import confluent_settings
+
+    cfg = load_config(_toml(tmp_path, model_file), env={}, overrides={"producer_client": "confluent-kafka",
+                                                                     "sasl_plain_username": "alice"})
+    opts = confluent_settings(cfg)
+    assert opts["sasl.password"] == "hunter2" and opts["sasl.username"] == "alice"
+    assert opts["bootstrap.servers"] == cfg.bootstrap and opts["enable.idempotence"] is True
+    assert opts["partitioner"] == "murmur2_random"  # the Java client's and kafka-python's
+
+
 def test_every_problem_is_reported_at_once():
     with pytest.raises(ConfigError) as err:
-        load_config(env={}, overrides={"bootstrap": "nohost", "state_store": "s3", "batch_max_events": 0})
+        load_config(env={}, overrides={"bootstrap": "nohost", "state_store": "s3", "batch_max_events": 0,
+                                       "producer_client": "librdkafka"})
     msg = str(err.value)
     for part in ("alerts is required", "model is required", "must be HOST:PORT", "state_store must be",
-                 "batch_max_events must be > 0", "input is required"):
+                 "batch_max_events must be > 0", "input is required",
+                 "producer_client must be 'kafka-python' or 'confluent-kafka', got 'librdkafka'"):
         assert part in msg
 
 

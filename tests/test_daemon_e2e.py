@@ -74,8 +74,9 @@ class Running:
         return self.daemon.counts
 
 
+@pytest.mark.parametrize("producer_client", ["kafka-python", "confluent-kafka"])
 def test_daemon_on_json_batches_and_arrow_raises_exactly_replays_alerts(kafka_broker, model_path, events,
-                                                                        reference, tmp_path):
+                                                                        reference, tmp_path, producer_client):
     topic, alerts = unique("in"), unique("alerts")
     create_topic(kafka_broker.bootstrap, topic, 3)
     ids, ts, x = events
@@ -84,7 +85,8 @@ def test_daemon_on_json_batches_and_arrow_raises_exactly_replays_alerts(kafka_br
     a = produce_events(kafka_broker.bootstrap, topic, [(ids[:half], ts[:half], x[:half])], events_per_message=4)
     b = produce_events(kafka_broker.bootstrap, topic, [(ids[half:], ts[half:], x[half:])], events_per_message=8,
                        arrow=True)
-    run = Running(kafka_broker.bootstrap, model_path, tmp_path, topic=topic, alerts=alerts, metrics_port=-1)
+    run = Running(kafka_broker.bootstrap, model_path, tmp_path, topic=topic, alerts=alerts, metrics_port=-1,
+                  producer_client=producer_client)
     run.wait_consumed(a.messages + b.messages)
     health = run.daemon.health
     base = f"http://127.0.0.1:{health.port}"
@@ -106,7 +108,9 @@ def test_daemon_on_json_batches_and_arrow_raises_exactly_replays_alerts(kafka_br
     assert sample("streamrnn_output_ack_seconds_count") >= 1
 
 
-def test_dead_letters_keep_message_and_counts_add_up(kafka_broker, model_path, events, reference, tmp_path):
+@pytest.mark.parametrize("producer_client", ["kafka-python", "confluent-kafka"])
+def test_dead_letters_keep_message_and_counts_add_up(kafka_broker, model_path, events, reference, tmp_path,
+                                                     producer_client):
     topic, alerts = unique("in"), unique("alerts")
     create_topic(kafka_broker.bootstrap, topic, 2)
     good = event_messages(events)
@@ -125,7 +129,8 @@ def test_dead_letters_keep_message_and_counts_add_up(kafka_broker, model_path, e
     messages += pending
     is_bad += [True] * len(pending)
     reports = confluent_produce(kafka_broker.bootstrap, topic, messages)
-    run = Running(kafka_broker.bootstrap, model_path, tmp_path, topic=topic, alerts=alerts)
+    run = Running(kafka_broker.bootstrap, model_path, tmp_path, topic=topic, alerts=alerts,
+                  producer_client=producer_client)
     run.wait_consumed(len(messages))
     counts = run.stop()
     assert counts["consumed"] == len(messages) == counts["decoded"] + counts["dead_lettered"]
@@ -142,15 +147,16 @@ def test_dead_letters_keep_message_and_counts_add_up(kafka_broker, model_path, e
     assert alert_records(read_alerts(kafka_broker.bootstrap, alerts)) == reference  # the good ones scored
 
 
+@pytest.mark.parametrize("producer_client", ["kafka-python", "confluent-kafka"])
 def test_changelog_store_restores_partition_state_in_a_new_daemon(kafka_broker, model_path, events, reference,
-                                                                  tmp_path):
+                                                                  tmp_path, producer_client):
     topic, alerts, group = unique("in"), unique("alerts"), unique("g")
     create_topic(kafka_broker.bootstrap, topic, 2)
     msgs = event_messages(events)
     half = len(msgs) // 2
     confluent_produce(kafka_broker.bootstrap, topic, msgs[:half])
     first = Running(kafka_broker.bootstrap, model_path, tmp_path / "a", topic=topic, alerts=alerts, group=group,
-                    state_store="changelog")
+                    state_store="changelog", producer_client=producer_client)
     first.wait_consumed(half)
     first.stop()
     confluent_produce(kafka_broker.bootstrap, topic, msgs[half:])
@@ -191,17 +197,24 @@ def test_hot_reload_with_same_architecture_keeps_stream_state(kafka_broker, mode
     run.stop()
 
 
-def test_alert_records_are_keyed_by_stream(kafka_broker, model_path, events, tmp_path):
+@pytest.mark.parametrize("producer_client", ["kafka-python", "confluent-kafka"])
+def test_alert_records_are_keyed_by_stream_in_the_java_clients_partition(kafka_broker, model_path, events, tmp_path,
+                                                                          producer_client):
+    from kafka.partitioner.default import murmur2
+
     topic, alerts = unique("in"), unique("alerts")
     create_topic(kafka_broker.bootstrap, topic, 2)
     reports = confluent_produce(kafka_broker.bootstrap, topic, event_messages(events))
-    run = Running(kafka_broker.bootstrap, model_path, tmp_path, topic=topic, alerts=alerts)
+    run = Running(kafka_broker.bootstrap, model_path, tmp_path, topic=topic, alerts=alerts,
+                  producer_client=producer_client)
     run.wait_consumed(len(reports))
     run.stop()
     recs = read_topic(kafka_broker.bootstrap, alerts)
     assert recs
-    for key, value, *_ in recs:
+    for key, value, _headers, partition, _offset in recs:
         assert key.decode() == msgspec.json.decode(value)["stream"]
+        # The Java client's partitioner (murmur2, positive, modulo the 2 partitions)
+        assert partition == (murmur2(key) & 0x7FFFFFFF) % 2
 
 
 def test_backpressure_pauses_input_and_scores_topic_gets_every_event(kafka_broker, model_path, events, tmp_path):
