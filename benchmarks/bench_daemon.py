@@ -394,12 +394,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="backlog rounds (0: skip the backlog part)")
     ap.add_argument("--latency-runs", type=int, default=3, help="fixed-rate runs (each with raw and daemon)")
     ap.add_argument("--fetch-max-wait-ms", type=int, default=TUNED["fetch_max_wait_ms"])
+    ap.add_argument("--producer-client", choices=["kafka-python", "confluent-kafka"], default=None,
+                    help="the daemon's output producer client (default: the daemon's default)")
     ap.add_argument("--idle-seconds", type=float, default=0.0,
                     help="also measure the CPU of idle readers and of the idle daemon for this long (0: skip)")
     ap.add_argument("--relay", action="store_true",
                     help="also run the raw two-hop peer (consume, forward spikes, consume) in the fixed-rate runs")
     args = ap.parse_args()
     TUNED["fetch_max_wait_ms"] = args.fetch_max_wait_ms
+    if args.producer_client:
+        TUNED["producer_client"] = args.producer_client
     os.environ.setdefault("NUMBA_CACHE_DIR", str(ROOT / ".numba_cache"))
     print("daemon settings:", ", ".join(f"{k}={v}" for k, v in TUNED.items()),
           f"acks={DaemonConfig().acks}, checkpoint_interval_ms={CKPT_MS}")
