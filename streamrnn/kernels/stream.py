@@ -23,6 +23,7 @@ from numba.extending import intrinsic
 
 from streamrnn.config import jit_options
 from streamrnn.kernels.cells import TILE_ROWS, head_step, layer_step
+from streamrnn.kernels.single import step_row, step_stream
 
 _OPTS = jit_options()
 _PAR_OPTS = jit_options(parallel=True)
@@ -91,7 +92,14 @@ def scratch_pool(n_chunks, hidden, n_in, n_out):
 def _step_block(rn, src, src_col, src_rows, state, rows, pred,
                 cell, reset_after, hidden, offsets, wx, wh, b, bhn, peep, wo, bo, xp, hp, acc, accn):
     """Step ``rn`` <= TILE_ROWS distinct streams (state rows ``rows``) on their inputs
-    src[src_rows[r], src_col:], then store the head's prediction in pred[rows[r]]."""
+    src[src_rows[r], src_col:], then store the head's prediction in pred[rows[r]].
+
+    A lone row takes the matrix-vector path (``single.step_row``: same sums, same bits)
+    instead of register tiles padded to 4 rows."""
+    if rn == 1:
+        step_row(src[src_rows[0]], src_col, state, rows, pred, cell, reset_after, hidden, offsets,
+                 wx, wh, b, bhn, peep, wo, bo, acc, accn, hp[0])
+        return
     n_layers = hidden.shape[0]
     layer_step(cell, reset_after, rn, src, src_rows, src_col, wx[0].shape[0], state, rows, offsets[0],
                hidden[0], wx[0], wh[0], b[0], bhn[0], peep[0], xp, hp, acc, accn)
@@ -257,9 +265,15 @@ def step_events(slots, xs, state, pred, prev_out, scratch, n_threads,
     ev_slots = np.empty(n, np.int64)
     for i in range(n):
         ev_slots[i] = slots[order[i]]
-    n_chunks = _n_chunks(n_threads, starts[1] - starts[0])  # wave 0 has every stream once
+    n_streams = starts[1] - starts[0]  # wave 0 has every stream once
+    n_chunks = _n_chunks(n_threads, n_streams)
     xp, hp, acc, accn, blk = scratch_pool(n_chunks, hidden, wx[0].shape[0], wo.shape[1])
-    if n_chunks == 1:
+    if n_streams == 1:
+        # One stream: its events in order through the single-row step (the same bits as
+        # in a block), with no blocks to form.
+        step_stream(order, ev_slots[:1], xs, state, pred, prev_out, False, cell, reset_after, hidden,
+                    offsets, wx, wh, b, bhn, peep, wo, bo, acc[0], accn[0], hp[0, 0])
+    elif n_chunks == 1:
         _step_list(0, n, order, ev_slots, xs, state, pred, prev_out, cell, reset_after, hidden,
                    offsets, wx, wh, b, bhn, peep, wo, bo, xp[0], hp[0], acc[0], accn[0], blk[0])
     else:
@@ -310,7 +324,13 @@ def forward_sequences(x, state, n_threads, cell, reset_after, hidden, offsets,
     n_chunks = _n_chunks(n_threads, n_seq)
     xp, hp, acc, accn, blk = scratch_pool(n_chunks, hidden, n_feat, n_out)
     starts = _tile_ranges(n_seq, n_chunks)
-    if n_chunks == 1:
+    if n_seq == 1:
+        # One sequence: its steps through the single-row step (the same bits as in a block).
+        rows = np.zeros(1, np.int64)
+        step_stream(np.arange(n_steps), rows, x2.reshape(n_steps, n_feat), state, pred, out[0], True,
+                    cell, reset_after, hidden, offsets, wx, wh, b, bhn, peep, wo, bo,
+                    acc[0], accn[0], hp[0, 0])
+    elif n_chunks == 1:
         _forward_chunk(0, n_seq, x2, n_steps, state, pred, out, cell, reset_after, hidden, offsets,
                        wx, wh, b, bhn, peep, wo, bo, xp[0], hp[0], acc[0], accn[0], blk[0])
     else:
