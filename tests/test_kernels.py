@@ -17,7 +17,7 @@ from numba import njit
 from scipy.special import expit
 
 from streamrnn import Model
-from streamrnn.kernels import cells
+from streamrnn.kernels import cells, microtile
 from streamrnn.kernels.activations import sigmoid32, tanh32
 from streamrnn.kernels.stream import forward_sequences, scratch_pool, step_events
 from tests import naive
@@ -182,6 +182,37 @@ def test_block_product_matches_float64_and_ignores_row_slot(nx, nh, ncols):
     assert (part[cells.padded_rows(rn):] == -7.0).all()
 
 
+@pytest.mark.skipif(not microtile.AVAILABLE, reason="the assembly tile needs x86-64 AVX2/FMA and 16-column panels")
+def test_assembly_tiles_give_the_bits_of_the_numba_tiles():
+    # block_product runs 6-row assembly tiles where the host has them: every block size
+    # (the 6-row tiles and the 4-row tiles left over), offsets, narrow tails, nx or nh of 0
+    # must give the bits of the Numba-only product, and leave rows past the padding alone.
+    assert cells.block_product is cells.block_product_micro
+    rng = np.random.default_rng(5)
+    for rn in range(1, cells.TILE_ROWS + 1):
+        for nx, nh, ncols in [(1, 64, 256), (8, 64, 192), (0, 33, 40), (3, 0, 16), (2, 5, 70)]:
+            col, bcol, acc_col = (int(v) for v in rng.integers(0, 5, 3))
+            wx = rng.standard_normal((max(nx, 1), ncols + col + 3), dtype=np.float32)
+            wh = rng.standard_normal((max(nh, 1), ncols + col + 1), dtype=np.float32)
+            bias = rng.standard_normal(ncols + bcol, dtype=np.float32)
+            xp = rng.standard_normal((cells.TILE_ROWS, max(nx, 1) + 2), dtype=np.float32)
+            hp = rng.standard_normal((cells.TILE_ROWS, max(nh, 1)), dtype=np.float32)
+            asm = np.full((cells.TILE_ROWS, ncols + acc_col + 2), -7.0, np.float32)
+            ref = asm.copy()
+            cells.block_product_micro(asm, acc_col, bias, bcol, col, ncols, rn, xp, nx, wx, hp, nh, wh)
+            cells.block_product_numba(ref, acc_col, bias, bcol, col, ncols, rn, xp, nx, wx, hp, nh, wh)
+            assert np.array_equal(asm, ref), (rn, nx, nh, ncols)
+            assert (asm[cells.padded_rows(rn):] == -7.0).all()
+            assert (asm[:, :acc_col] == -7.0).all() and (asm[:, acc_col + ncols:] == -7.0).all()
+
+
+def test_micro_rows_split_padded_blocks_into_6_and_4_row_tiles():
+    for padded in range(0, cells.TILE_ROWS + 1, cells.MR):
+        r6 = cells.micro_rows(padded)
+        assert r6 % 6 == 0 and (padded - r6) % cells.MR == 0 and padded - r6 <= 8
+        assert padded - r6 < 6 or padded - r6 == 8
+
+
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
 @pytest.mark.parametrize("h", [24, 40])
 def test_predict_matches_torch_at_partial_tiles(kind, h):
@@ -295,7 +326,7 @@ def test_scratch_pool_sizes_cover_inputs_wider_than_hidden():
 # ------------------------------------------------------------------------ on-disk cache
 _CACHE_PROBE = """
 import numpy as np
-from streamrnn.kernels import cells
+from streamrnn.kernels import cells, microtile
 dst = np.empty((4, 3), np.float32)  # (padded rows, n)
 cells.pack_rows(dst, np.arange(12, dtype=np.float32).reshape(4, 3), np.array([1, 2]), 2, 0, 3)
 assert np.array_equal(dst[0], [3, 4, 5]) and not dst[2:].any()
@@ -348,7 +379,7 @@ import sys
 import numpy as np
 from streamrnn import Model
 from streamrnn.config import PANEL
-from streamrnn.kernels import cells
+from streamrnn.kernels import cells, microtile
 x = np.random.default_rng(3).standard_normal((5, 30, 3)).astype(np.float32)
 outs = [Model.random(cell, n_features=3, hidden=[40, 24], seed=1).predict(x) for cell in ("gru", "lstm", "rnn")]
 np.save(sys.argv[1], np.stack(outs))

@@ -30,6 +30,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from streamrnn.config import PANEL, jit_options
+from streamrnn.kernels import microtile
 from streamrnn.kernels.activations import relu32, sigmoid32, tanh32
 
 RNN_TANH = 0
@@ -178,22 +179,79 @@ def padded_rows(rn):
 
 
 @njit(**_OPTS)
-def block_product(acc, acc_col, bias, bcol, col, ncols, rn, xp, nx, wx, hp, nh, wh):
-    """acc[:rn, acc_col:+ncols] = bias[bcol:+ncols] + xp[:rn, :nx] @ wx[:nx, col:+ncols]
-    + hp[:rn, :nh] @ wh[:nh, col:+ncols] for the block's packed rows (nx or nh may be 0).
+def _narrow_panels(acc, acc_col, bias, bcol, col, j, ncols, n_mt, xp, nx, wx, hp, nh, wh):
+    """Columns j..ncols-1 (fewer than PANEL) of every micro-tile, NARROW at a time."""
+    while j < ncols:
+        width = min(NARROW, ncols - j)
+        for m in range(n_mt):
+            _panel_narrow(acc, m * MR, acc_col + j, bias, bcol + j, col + j, width, xp, nx, wx, hp, nh, wh)
+        j += width
 
-    Rows up to ``padded_rows(rn)`` are computed (their packed inputs must be finite)."""
+
+@njit(**_OPTS)
+def block_product_numba(acc, acc_col, bias, bcol, col, ncols, rn, xp, nx, wx, hp, nh, wh):
+    """``block_product`` with the Numba tiles only (any host)."""
     n_mt = (rn + MR - 1) // MR
     j = 0
     while j + PANEL <= ncols:
         for m in range(n_mt):
             _panel(acc, m * MR, acc_col + j, bias, bcol + j, col + j, xp, nx, wx, hp, nh, wh)
         j += PANEL
-    while j < ncols:
-        width = min(NARROW, ncols - j)
-        for m in range(n_mt):
-            _panel_narrow(acc, m * MR, acc_col + j, bias, bcol + j, col + j, width, xp, nx, wx, hp, nh, wh)
-        j += width
+    _narrow_panels(acc, acc_col, bias, bcol, col, j, ncols, n_mt, xp, nx, wx, hp, nh, wh)
+
+
+@njit(**_OPTS)
+def _float32_rows(a):
+    """Float32 with contiguous rows: what the assembly tile reads and writes."""
+    return a.itemsize == 4 and a.strides[a.ndim - 1] == 4
+
+
+@njit(**_OPTS)
+def micro_rows(padded):
+    """Rows of ``padded`` (a multiple of MR) that the 6-row assembly tiles take: the rest
+    (0 or 4, or 8 where 6 would leave 2) go to 4-row tiles."""
+    n6 = padded // microtile.ROWS
+    if padded - n6 * microtile.ROWS == 2 and n6 > 0:
+        n6 -= 1
+    return n6 * microtile.ROWS
+
+
+@njit(**_OPTS)
+def block_product_micro(acc, acc_col, bias, bcol, col, ncols, rn, xp, nx, wx, hp, nh, wh):
+    """``block_product`` with whole panels in 6 x PANEL assembly tiles (microtile.py), the
+    rows they leave in 4-row Numba tiles, every output summed in the same order."""
+    if not (_float32_rows(acc) and _float32_rows(bias) and _float32_rows(xp) and _float32_rows(wx)
+            and _float32_rows(hp) and _float32_rows(wh)):
+        block_product_numba(acc, acc_col, bias, bcol, col, ncols, rn, xp, nx, wx, hp, nh, wh)
+        return
+    padded = padded_rows(rn)
+    r6 = micro_rows(padded)
+    ldo = acc.strides[0]
+    ldx = xp.strides[0]
+    ldh = hp.strides[0]
+    out0 = microtile.address(acc) + 4 * acc_col
+    b0 = microtile.address(bias) + 4 * bcol
+    x0 = microtile.address(xp)
+    h0 = microtile.address(hp)
+    wx0 = microtile.address(wx) + 4 * col
+    wh0 = microtile.address(wh) + 4 * col
+    j = 0
+    while j + PANEL <= ncols:
+        for r0 in range(0, r6, microtile.ROWS):
+            microtile.tile6x16(b0 + 4 * j, out0 + r0 * ldo + 4 * j, ldo, x0 + r0 * ldx, ldx,
+                               wx0 + 4 * j, wx.strides[0], nx, h0 + r0 * ldh, ldh,
+                               wh0 + 4 * j, wh.strides[0], nh)
+        for r0 in range(r6, padded, MR):
+            _panel(acc, r0, acc_col + j, bias, bcol + j, col + j, xp, nx, wx, hp, nh, wh)
+        j += PANEL
+    _narrow_panels(acc, acc_col, bias, bcol, col, j, ncols, padded // MR, xp, nx, wx, hp, nh, wh)
+
+
+#: acc[:rn, acc_col:+ncols] = bias[bcol:+ncols] + xp[:rn, :nx] @ wx[:nx, col:+ncols]
+#: + hp[:rn, :nh] @ wh[:nh, col:+ncols] for the block's packed rows (nx or nh may be 0).
+#: Rows up to ``padded_rows(rn)`` are computed (their packed inputs must be finite).
+#: The assembly tiles where the host runs them; the same bits either way.
+block_product = block_product_micro if microtile.AVAILABLE else block_product_numba
 
 
 @njit(**_OPTS)
