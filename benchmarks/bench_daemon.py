@@ -408,7 +408,8 @@ def main() -> None:
         TUNED["producer_client"] = args.producer_client
     os.environ.setdefault("NUMBA_CACHE_DIR", str(ROOT / ".numba_cache"))
     print("daemon settings:", ", ".join(f"{k}={v}" for k, v in TUNED.items()),
-          f"acks={DaemonConfig().acks}, checkpoint_interval_ms={CKPT_MS}")
+          f"acks={DaemonConfig().acks}, checkpoint_interval_ms={CKPT_MS}",
+          "" if "producer_client" in TUNED else f"producer_client={DaemonConfig().producer_client}")
     print("consumer settings of the raw peer, the alert reader and the daemon alike:",
           ", ".join(f"{k}={v}" for k, v in consumer_settings().items()),
           f"poll timeout {TUNED['batch_max_wait_ms']} ms, max_records {TUNED['batch_max_events']}")

@@ -360,8 +360,10 @@ def flaky_kafka(monkeypatch):
 
 
 def connecting_daemon(tmp_path, **settings):
+    # kafka-python's producer, which flaky_kafka replaces with a fake
     cfg = load_config(env={}, validate=False, overrides=dict(
-        bootstrap="127.0.0.1:1", input="in", alerts="alerts", group="g", state_dir=str(tmp_path), **settings))
+        bootstrap="127.0.0.1:1", input="in", alerts="alerts", group="g", state_dir=str(tmp_path),
+        producer_client="kafka-python", **settings))
     return Daemon(cfg)
 
 
