@@ -81,8 +81,9 @@ class Task:
 class _SendCounter:
     """Unacknowledged produce requests, counted per send epoch, and the first delivery error.
 
-    Only the loop writes ``sent`` and the per-epoch sent counts; the producer's I/O thread
-    reports acknowledgements (under a lock) with the epoch the record was sent in. A
+    Only the loop writes ``sent`` and the per-epoch sent counts; acknowledgements are reported
+    (under a lock) with the epoch the record was sent in, by kafka-python's I/O thread or, for
+    confluent-kafka, by the loop itself when it serves the delivery reports once per turn. A
     checkpoint closes an epoch (:meth:`next_epoch`) and waits for :meth:`acked_through`.
     """
 
