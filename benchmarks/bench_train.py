@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from streamrnn import Model
-from streamrnn.optim import Adam, clip_grad_norm
-from streamrnn.train import Net
+from streamrnn.optim import Adam
+from streamrnn.train import Net, Stepper
 
 WINDOW, BATCH, LR, CLIP = 32, 64, 3e-3, 1.0
 FILE_ROWS, ROW_GROUP = 100_000, 20_000  # the memory benchmark's Parquet layout
@@ -60,14 +60,13 @@ class Ours:
     def reset(self) -> None:
         self.theta = self.net.theta(self.init, np.float64)
         self.adam = Adam(self.theta.size)
+        self.stepper = Stepper(self.net, self.theta, self.adam, BATCH)  # what train.fit runs
 
     def step(self, x: np.ndarray, idx: np.ndarray) -> None:
-        _, grad = self.net.grad(self.theta.astype(np.float32), x, idx)
-        clip_grad_norm(grad, CLIP)
-        self.adam.step(self.theta, grad, LR)
+        self.stepper.step(x, idx, LR, CLIP)
 
     def valid_loss(self, x: np.ndarray) -> float:
-        loss, _ = self.net.forward(self.theta.astype(np.float32), x)
+        loss, _ = self.net.forward(self.stepper.theta32, x)
         return loss / x.size * x.shape[1] / (x.shape[1] - 1)
 
 

@@ -28,10 +28,15 @@ class Adam:
 
     def step(self, theta: np.ndarray, grad: np.ndarray, lr: float) -> None:
         """Update ``theta`` (float64) in place with one Adam step."""
+        step, c2 = self.advance(lr)
+        adam_update(theta, grad, self.m, self.v, self.beta1, self.beta2, self.eps, step, c2)
+
+    def advance(self, lr: float) -> tuple[float, float]:
+        """Count one step; its (step size lr / (1 - beta1^t), 1 - beta2^t) for the update kernel."""
         self.step_count += 1
         c1 = 1.0 - self.beta1 ** self.step_count
         c2 = 1.0 - self.beta2 ** self.step_count
-        adam_update(theta, grad, self.m, self.v, self.beta1, self.beta2, self.eps, lr / c1, c2)
+        return lr / c1, c2
 
     def state(self) -> dict[str, np.ndarray]:
         return {"adam_m": self.m, "adam_v": self.v, "adam_step": np.array(self.step_count)}

@@ -129,6 +129,12 @@ class Net:
                      head_weight=w.copy(), head_bias=b.copy(), reset_after=self.reset_after,
                      peephole=self.peephole, nonlinearity=self.nonlinearity, head=self.head, **fields)
 
+    def kernel_layout(self, theta: np.ndarray) -> np.ndarray:
+        """A copy of ``theta`` with every weight matrix transposed (what the kernels read)."""
+        offs, head, _ = self.layout
+        return bptt.to_kernel_layout(theta, bptt.GATES[self.code], self.hidden_array,
+                                     self.n_features, self.n_out, offs, head)
+
     def kernel_args(self) -> tuple:
         """Arguments after (theta, x, idx) that every bptt batch kernel takes, up to ``hidden``."""
         return (self.code, bool(self.reset_after), bool(self.peephole))
@@ -162,6 +168,57 @@ class Net:
             return bptt.batch_forward(theta, windows, idx, *self.kernel_args(),
                                       self.hidden_array, self.n_out,
                                       self.head == "gaussian", offs, head, bool(outputs))
+
+
+class Stepper:
+    """Training steps on ``theta`` (float64 master weights, updated in place) with ``adam``:
+    gradient, norm clipping and the Adam update in one parallel Numba call per step.
+
+    Keeps what every step needs between steps: the weights' float32 copies in both layouts
+    the gradient kernels read (the Adam pass writes them, so no step converts or transposes
+    the weights) and the per-block gradient rows. Same gradient bit for bit as
+    :meth:`Net.grad` on ``theta.astype(np.float32)``; the same update as
+    ``clip_grad_norm`` then ``Adam.step``. Call :meth:`reload` after changing ``theta``
+    other than through :meth:`step`.
+    """
+
+    def __init__(self, net: Net, theta: np.ndarray, adam, batch_size: int):
+        if theta.dtype != np.float64 or not theta.flags.c_contiguous:
+            raise TypeError("Stepper needs C-contiguous float64 master weights")
+        self.net, self.theta, self.adam = net, theta, adam
+        offs, head, total = net.layout
+        g = bptt.GATES[net.code]
+        self._shape_args = (net.hidden_array, net.n_out, net.head == "gaussian", offs, head)
+        self.pos = bptt.kernel_positions(g, net.hidden_array, net.n_features, net.n_out, offs, head, total)
+        n_blocks = -(-int(batch_size) // bptt.BLOCK)
+        self.rows = np.empty((n_blocks, total), np.float32)
+        self.losses = np.empty(n_blocks)
+        self.grad = np.empty(total)
+        self._gk = np.empty(total)
+        self.reload()
+
+    def reload(self) -> None:
+        """Refresh the float32 copies from ``theta``."""
+        self.theta32 = self.theta.astype(np.float32)
+        self.thetak = np.empty_like(self.theta32)
+        self.thetak[self.pos] = self.theta32
+
+    def step(self, windows: np.ndarray, idx: np.ndarray, lr: float, clip: float | None) -> float:
+        """One step on windows[idx] (float32 (N, T+1, D), at most ``batch_size`` of them) at
+        learning rate ``lr``; returns the loss sum over them."""
+        n, t1, d = windows.shape
+        if len(idx) > self.rows.shape[0] * bptt.BLOCK:
+            raise ValueError(f"{len(idx)} windows in a step of a Stepper made for "
+                             f"{self.rows.shape[0] * bptt.BLOCK}")
+        scale = 1.0 / (len(idx) * (t1 - 1) * d)
+        step, c2 = self.adam.advance(lr)
+        a = self.adam
+        with numba.parallel_chunksize(1):  # blocks handed out one at a time (see Net.grad)
+            loss, _ = bptt.train_step(self.theta, self.theta32, self.thetak, self.pos, a.m, a.v,
+                                      self.rows, self.losses, self._gk, self.grad, windows, idx,
+                                      *self.net.kernel_args(), *self._shape_args, scale,
+                                      float(clip or 0.0), a.beta1, a.beta2, a.eps, step, c2)
+        return loss
 
 
 # ------------------------------------------------------------------------ options
@@ -448,7 +505,7 @@ def fit(net: Net, theta0: np.ndarray, train_windows: np.ndarray, valid_windows: 
     gradient kernel sums blocks in a fixed order, so a run (or a resumed run) is the same
     bit for bit on the same machine.
     """
-    from streamrnn.optim import Adam, clip_grad_norm, cosine_factor
+    from streamrnn.optim import Adam, cosine_factor
 
     n = len(train_windows)
     if n == 0:
@@ -462,6 +519,7 @@ def fit(net: Net, theta0: np.ndarray, train_windows: np.ndarray, valid_windows: 
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total_steps = steps_per_epoch * max(cfg.epochs, 1)
     x = np.ascontiguousarray(train_windows, np.float32)
+    stepper = Stepper(net, state.theta, adam, cfg.batch_size)
     bar = _Progress(progress, cfg.epochs, steps_per_epoch, state.epoch)
     try:
         while state.epoch < cfg.epochs and not _stopped(state, cfg):
@@ -470,12 +528,10 @@ def fit(net: Net, theta0: np.ndarray, train_windows: np.ndarray, valid_windows: 
             loss_sum, count = 0.0, 0
             for b in range(steps_per_epoch):
                 idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-                loss, grad = net.grad(state.theta.astype(np.float32), x, idx)
-                clip_grad_norm(grad, cfg.clip)
                 lr = cfg.lr * state.lr_factor
                 if cfg.schedule == "cosine":
                     lr *= cosine_factor(adam.step_count, total_steps)
-                adam.step(state.theta, grad, lr)
+                loss = stepper.step(x, idx, lr, cfg.clip)
                 loss_sum += loss
                 count += len(idx)
                 bar.step(loss_sum / (count * (x.shape[1] - 1) * x.shape[2]))

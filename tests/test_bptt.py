@@ -177,3 +177,35 @@ def test_batch_gradient_is_mean_of_window_gradients():
     _, full = net.grad(theta, windows)
     parts = [net.grad(theta, windows, idx=[i])[1] for i in range(N_WINDOWS)]
     np.testing.assert_allclose(full, np.mean(parts, axis=0), rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("name,clip", [("lstm-peephole-2-layers", None), ("gru-reset-before", 0.05),
+                                       ("lstm", 0.05), ("rnn-2-layers-gaussian", None)])
+def test_fused_step_equals_gradient_clip_and_adam(name, clip):
+    """Stepper (gradient, clipping and Adam in one call, weights kept in both layouts) against
+    the separate calls: Net.grad on the float32 weights, clip_grad_norm, Adam.step."""
+    from streamrnn.optim import Adam, clip_grad_norm
+    from streamrnn.train import Stepper
+
+    model, net, _ = setup(name)
+    rng = np.random.default_rng(1)
+    windows = rng.normal(size=(50, WINDOW + 1, N_FEATURES)).astype(np.float32)
+    ref = net.theta(model, np.float64)
+    theta = ref.copy()
+    ref_adam, adam = Adam(ref.size), Adam(theta.size)
+    stepper = Stepper(net, theta, adam, batch_size=37)
+    for s in range(4):
+        idx = rng.permutation(50)[:37 - 9 * (s % 2)]
+        loss, grad = net.grad(ref.astype(np.float32), windows, idx)
+        clip_grad_norm(grad, clip)
+        ref_adam.step(ref, grad, 1e-2)
+        assert stepper.step(windows, idx, 1e-2, clip) == loss
+    if clip is None:  # the same operations in the same order
+        assert np.array_equal(theta, ref)
+    else:  # the norm is summed in another order: the clipping factor may differ in its last bit
+        np.testing.assert_allclose(theta, ref, rtol=1e-12, atol=1e-15)
+    assert np.array_equal(adam.m, ref_adam.m) or clip is not None
+    assert np.array_equal(stepper.theta32, theta.astype(np.float32))
+    assert np.array_equal(stepper.thetak, net.kernel_layout(stepper.theta32))
+    with pytest.raises(ValueError, match="windows in a step"):
+        stepper.step(windows, np.arange(49), 1e-2, clip)

@@ -5,7 +5,9 @@ All parameters live in one flat vector ``theta`` in PyTorch's layout (per layer 
 ``W`` (O, H) and ``b`` (O,)), at the offsets :func:`param_layout` gives. The kernels work on
 a copy with every matrix transposed (:func:`to_kernel_layout`), so forward products and
 gradient outer products run over contiguous output columns and vectorise; products through
-the transposed weights (gradients to inputs) use ``theta`` itself for the same reason.
+the transposed weights (gradients to inputs) use ``theta`` itself for the same reason. The
+training step (:func:`train_step`) is handed both copies and its Adam pass writes both, so a
+step transposes nothing.
 
 A batch of windows is cut into blocks of ``BLOCK`` windows, independent of the thread count.
 Each block runs forward (saving activations) and backward on one thread and writes its own
@@ -27,6 +29,7 @@ from numba.extending import overload
 
 from streamrnn.config import jit_options
 from streamrnn.kernels.activations import tanh32
+from streamrnn.kernels.adam import adam_update_both
 from streamrnn.kernels.tiles import MR, gemm1_acc, gemm_acc
 
 RNN_TANH = 0
@@ -94,30 +97,6 @@ def to_kernel_layout(theta, g, hidden, d_in, n_out, offs, head):
         d = h
     _transpose_into(out, theta, head[0], n_out, d)
     return out
-
-
-@njit(**_OPTS)
-def from_kernel_layout_add(dst, src, g, hidden, d_in, n_out, offs, head, total):
-    """dst += src with src's weight matrices transposed back to PyTorch layout."""
-    for i in range(total):
-        dst[i] += src[i]
-    d = d_in
-    for layer in range(hidden.shape[0]):
-        h = hidden[layer]
-        _untranspose_add(dst, src, offs[layer, 0], g * h, d)
-        _untranspose_add(dst, src, offs[layer, 1], g * h, h)
-        d = h
-    _untranspose_add(dst, src, head[0], n_out, d)
-
-
-@njit(**_OPTS)
-def _untranspose_add(dst, src, off, rows, cols):
-    # Undo the plain add above for this matrix, then add it transposed.
-    for i in range(rows * cols):
-        dst[off + i] -= src[off + i]
-    for i in range(rows):
-        for j in range(cols):
-            dst[off + i * cols + j] += src[off + j * rows + i]
 
 
 # ----------------------------------------------------------------------- activations
@@ -624,7 +603,86 @@ def _zeros64(shape):
     return np.zeros(shape)
 
 
+@njit(**_OPTS)
+def _fill_zero(row):
+    for i in range(row.shape[0]):
+        row[i] = 0
+
+
+@njit(**_OPTS)
+def kernel_positions(g, hidden, d_in, n_out, offs, head, total):
+    """pos[i]: the index in the kernel layout of element i of ``theta`` (PyTorch layout)."""
+    pos = np.arange(total)
+    d = d_in
+    for layer in range(hidden.shape[0]):
+        h = hidden[layer]
+        _transposed_positions(pos, offs[layer, 0], g * h, d)
+        _transposed_positions(pos, offs[layer, 1], g * h, h)
+        d = h
+    _transposed_positions(pos, head[0], n_out, d)
+    return pos
+
+
+@njit(**_OPTS)
+def _transposed_positions(pos, off, rows, cols):
+    for i in range(rows):
+        for j in range(cols):
+            pos[off + i * cols + j] = off + j * rows + i
+
+
 @njit(**_PAR_OPTS)
+def _grad_blocks(theta, thetak, x, idx, cell, reset_after, peephole, hidden, n_out, gaussian,
+                 offs, head, scale, rows, losses):
+    """Each block of windows x[idx] writes its loss to losses[b] and its gradient of
+    ``scale * loss`` (kernel layout) to rows[b]."""
+    n = idx.shape[0]
+    n_blocks = (n + BLOCK - 1) // BLOCK
+    no_outs = _zeros((0, 1, 1), theta)
+    for b in prange(n_blocks):
+        lo = b * BLOCK
+        rn = min(BLOCK, n - lo)
+        _fill_zero(rows[b])
+        losses[b] = _block(theta, thetak, x, idx, lo, rn, cell, reset_after, peephole,
+                           hidden, n_out, gaussian, offs, head, scale, rows[b], True, no_outs)
+
+
+@njit(**_OPTS)
+def _sum_rows(rows, n_blocks, pos, gk, grad):
+    """grad[i] = the sum over blocks 0, 1, 2, ... of rows[b, pos[i]] (float64, PyTorch
+    layout), summed in kernel layout into ``gk`` first (contiguous loops that vectorise; each
+    element's sum in block order either way); returns the sum of the squares.
+
+    Serial on purpose: on a loaded machine every extra parallel region costs a barrier that
+    waits for a preempted thread (milliseconds)."""
+    total = grad.shape[0]
+    for i in range(total):
+        gk[i] = 0.0
+    for b in range(n_blocks):
+        row = rows[b]
+        for i in range(total):
+            gk[i] += row[i]
+    for i in range(total):
+        grad[i] = gk[pos[i]]
+    return _sum_squares(grad)
+
+
+@njit(**_OPTS)
+def _sum_squares(v):
+    """Sum of squares in 8 interleaved partial sums (a fixed order, in vector registers)."""
+    acc = np.zeros(8)
+    n8 = v.shape[0] // 8 * 8
+    for i in range(0, n8, 8):
+        for k in range(8):
+            acc[k] += v[i + k] * v[i + k]
+    s = 0.0
+    for k in range(8):
+        s += acc[k]
+    for i in range(n8, v.shape[0]):
+        s += v[i] * v[i]
+    return s
+
+
+@njit(**_OPTS)  # the parallel work is in the functions it calls
 def batch_grad(theta, x, idx, cell, reset_after, peephole, hidden, n_out, gaussian,
                offs, head, scale):
     """Loss sum and gradient of ``scale * loss`` (PyTorch layout, float64) over windows x[idx].
@@ -635,28 +693,49 @@ def batch_grad(theta, x, idx, cell, reset_after, peephole, hidden, n_out, gaussi
     """
     g = n_gates(cell)
     d_in = x.shape[2]
-    thetak = to_kernel_layout(theta, g, hidden, d_in, n_out, offs, head)
-    n = idx.shape[0]
-    n_blocks = (n + BLOCK - 1) // BLOCK
     total = theta.shape[0]
+    thetak = to_kernel_layout(theta, g, hidden, d_in, n_out, offs, head)
+    pos = kernel_positions(g, hidden, d_in, n_out, offs, head, total)
+    n_blocks = (idx.shape[0] + BLOCK - 1) // BLOCK
     rows = _zeros((n_blocks, total), theta)
     losses = _zeros64(n_blocks)
-    no_outs = _zeros((0, 1, 1), theta)
-    for b in prange(n_blocks):
-        lo = b * BLOCK
-        rn = min(BLOCK, n - lo)
-        losses[b] = _block(theta, thetak, x, idx, lo, rn, cell, reset_after, peephole,
-                           hidden, n_out, gaussian, offs, head, scale, rows[b], True, no_outs)
-    # Fixed-order reduction: block 0, 1, 2, ... whatever thread ran which block.
-    summed = _zeros64(total)
+    _grad_blocks(theta, thetak, x, idx, cell, reset_after, peephole, hidden, n_out, gaussian,
+                 offs, head, scale, rows, losses)
+    grad = _zeros64(total)
+    _sum_rows(rows, n_blocks, pos, _zeros64(total), grad)
     loss = 0.0
     for b in range(n_blocks):
         loss += losses[b]
-        for i in range(total):
-            summed[i] += rows[b, i]
-    grad = _zeros64(total)
-    from_kernel_layout_add(grad, summed, g, hidden, d_in, n_out, offs, head, total)
     return loss, grad
+
+
+@njit(**_OPTS)
+def train_step(theta, theta32, thetak, pos, adam_m, adam_v, rows, losses, gk, grad, x, idx, cell,
+               reset_after, peephole, hidden, n_out, gaussian, offs, head, scale, max_norm,
+               beta1, beta2, eps, step, c2):
+    """One optimiser step in one call: the gradient of ``scale * loss`` over x[idx] (as
+    :func:`batch_grad`, bit for bit), its norm clipped to ``max_norm`` (if > 0) as
+    ``torch.nn.utils.clip_grad_norm_`` does, then Adam (:func:`adam_update_both`) on the
+    float64 master weights ``theta``, which also refreshes their float32 copies ``theta32``
+    (PyTorch layout) and ``thetak`` (kernel layout, ``thetak[pos[i]]``).
+
+    Returns (loss sum, gradient norm before clipping). ``rows``, ``losses``, ``gk`` and
+    ``grad`` are the caller's scratch (at least (blocks, P), (blocks,), (P,), (P,)): nothing
+    is allocated per step, and no weight is transposed (the optimiser writes both layouts).
+    """
+    n_blocks = (idx.shape[0] + BLOCK - 1) // BLOCK
+    _grad_blocks(theta32, thetak, x, idx, cell, reset_after, peephole, hidden, n_out, gaussian,
+                 offs, head, scale, rows, losses)
+    norm = np.sqrt(_sum_rows(rows, n_blocks, pos, gk, grad))
+    loss = 0.0
+    for b in range(n_blocks):
+        loss += losses[b]
+    factor = 1.0
+    if max_norm > 0 and norm > max_norm:
+        factor = max_norm / (norm + 1e-6)  # the same formula as torch.nn.utils.clip_grad_norm_
+    adam_update_both(theta, grad, factor, adam_m, adam_v, beta1, beta2, eps, step, c2, theta32,
+                     thetak, pos)
+    return loss, norm
 
 
 @njit(**_PAR_OPTS)
