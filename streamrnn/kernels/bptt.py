@@ -30,6 +30,7 @@ from numba.extending import overload
 from streamrnn.config import jit_options
 from streamrnn.kernels.activations import tanh32
 from streamrnn.kernels.adam import adam_update_both
+from streamrnn.kernels.bptt_tile import gradient_product, set_product, transpose_rows
 from streamrnn.kernels.tiles import MR, gemm1_acc, gemm_acc
 
 RNN_TANH = 0
@@ -169,13 +170,13 @@ def _lstm_gates(rc, h, r0, ro, work, gl, cl, hl, hnl):
 
 
 @njit(**_OPTS)
-def _layer_forward(cell, reset_after, peephole, rc, h, r0, hl, cl, src, s0, k_in, wx, wh, bih, bhh,
+def _layer_forward(cell, reset_after, peephole, rc, h, r0, hl, cl, src, s0, k_in, wx, wh, bsum, bhh,
                    peep, gl, hnl, work, accn):
     """Step t of one layer for the block's ``rc`` rows (rows ``r0 = t * rc`` onwards).
 
     ``src`` rows s0+r0.. are the layer's inputs at step t. ``work`` rows r0.. receive the
-    biases (for GRU without the n gate's recurrent bias), the input product and the recurrent
-    product, in that order, in one register tile; ``hl`` rows r0.. are h_{t-1} and rows
+    biases ``bsum`` (b_ih + b_hh; for GRU without the n gate's recurrent bias), the input
+    product and the recurrent product, in that order, in one register tile; ``hl`` rows r0.. are h_{t-1} and rows
     r0+rc.. receive h_t (``cl`` likewise c for LSTM). Saved for the backward pass: ``gl`` the
     post-activation gates; ``hnl`` the recurrent n-gate product (GRU reset-after),
     r * h_{t-1} (GRU reset-before) or tanh(c_t) (LSTM).
@@ -183,25 +184,13 @@ def _layer_forward(cell, reset_after, peephole, rc, h, r0, hl, cl, src, s0, k_in
     g = n_gates(cell)
     gh = g * h
     ro = r0 + rc
-    summed = 2 * h if cell == GRU else gh
-    for r in range(rc):
-        a = work[r0 + r, 0:gh]
-        for j in range(summed):
-            a[j] = bih[j] + bhh[j]
-        for j in range(summed, gh):
-            a[j] = bih[j]  # GRU: b_hn stays with the recurrent product (inside the reset)
     xr = s0 + r0
     if cell == GRU:
         h2 = 2 * h
-        gemm_acc(work, r0, 0, rc, h2, src, xr, 0, wx, 0, 0, k_in, hl, r0, 0, wh, 0, 0, h)
-        gemm1_acc(work, r0, h2, rc, h, src, xr, 0, wx, 0, h2, k_in)
-        bh = bhh[h2:gh]
-        for r in range(rc):
-            n_rec = accn[r, 0:h]
-            for j in range(h):
-                n_rec[j] = bh[j]
+        set_product(work, r0, 0, rc, h2, bsum, 0, src, xr, 0, wx, 0, 0, k_in, hl, r0, 0, wh, 0, 0, h)
+        set_product(work, r0, h2, rc, h, bsum, h2, src, xr, 0, wx, 0, h2, k_in, hl, r0, 0, wh, 0, 0, 0)
         if reset_after:
-            gemm1_acc(accn, 0, 0, rc, h, hl, r0, 0, wh, 0, h2, h)
+            set_product(accn, 0, 0, rc, h, bhh, h2, hl, r0, 0, wh, 0, h2, h, hl, r0, 0, wh, 0, 0, 0)
         else:
             # Cho et al.: the n gate's recurrent product sees r * h_{t-1}.
             for r in range(rc):
@@ -210,7 +199,7 @@ def _layer_forward(cell, reset_after, peephole, rc, h, r0, hl, cl, src, s0, k_in
                 rhr = hnl[r0 + r, 0:h]
                 for j in range(h):
                     rhr[j] = _sigmoid(ar[j]) * hp[j]
-            gemm1_acc(accn, 0, 0, rc, h, hnl, r0, 0, wh, 0, h2, h)
+            set_product(accn, 0, 0, rc, h, bhh, h2, hnl, r0, 0, wh, 0, h2, h, hnl, r0, 0, wh, 0, 0, 0)
         for r in range(rc):
             ar = work[r0 + r, 0:h]
             az = work[r0 + r, h:h2]
@@ -237,10 +226,10 @@ def _layer_forward(cell, reset_after, peephole, rc, h, r0, hl, cl, src, s0, k_in
                 for j in range(h):
                     hnr[j] = n_rec[j]
     elif cell == LSTM and not peephole:
-        gemm_acc(work, r0, 0, rc, gh, src, xr, 0, wx, 0, 0, k_in, hl, r0, 0, wh, 0, 0, h)
+        set_product(work, r0, 0, rc, gh, bsum, 0, src, xr, 0, wx, 0, 0, k_in, hl, r0, 0, wh, 0, 0, h)
         _lstm_gates(rc, h, r0, ro, work, gl, cl, hl, hnl)
     elif cell == LSTM:
-        gemm_acc(work, r0, 0, rc, gh, src, xr, 0, wx, 0, 0, k_in, hl, r0, 0, wh, 0, 0, h)
+        set_product(work, r0, 0, rc, gh, bsum, 0, src, xr, 0, wx, 0, 0, k_in, hl, r0, 0, wh, 0, 0, h)
         pi = peep[0, 0:h]
         pf = peep[1, 0:h]
         po = peep[2, 0:h]
@@ -273,7 +262,7 @@ def _layer_forward(cell, reset_after, peephole, rc, h, r0, hl, cl, src, s0, k_in
                 tcr[j] = tc
                 ho[j] = og * tc
     else:
-        gemm_acc(work, r0, 0, rc, h, src, xr, 0, wx, 0, 0, k_in, hl, r0, 0, wh, 0, 0, h)
+        set_product(work, r0, 0, rc, h, bsum, 0, src, xr, 0, wx, 0, 0, k_in, hl, r0, 0, wh, 0, 0, h)
         for r in range(rc):
             a = work[r0 + r, 0:h]
             ho = hl[ro + r, 0:h]
@@ -290,14 +279,14 @@ def _layer_forward(cell, reset_after, peephole, rc, h, r0, hl, cl, src, s0, k_in
 # ----------------------------------------------------------------- backward, one step
 @njit(**_OPTS)
 def _layer_backward(cell, reset_after, rc, h, r0, hl, cl, gl, hnl, peep, w_hh,
-                    dh, dc, dcprev, dhprev, work, dhn, drh):
+                    dh, dc, dcprev, dhprev, work, dhn, drh, zero):
     """Backward of step t of one layer for the block's ``rc`` rows (rows r0 = t * rc).
 
     ``dh`` (rc, H) is dL/dh_t (from above and from t+1), ``dc`` (rc, H) dL/dc_t (LSTM).
     Writes dL/dc_{t-1} to ``dcprev``, dL/dh_{t-1} to ``dhprev`` and the gradients of the
     gates' pre-activations to ``work`` rows r0.. (for GRU reset-after the recurrent n part,
     which differs, to ``dhn`` rows r0..): the weight and peephole gradients are taken from
-    those later, for all steps at once.
+    those later, for all steps at once. ``zero`` is a vector of at least H zeros.
     """
     g = n_gates(cell)
     gh = g * h
@@ -331,11 +320,7 @@ def _layer_backward(cell, reset_after, rc, h, r0, hl, cl, gl, hnl, peep, w_hh,
                      dhn, r0, 0, w_hh, h2, 0, h)
         else:
             # n = tanh(a_n + W_hn (r * h_prev) + b_hn): route through r * h_prev first.
-            for r in range(rc):
-                dr_ = drh[r, 0:h]
-                for j in range(h):
-                    dr_[j] = 0
-            gemm1_acc(drh, 0, 0, rc, h, work, r0, h2, w_hh, h2, 0, h)
+            set_product(drh, 0, 0, rc, h, zero, 0, work, r0, h2, w_hh, h2, 0, h, work, r0, 0, w_hh, 0, 0, 0)
             for r in range(rc):
                 gr = gl[r0 + r, 0:h]
                 hp = hl[r0 + r, 0:h]
@@ -383,17 +368,12 @@ def _layer_backward(cell, reset_after, rc, h, r0, hl, cl, gl, hnl, peep, w_hh,
                 df[j] = daf
                 dg[j] = dct * ig * (_ONE - gg * gg)
                 do[j] = dao
-        for r in range(rc):
-            dp = dhprev[r, 0:h]
-            for j in range(h):
-                dp[j] = 0
-        gemm1_acc(dhprev, 0, 0, rc, h, work, r0, 0, w_hh, 0, 0, gh)
+        set_product(dhprev, 0, 0, rc, h, zero, 0, work, r0, 0, w_hh, 0, 0, gh, work, r0, 0, w_hh, 0, 0, 0)
     else:
         for r in range(rc):
             gs = gl[r0 + r, 0:h]
             d = dh[r, 0:h]
             dx = work[r0 + r, 0:h]
-            dp = dhprev[r, 0:h]
             for j in range(h):
                 hv = gs[j]
                 if cell == RNN_RELU:
@@ -401,8 +381,7 @@ def _layer_backward(cell, reset_after, rc, h, r0, hl, cl, gl, hnl, peep, w_hh,
                 else:
                     da = d[j] * (_ONE - hv * hv)
                 dx[j] = da
-                dp[j] = 0
-        gemm1_acc(dhprev, 0, 0, rc, h, work, r0, 0, w_hh, 0, 0, h)
+        set_product(dhprev, 0, 0, rc, h, zero, 0, work, r0, 0, w_hh, 0, 0, h, work, r0, 0, w_hh, 0, 0, 0)
 
 
 # --------------------------------------------------------------- one block of windows
@@ -441,6 +420,7 @@ def _block(theta, thetak, x, idx, lo, rn, cell, reset_after, peephole, hidden,
     work = np.empty((m, g * hmax), dt)
     accn = np.empty((rc, hmax), dt)
     nopeep = np.zeros((3, hmax), dt)
+    bsum = np.empty(g * hmax, dt)
     src0 = np.zeros((m, d_in), dt)
     for t in range(n_steps):
         for r in range(rn):
@@ -457,11 +437,16 @@ def _block(theta, thetak, x, idx, lo, rn, cell, reset_after, peephole, hidden,
         bih = thetak[offs[layer, 2]:offs[layer, 2] + gh]
         bhh = thetak[offs[layer, 3]:offs[layer, 3] + gh]
         peep = _mat(thetak, offs[layer, 4], 3, h) if peephole else nopeep
+        summed = 2 * h if cell == GRU else gh
+        for j in range(summed):
+            bsum[j] = bih[j] + bhh[j]
+        for j in range(summed, gh):
+            bsum[j] = bih[j]  # GRU: b_hn stays with the recurrent product (inside the reset)
         src = src0 if layer == 0 else hs[layer - 1]
         s0 = 0 if layer == 0 else rc
         for t in range(n_steps):
             _layer_forward(cell, reset_after, peephole, rc, h, t * rc, hs[layer], cs[layer], src, s0, k_in,
-                           wx, wh, bih, bhh, peep, gates[layer], hn[layer], work, accn)
+                           wx, wh, bsum, bhh, peep, gates[layer], hn[layer], work, accn)
     # ---- head, loss and the gradient reaching the top layer
     wot = _mat(thetak, head[0], htop, n_out)
     bo = thetak[head[1]:head[1] + n_out]
@@ -511,6 +496,13 @@ def _block(theta, thetak, x, idx, lo, rn, cell, reset_after, peephole, hidden,
     dhn = np.empty((m if cell == GRU else 1, hmax), dt)
     drh = np.empty((rc, hmax), dt)
     gnopeep = np.zeros((3, hmax), dt)
+    zero = np.zeros(g * hmax + d_in, dt)
+    kmax = max(d_in, hmax)
+    # A layer's input and h_{t-1} (or GRU reset-before's r * h_{t-1}) transposed, rows 16
+    # floats longer than m: rows a power of two bytes apart would share a few L1 sets.
+    tsrc = np.empty((kmax, m + 16), dt)
+    thl = np.empty((hmax, m + 16), dt)
+    panel = np.empty((m, 16), dt)
     for layer in range(n_layers - 1, -1, -1):
         h = hidden[layer]
         k_in = d_in if layer == 0 else hidden[layer - 1]
@@ -536,21 +528,26 @@ def _block(theta, thetak, x, idx, lo, rn, cell, reset_after, peephole, hidden,
                 for j in range(h):
                     dr_[j] = de[j] + dc_[j]
             _layer_backward(cell, reset_after, rc, h, r0, hl, cs[layer], gates[layer], hnl, peep,
-                            w_hh, dh, dcc, dcn, dhc, work, dhn, drh)
+                            w_hh, dh, dcc, dcn, dhc, work, dhn, drh, zero)
             dcc, dcn = dcn, dcc
-        # ---- weight gradients: one product over every (step, window) row of the block
+        # ---- weight gradients: one product over every (step, window) row of the block, with
+        # the activations transposed so the rows of each product are contiguous along the
+        # sum; each weight's part of this block's gradient row is written once (from zero).
         src = src0 if layer == 0 else hs[layer - 1]
         s0 = 0 if layer == 0 else rc
-        gemm1_acc(gwx, 0, 0, k_in, gh, src.T, 0, s0, work, 0, 0, m)
+        transpose_rows(tsrc, src, s0, m, k_in)
+        gradient_product(gwx, 0, k_in, gh, zero, tsrc, work, 0, m, panel)
+        transpose_rows(thl, hl, 0, m, h)
         if cell == GRU:
             h2 = 2 * h
-            gemm1_acc(gwh, 0, 0, h, h2, hl.T, 0, 0, work, 0, 0, m)
+            gradient_product(gwh, 0, h, h2, zero, thl, work, 0, m, panel)
             if reset_after:
-                gemm1_acc(gwh, 0, h2, h, h, hl.T, 0, 0, dhn, 0, 0, m)
+                gradient_product(gwh, h2, h, h, zero, thl, dhn, 0, m, panel)
             else:
-                gemm1_acc(gwh, 0, h2, h, h, hnl.T, 0, 0, work, 0, h2, m)
+                transpose_rows(thl, hnl, 0, m, h)
+                gradient_product(gwh, h2, h, h, zero, thl, work, h2, m, panel)
         else:
-            gemm1_acc(gwh, 0, 0, h, gh, hl.T, 0, 0, work, 0, 0, m)
+            gradient_product(gwh, 0, h, gh, zero, thl, work, 0, m, panel)
         if peephole:
             # dL/dp_i = sum da_i * c_{t-1}, dL/dp_f = sum da_f * c_{t-1}, dL/dp_o = sum da_o * c_t
             cl = cs[layer]
@@ -583,8 +580,7 @@ def _block(theta, thetak, x, idx, lo, rn, cell, reset_after, peephole, hidden,
                 for j in range(h):
                     gn[j] += dn[j]
         if layer > 0:
-            dnext[:] = 0
-            gemm1_acc(dnext, 0, 0, m, k_in, work, 0, 0, w_ih, 0, 0, gh)
+            set_product(dnext, 0, 0, m, k_in, zero, 0, work, 0, 0, w_ih, 0, 0, gh, work, 0, 0, w_ih, 0, 0, 0)
             dext, dnext = dnext, dext
     return loss
 
