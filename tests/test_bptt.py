@@ -209,3 +209,56 @@ def test_fused_step_equals_gradient_clip_and_adam(name, clip):
     assert np.array_equal(stepper.thetak, net.kernel_layout(stepper.theta32))
     with pytest.raises(ValueError, match="windows in a step"):
         stepper.step(windows, np.arange(49), 1e-2, clip)
+
+
+# ------------------------------------------------------- products in the assembly tile
+PRODUCT_SHAPES = [(m, n, ka, kb) for m in (1, 6, 8, 12, 16, 19) for n in (16, 40, 64)
+                  for ka, kb in ((1, 64), (7, 0), (33, 17))]
+
+
+@pytest.mark.parametrize("m,n,ka,kb", PRODUCT_SHAPES)
+def test_set_product_equals_float64_reference_and_numba_tiles(m, n, ka, kb):
+    """bias + a @ wa + b @ wb on operand blocks at offsets: close to float64, and the same bits
+    as the Numba tiles alone (the assembly tile sums each output in the same order)."""
+    from streamrnn.kernels.bptt_tile import _set_numba, set_product
+
+    rng = np.random.default_rng(m * 1000 + n * 10 + ka)
+    f = np.float32
+    a, b = rng.normal(size=(m + 3, ka + 2)).astype(f), rng.normal(size=(m + 5, kb + 1)).astype(f)
+    wa, wb = rng.normal(size=(ka + 4, n + 3)).astype(f), rng.normal(size=(kb + 2, n + 5)).astype(f)
+    bias = rng.normal(size=n + 2).astype(f)
+    args = (2, bias, 1, a, 3, 2, wa, 4, 3, ka, b, 5, 1, wb, 2, 5, kb)
+    out = np.full((m + 4, n + 3), 7.0, f)
+    set_product(out, 2, 1, m, n, *args[1:])
+    ref = (bias[1:1 + n].astype(np.float64) + a[3:3 + m, 2:2 + ka].astype(np.float64) @ wa[4:4 + ka, 3:3 + n]
+           + b[5:5 + m, 1:1 + kb].astype(np.float64) @ wb[2:2 + kb, 5:5 + n])
+    np.testing.assert_allclose(out[2:2 + m, 1:1 + n], ref, rtol=1e-5, atol=1e-5)
+    outside = np.ones_like(out, bool)
+    outside[2:2 + m, 1:1 + n] = False
+    assert np.all(out[outside] == 7.0)  # nothing written outside the block
+    numba_only = np.full_like(out, 7.0)
+    _set_numba(numba_only, 2, 1, m, n, *args[1:])
+    np.testing.assert_array_equal(out, numba_only)
+
+
+@pytest.mark.parametrize("k,n", [(1, 64), (6, 16), (64, 256), (20, 40)])
+def test_weight_gradient_product_equals_float64_reference_and_numba_tiles(k, n):
+    """A weight gradient at[:k, :m] @ g[:m, col:+n] through packed 16-column panels."""
+    from streamrnn.kernels.bptt_tile import _set_numba, gradient_product, transpose_rows
+
+    rng = np.random.default_rng(k + n)
+    f, m, col = np.float32, 97, 3
+    acts = rng.normal(size=(m + 2, k)).astype(f)
+    g = rng.normal(size=(m, n + col)).astype(f)
+    at = np.empty((k, m + 16), f)
+    transpose_rows(at, acts, 2, m, k)
+    np.testing.assert_array_equal(at[:, :m], acts[2:].T)
+    zero = np.zeros(n, f)
+    out = np.zeros((k, n + 5), f)
+    gradient_product(out, 5, k, n, zero, at, g, col, m, np.empty((m, 16), f))
+    ref = acts[2:].T.astype(np.float64) @ g[:, col:]
+    np.testing.assert_allclose(out[:, 5:], ref, rtol=1e-5, atol=2e-5)
+    assert np.all(out[:, :5] == 0)
+    numba_only = np.zeros_like(out)
+    _set_numba(numba_only, 0, 5, k, n, zero, 0, acts.T, 0, 2, g, 0, col, m, acts.T, 0, 0, g, 0, 0, 0)
+    np.testing.assert_array_equal(out, numba_only)
