@@ -486,3 +486,19 @@ def test_restore_snapshot_missing_other_column_is_refused():
     det.process(["a"], np.ones((1, 1)), np.zeros(1, np.int64))
     with pytest.raises(Exception, match="err_var"):
         Detector.restore(model, _older_snapshot(det, dropped=("err_var",)))
+
+
+def test_engine_classes_are_public_names_of_the_package():
+    # The contract: streamrnn.Model, streamrnn.StreamTable, streamrnn.Detector.
+    import streamrnn
+    from streamrnn.state import StreamTable
+
+    assert streamrnn.Detector is Detector
+    assert streamrnn.StreamTable is StreamTable
+    assert {"Model", "Detector", "StreamTable"} <= set(streamrnn.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'Detectr'"):
+        streamrnn.Detectr  # noqa: B018
+    out = subprocess.run([sys.executable, "-c", "from streamrnn import Detector, Model, StreamTable; "
+                          "print(Detector.__name__, Model.__name__, StreamTable.__name__)"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["Detector", "Model", "StreamTable"]
