@@ -290,7 +290,27 @@ class BufferingConsumer(FakeConsumer):
         return out
 
 
-def test_prefetch_polls_without_waiting_and_appends_records_in_partition_order():
+class _Fetcher:
+    def __init__(self) -> None:
+        self.sent = 0
+
+    def send_fetches(self) -> None:
+        self.sent += 1
+
+
+def test_prefetch_sends_the_next_fetch_through_the_fetcher_without_polling():
+    d, _task = make_daemon(LocalLike())
+    d.consumer = BufferingConsumer({"p0": ["a3"]})
+    d.consumer._fetcher = _Fetcher()
+    batch = {"p0": ["a1", "a2"]}
+    d._prefetch(batch)
+    # One request, no poll: the buffered record waits for the next turn, the batch is unchanged.
+    assert d.consumer._fetcher.sent == 1 and d.consumer.polls == []
+    assert batch == {"p0": ["a1", "a2"]} and d.consumer.buffered == {"p0": ["a3"]}
+
+
+def test_prefetch_without_the_fetcher_polls_without_waiting_and_appends_records_in_partition_order():
+    """A kafka-python without ``_fetcher.send_fetches``: a zero-timeout poll sends the request."""
     d, _task = make_daemon(LocalLike())
     d.cfg.batch_max_events = 6
     d.consumer = BufferingConsumer({"p0": ["a3"], "p1": ["b1", "b2", "b3", "b4"]})

@@ -236,3 +236,36 @@ def test_backpressure_pauses_input_and_scores_topic_gets_every_event(kafka_broke
     assert len(recs) == counts["events"] == len(msgs)
     got = {(k.decode(), msgspec.json.decode(v)["ts"]) for k, v, *_ in recs}
     assert got == {(k.decode(), json.loads(v)["ts"]) for k, v in msgs}
+
+
+def test_prefetch_puts_the_next_fetch_in_flight_with_the_pinned_client(kafka_broker, model_path, tmp_path):
+    """kafka-python returns from a poll that waited for its records with no fetch in flight;
+    the loop's prefetch (the fetcher's ``send_fetches``) sends one and returns no records."""
+    from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+    topic = unique("prefetch")
+    create_topic(kafka_broker.bootstrap, topic, 1)
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap)
+    producer.send(topic, key=b"s", value=b"{}").get(timeout=10)
+    producer.close()
+    consumer = KafkaConsumer(bootstrap_servers=kafka_broker.bootstrap, group_id=None, enable_auto_commit=False,
+                             fetch_max_wait_ms=2000)
+    try:
+        consumer.assign([TopicPartition(topic, 0)])
+        consumer.seek_to_beginning()
+        batch = {}
+        deadline = time.monotonic() + 20
+        while not batch:
+            assert time.monotonic() < deadline, "no record read back"
+            batch = consumer.poll(timeout_ms=5000)
+        assert not consumer._fetcher.in_flight_fetches()
+        daemon = Daemon(load_config(overrides=dict(
+            bootstrap=kafka_broker.bootstrap, input=topic, alerts=unique("alerts"), model=str(model_path),
+            group=unique("g"), state_dir=str(tmp_path / "state"))))
+        daemon.consumer = consumer
+        before = {tp: list(records) for tp, records in batch.items()}
+        daemon._prefetch(batch)
+        assert consumer._fetcher.in_flight_fetches()  # waits in the broker: nothing more to read
+        assert batch == before
+    finally:
+        consumer.close()
