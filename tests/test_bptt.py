@@ -262,3 +262,26 @@ def test_weight_gradient_product_equals_float64_reference_and_numba_tiles(k, n):
     numba_only = np.zeros_like(out)
     _set_numba(numba_only, 0, 5, k, n, zero, 0, acts.T, 0, 2, g, 0, col, m, acts.T, 0, 0, g, 0, 0, 0)
     np.testing.assert_array_equal(out, numba_only)
+
+
+def test_product_kernels_compile_for_plain_argument_types():
+    """Constants at call sites (offsets 0, want_grad True) do not make the product kernels
+    compile a specialisation per combination of literals (each a whole compile of the tiles)."""
+    from numba.core import types
+
+    from streamrnn.kernels import bptt, bptt_tile, tiles
+    from streamrnn.train import Stepper
+    from streamrnn.optim import Adam
+
+    model, net, windows = setup("gru-reset-before")
+    net.grad(net.theta(model, np.float32), windows.astype(np.float32))
+    theta = net.theta(model, np.float64)
+    Stepper(net, theta, Adam(theta.size), 8).step(windows.astype(np.float32), np.arange(5), 1e-3, 1.0)
+    kernels = [bptt._blocks, bptt_tile.set_product, bptt_tile._set_numba, bptt_tile.gradient_product,
+               tiles.gemm_acc, tiles._gemm_panels, tiles._tile]
+    for kernel in kernels:
+        assert kernel.signatures, kernel
+        for sig in kernel.signatures:
+            assert not any(isinstance(t, types.Literal) for t in sig), (kernel, sig)
+    float32 = [s for s in bptt_tile.set_product.signatures if s[0].dtype == types.float32]
+    assert len(float32) == 1

@@ -31,7 +31,7 @@ from streamrnn.config import jit_options
 from streamrnn.kernels.activations import tanh32
 from streamrnn.kernels.adam import adam_update_both
 from streamrnn.kernels.bptt_tile import gradient_product, set_product, transpose_rows
-from streamrnn.kernels.tiles import MR, gemm1_acc, gemm_acc
+from streamrnn.kernels.tiles import MR, gemm1_acc, gemm_acc, plain_ints
 
 RNN_TANH = 0
 RNN_RELU = 1
@@ -586,17 +586,14 @@ def _block(theta, thetak, x, idx, lo, rn, cell, reset_after, peephole, hidden,
 
 
 # ------------------------------------------------------------------ batch entry points
-# Arrays for the parallel entry points come from these serial functions: in a parallel
-# function np.zeros becomes a parallel loop, which with a chunk size of 1 (Net.grad hands
-# blocks out one at a time) is scheduled element by element.
+# Every entry point runs its blocks through the one parallel kernel _blocks: each compiled
+# kernel links and re-optimises everything it calls, so a second parallel copy of _block
+# (forward only, or a second fused gradient) would cost its whole compile again. The
+# Python-level entry points (batch_grad, batch_forward) allocate and call the compiled
+# pieces train_step uses, so they add no compile of their own.
 @njit(**_OPTS)
 def _zeros(shape, like):
     return np.zeros(shape, like.dtype)
-
-
-@njit(**_OPTS)
-def _zeros64(shape):
-    return np.zeros(shape)
 
 
 @njit(**_OPTS)
@@ -626,20 +623,23 @@ def _transposed_positions(pos, off, rows, cols):
             pos[off + i * cols + j] = off + j * rows + i
 
 
+@plain_ints
 @njit(**_PAR_OPTS)
-def _grad_blocks(theta, thetak, x, idx, cell, reset_after, peephole, hidden, n_out, gaussian,
-                 offs, head, scale, rows, losses):
-    """Each block of windows x[idx] writes its loss to losses[b] and its gradient of
-    ``scale * loss`` (kernel layout) to rows[b]."""
+def _blocks(theta, thetak, x, idx, cell, reset_after, peephole, hidden, n_out, gaussian,
+            offs, head, scale, rows, losses, want_grad, outs):
+    """Each block of windows x[idx] writes its loss to losses[b] and, if ``want_grad``, its
+    gradient of ``scale * loss`` (kernel layout) to rows[b]; head outputs go to ``outs``
+    if it has rows (see :func:`_block`)."""
     n = idx.shape[0]
     n_blocks = (n + BLOCK - 1) // BLOCK
-    no_outs = _zeros((0, 1, 1), theta)
     for b in prange(n_blocks):
         lo = b * BLOCK
         rn = min(BLOCK, n - lo)
-        _fill_zero(rows[b])
+        row = rows[b]
+        if want_grad:
+            _fill_zero(row)
         losses[b] = _block(theta, thetak, x, idx, lo, rn, cell, reset_after, peephole,
-                           hidden, n_out, gaussian, offs, head, scale, rows[b], True, no_outs)
+                           hidden, n_out, gaussian, offs, head, scale, row, want_grad, outs)
 
 
 @njit(**_OPTS)
@@ -678,7 +678,14 @@ def _sum_squares(v):
     return s
 
 
-@njit(**_OPTS)  # the parallel work is in the functions it calls
+def _loss_sum(losses):
+    """The blocks' losses summed in block order (as train_step sums them)."""
+    loss = 0.0
+    for v in losses.tolist():
+        loss += v
+    return loss
+
+
 def batch_grad(theta, x, idx, cell, reset_after, peephole, hidden, n_out, gaussian,
                offs, head, scale):
     """Loss sum and gradient of ``scale * loss`` (PyTorch layout, float64) over windows x[idx].
@@ -687,22 +694,22 @@ def batch_grad(theta, x, idx, cell, reset_after, peephole, hidden, n_out, gaussi
     squared error summed over windows, steps and features (or the Gaussian negative
     log-likelihood without its constant); ``scale`` is usually 1 / (len(idx) * T * D).
     """
-    g = n_gates(cell)
+    g = GATES[cell]
+    theta = np.ascontiguousarray(theta)
+    x = np.ascontiguousarray(x, theta.dtype)
+    idx = np.ascontiguousarray(idx, np.int64)
     d_in = x.shape[2]
     total = theta.shape[0]
     thetak = to_kernel_layout(theta, g, hidden, d_in, n_out, offs, head)
     pos = kernel_positions(g, hidden, d_in, n_out, offs, head, total)
     n_blocks = (idx.shape[0] + BLOCK - 1) // BLOCK
-    rows = _zeros((n_blocks, total), theta)
-    losses = _zeros64(n_blocks)
-    _grad_blocks(theta, thetak, x, idx, cell, reset_after, peephole, hidden, n_out, gaussian,
-                 offs, head, scale, rows, losses)
-    grad = _zeros64(total)
-    _sum_rows(rows, n_blocks, pos, _zeros64(total), grad)
-    loss = 0.0
-    for b in range(n_blocks):
-        loss += losses[b]
-    return loss, grad
+    rows = np.zeros((n_blocks, total), theta.dtype)
+    losses = np.zeros(n_blocks)
+    _blocks(theta, thetak, x, idx, cell, reset_after, peephole, hidden, n_out, gaussian,
+            offs, head, float(scale), rows, losses, True, np.zeros((0, 1, 1), theta.dtype))
+    grad = np.zeros(total)
+    _sum_rows(rows, n_blocks, pos, np.zeros(total), grad)
+    return _loss_sum(losses), grad
 
 
 @njit(**_OPTS)
@@ -720,8 +727,8 @@ def train_step(theta, theta32, thetak, pos, adam_m, adam_v, rows, losses, gk, gr
     is allocated per step, and no weight is transposed (the optimiser writes both layouts).
     """
     n_blocks = (idx.shape[0] + BLOCK - 1) // BLOCK
-    _grad_blocks(theta32, thetak, x, idx, cell, reset_after, peephole, hidden, n_out, gaussian,
-                 offs, head, scale, rows, losses)
+    _blocks(theta32, thetak, x, idx, cell, reset_after, peephole, hidden, n_out, gaussian,
+            offs, head, scale, rows, losses, True, _zeros((0, 1, 1), theta32))
     norm = np.sqrt(_sum_rows(rows, n_blocks, pos, gk, grad))
     loss = 0.0
     for b in range(n_blocks):
@@ -734,24 +741,18 @@ def train_step(theta, theta32, thetak, pos, adam_m, adam_v, rows, losses, gk, gr
     return loss, norm
 
 
-@njit(**_PAR_OPTS)
 def batch_forward(theta, x, idx, cell, reset_after, peephole, hidden, n_out, gaussian,
                   offs, head, want_outputs):
     """Loss sum over windows x[idx] and, if want_outputs, their head outputs (n, T, O)."""
-    g = n_gates(cell)
-    d_in = x.shape[2]
-    thetak = to_kernel_layout(theta, g, hidden, d_in, n_out, offs, head)
+    g = GATES[cell]
+    theta = np.ascontiguousarray(theta)
+    x = np.ascontiguousarray(x, theta.dtype)
+    idx = np.ascontiguousarray(idx, np.int64)
+    thetak = to_kernel_layout(theta, g, hidden, x.shape[2], n_out, offs, head)
     n = idx.shape[0]
     n_blocks = (n + BLOCK - 1) // BLOCK
-    losses = _zeros64(n_blocks)
-    outs = _zeros((n if want_outputs else 0, x.shape[1] - 1, n_out), theta)
-    dummy = _zeros(0, theta)
-    for b in prange(n_blocks):
-        lo = b * BLOCK
-        rn = min(BLOCK, n - lo)
-        losses[b] = _block(theta, thetak, x, idx, lo, rn, cell, reset_after, peephole,
-                           hidden, n_out, gaussian, offs, head, 1.0, dummy, False, outs)
-    loss = 0.0
-    for b in range(n_blocks):
-        loss += losses[b]
-    return loss, outs
+    losses = np.zeros(n_blocks)
+    outs = np.zeros((n if want_outputs else 0, x.shape[1] - 1, n_out), theta.dtype)
+    _blocks(theta, thetak, x, idx, cell, reset_after, peephole, hidden, n_out, gaussian,
+            offs, head, 1.0, np.zeros((n_blocks, 0), theta.dtype), losses, False, outs)
+    return _loss_sum(losses), outs

@@ -20,12 +20,13 @@ from numba import njit
 
 from streamrnn.config import jit_options
 from streamrnn.kernels import microtile
-from streamrnn.kernels.tiles import gemm_acc
+from streamrnn.kernels.tiles import gemm_acc, plain_ints
 
 _OPTS = jit_options()
 _U = np.uint64  # unsigned indices: no negative-index wraparound in the copy loop
 
 
+@plain_ints
 @njit(**_OPTS)
 def _asm_ok(out, bias, a, wa, b, wb):
     """True when the assembly tile may read and write these arrays (float32, rows contiguous)."""
@@ -34,6 +35,7 @@ def _asm_ok(out, bias, a, wa, b, wb):
             and b.strides[1] == 4 and wb.strides[1] == 4)
 
 
+@plain_ints
 @njit(**_OPTS)
 def tile_rows(m):
     """Rows of ``m`` the 6-row assembly tiles take: the rest (0 to 5) go to 4-row Numba tiles,
@@ -45,6 +47,7 @@ def tile_rows(m):
     return n6 * microtile.ROWS
 
 
+@plain_ints
 @njit(**_OPTS)
 def _set_numba(out, oi, oj, m, n, bias, boff, a, ai, ak, wa, wak, waj, ka, b, bi, bk, wb, wbk, wbj, kb):
     for r in range(m):
@@ -54,6 +57,7 @@ def _set_numba(out, oi, oj, m, n, bias, boff, a, ai, ak, wa, wak, waj, ka, b, bi
     gemm_acc(out, oi, oj, m, n, a, ai, ak, wa, wak, waj, ka, b, bi, bk, wb, wbk, wbj, kb)
 
 
+@plain_ints
 @njit(**_OPTS)
 def _set_asm(out, oi, oj, m6, n16, bias, boff, a, ai, ak, wa, wak, waj, ka, b, bi, bk, wb, wbk, wbj, kb):
     """Rows oi..oi+m6 (a multiple of 6), columns oj..oj+n16 (a multiple of 16) in assembly."""
@@ -74,6 +78,7 @@ def _set_asm(out, oi, oj, m6, n16, bias, boff, a, ai, ak, wa, wak, waj, ka, b, b
                                wb0 + 4 * j, wb.strides[0], kb)
 
 
+@plain_ints
 @njit(**_OPTS)
 def set_product(out, oi, oj, m, n, bias, boff, a, ai, ak, wa, wak, waj, ka, b, bi, bk, wb, wbk, wbj, kb):
     """out[oi:+m, oj:+n] = bias[boff:+n] + a[ai:+m, ak:+ka] @ wa[wak:+ka, waj:+n]
@@ -97,6 +102,7 @@ def set_product(out, oi, oj, m, n, bias, boff, a, ai, ak, wa, wak, waj, ka, b, b
                    b, bi, bk, wb, wbk, wbj + n16, kb)
 
 
+@plain_ints
 @njit(**_OPTS)
 def transpose_rows(dst, src, s0, m, k):
     """dst[:k, :m] = src[s0:s0+m, :k].T: a weight gradient's rows (the activations' columns)
@@ -107,6 +113,7 @@ def transpose_rows(dst, src, s0, m, k):
             dst[j, p] = row[j]
 
 
+@plain_ints
 @njit(**_OPTS)
 def _pack_panel(panel, b, bj, m):
     """panel[:m, :16] = b[:m, bj:bj+16]: the product reads one contiguous 64-byte row per k
@@ -117,6 +124,7 @@ def _pack_panel(panel, b, bj, m):
             panel[_U(p), _U(j)] = b[_U(p), _U(bj + j)]
 
 
+@plain_ints
 @njit(**_OPTS)
 def gradient_product(out, oj, k, n, zero, at, b, bj, m, panel):
     """out[:k, oj:+n] = at[:k, :m] @ b[:m, bj:+n] (a weight gradient, ``at`` the activations
