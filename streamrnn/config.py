@@ -173,3 +173,32 @@ def _install_cache_locator():
 
 
 KernelCacheLocator = _install_cache_locator()
+
+
+def _install_unliteral_calls():
+    """Type calls between streamrnn kernels by their arguments' plain types.
+
+    Numba compiles a callee once per *literal* argument at a call site: ``f(x, 0)`` and
+    ``f(x, 1)`` from jitted code make two more specialisations of ``f`` (and of everything
+    it calls) beside ``f(x, n)``. Our kernels pass constant offsets, columns and flags all
+    over, and each such call recompiled a whole step (about a minute, cold). Here a call
+    to a kernel of this package is resolved with ``types.unliteral`` argument types, so one
+    specialisation per argument type serves every call site; the caller casts the constant.
+    Numba's own functions and anything outside streamrnn are left alone.
+    """
+    from numba.core import types
+    from numba.core.types import functions
+
+    plain_call_type = functions.Dispatcher.get_call_type
+
+    def get_call_type(self, context, args, kws):
+        module = getattr(self.dispatcher.py_func, "__module__", "") or ""
+        if module.split(".")[0] == "streamrnn":
+            args = tuple(types.unliteral(a) for a in args)
+            kws = {k: types.unliteral(v) for k, v in kws.items()}
+        return plain_call_type(self, context, args, kws)
+
+    functions.Dispatcher.get_call_type = get_call_type
+
+
+_install_unliteral_calls()

@@ -51,9 +51,33 @@ class PackedWeights(NamedTuple):
     bo: np.ndarray  # (O,)
 
     def kernel_args(self) -> tuple:
-        """The trailing arguments every stream kernel takes, in order."""
-        return (self.cell, self.reset_after, self.hidden, self.offsets, self.wx, self.wh,
-                self.b, self.bhn, self.peep, self.wo, self.bo)
+        """The trailing arguments every stream kernel takes, in order.
+
+        The per-layer tuples are padded with empty arrays to at least ``LAYER_SLOTS``
+        entries (the kernels read ``len(hidden)`` layers): a tuple's length is part of its
+        Numba type, so without padding every depth from 1 to 4 compiled the whole step
+        machinery again (minutes each, cold)."""
+        return (self.cell, self.reset_after, self.hidden, self.offsets, _pad(self.wx), _pad(self.wh),
+                _pad(self.b), _pad(self.bhn), _pad(self.peep), self.wo, self.bo)
+
+
+#: Layer slots of the kernels' weight tuples (deeper models get a tuple of their own length).
+LAYER_SLOTS = 4
+
+
+def _pad(per_layer: tuple) -> tuple:
+    """``per_layer`` followed by empty arrays of the same kind, LAYER_SLOTS entries at least."""
+    missing = LAYER_SLOTS - len(per_layer)
+    if missing <= 0:
+        return per_layer
+    first = per_layer[0]
+    key = (first.ndim, first.dtype)
+    if key not in _EMPTY:
+        _EMPTY[key] = np.zeros((0,) * first.ndim, first.dtype)
+    return per_layer + (_EMPTY[key],) * missing
+
+
+_EMPTY: dict = {}  # one shared empty array per (ndim, dtype): kernel_args runs per batch
 
 
 @dataclass(eq=False)

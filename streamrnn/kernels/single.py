@@ -184,29 +184,27 @@ def _step(x, xo, state, rows, pred, cell, reset_after, hidden, offsets, wx, wh, 
     matvec(pred[rows[0]], 0, bo, 0, row, offsets[top], hidden[top], wo, row, 0, 0, wo, 0, wo.shape[1])
 
 
-@njit(**_OPTS)
-def step_row(x, xo, state, rows, pred, cell, reset_after, hidden, offsets, wx, wh, b, bhn, peep,
-             wo, bo, acc, accn, rh):
-    """One event of one stream (``_step``), for a block that holds a single row."""
-    _step(x, xo, state, rows, pred, cell, reset_after, hidden, offsets, wx, wh, b, bhn, peep,
-          wo, bo, acc, accn, rh)
+#: What ``step_stream`` writes to ``out[e]``: the prediction stored before the step (score,
+#: then step), the one the step made (a whole-sequence forward), or nothing (a block's row).
+OUT_BEFORE, OUT_AFTER, OUT_NONE = 0, 1, 2
 
 
 @njit(**_OPTS)
-def step_stream(ev, rows, xs, state, pred, out, after, cell, reset_after, hidden, offsets,
+def step_stream(ev, rows, xs, xo, state, pred, out, mode, cell, reset_after, hidden, offsets,
                 wx, wh, b, bhn, peep, wo, bo, acc, accn, rh):
-    """Step the one stream of state row rows[0] on xs[e] for e in ev, in that order.
+    """Step the one stream of state row rows[0] on xs[e, xo:] for e in ev, in that order.
 
-    out[e] is the prediction stored before the step (``after`` False: score-then-step) or
-    the one made by it (``after`` True: a whole-sequence forward)."""
+    ``mode`` says what out[e] receives (OUT_BEFORE, OUT_AFTER or OUT_NONE). The single entry
+    point for every one-row step: ``_step`` is inlined once here, not once per caller (each
+    inlined copy costs half a minute of cold compilation)."""
     s = rows[0]
     for i in range(ev.shape[0]):
         e = ev[i]
-        if not after:
+        if mode == OUT_BEFORE:
             for j in range(pred.shape[1]):
                 out[e, j] = pred[s, j]
-        _step(xs[e], 0, state, rows, pred, cell, reset_after, hidden, offsets, wx, wh, b, bhn,
+        _step(xs[e], xo, state, rows, pred, cell, reset_after, hidden, offsets, wx, wh, b, bhn,
               peep, wo, bo, acc, accn, rh)
-        if after:
+        if mode == OUT_AFTER:
             for j in range(pred.shape[1]):
                 out[e, j] = pred[s, j]

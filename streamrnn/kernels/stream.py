@@ -23,7 +23,7 @@ from numba.extending import intrinsic
 
 from streamrnn.config import jit_options
 from streamrnn.kernels.cells import TILE_ROWS, head_step, layer_step
-from streamrnn.kernels.single import step_row, step_stream
+from streamrnn.kernels.single import OUT_AFTER, OUT_BEFORE, OUT_NONE, step_stream
 
 _OPTS = jit_options()
 _PAR_OPTS = jit_options(parallel=True)
@@ -94,11 +94,11 @@ def _step_block(rn, src, src_col, src_rows, state, rows, pred,
     """Step ``rn`` <= TILE_ROWS distinct streams (state rows ``rows``) on their inputs
     src[src_rows[r], src_col:], then store the head's prediction in pred[rows[r]].
 
-    A lone row takes the matrix-vector path (``single.step_row``: same sums, same bits)
+    A lone row takes the matrix-vector path (``single.step_stream``: same sums, same bits)
     instead of register tiles padded to 4 rows."""
     if rn == 1:
-        step_row(src[src_rows[0]], src_col, state, rows, pred, cell, reset_after, hidden, offsets,
-                 wx, wh, b, bhn, peep, wo, bo, acc, accn, hp[0])
+        step_stream(src_rows[:1], rows, src, src_col, state, pred, pred, OUT_NONE, cell, reset_after,
+                    hidden, offsets, wx, wh, b, bhn, peep, wo, bo, acc, accn, hp[0])
         return
     n_layers = hidden.shape[0]
     layer_step(cell, reset_after, rn, src, src_rows, src_col, wx[0].shape[0], state, rows, offsets[0],
@@ -271,8 +271,8 @@ def step_events(slots, xs, state, pred, prev_out, scratch, n_threads,
     if n_streams == 1:
         # One stream: its events in order through the single-row step (the same bits as
         # in a block), with no blocks to form.
-        step_stream(order, ev_slots[:1], xs, state, pred, prev_out, False, cell, reset_after, hidden,
-                    offsets, wx, wh, b, bhn, peep, wo, bo, acc[0], accn[0], hp[0, 0])
+        step_stream(order, ev_slots[:1], xs, 0, state, pred, prev_out, OUT_BEFORE, cell, reset_after,
+                    hidden, offsets, wx, wh, b, bhn, peep, wo, bo, acc[0], accn[0], hp[0, 0])
     elif n_chunks == 1:
         _step_list(0, n, order, ev_slots, xs, state, pred, prev_out, cell, reset_after, hidden,
                    offsets, wx, wh, b, bhn, peep, wo, bo, xp[0], hp[0], acc[0], accn[0], blk[0])
@@ -327,8 +327,8 @@ def forward_sequences(x, state, n_threads, cell, reset_after, hidden, offsets,
     if n_seq == 1:
         # One sequence: its steps through the single-row step (the same bits as in a block).
         rows = np.zeros(1, np.int64)
-        step_stream(np.arange(n_steps), rows, x2.reshape(n_steps, n_feat), state, pred, out[0], True,
-                    cell, reset_after, hidden, offsets, wx, wh, b, bhn, peep, wo, bo,
+        step_stream(np.arange(n_steps), rows, x2.reshape(n_steps, n_feat), 0, state, pred, out[0],
+                    OUT_AFTER, cell, reset_after, hidden, offsets, wx, wh, b, bhn, peep, wo, bo,
                     acc[0], accn[0], hp[0, 0])
     elif n_chunks == 1:
         _forward_chunk(0, n_seq, x2, n_steps, state, pred, out, cell, reset_after, hidden, offsets,
