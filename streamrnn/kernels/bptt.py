@@ -498,10 +498,9 @@ def _block(theta, thetak, x, idx, lo, rn, cell, reset_after, peephole, hidden,
     gnopeep = np.zeros((3, hmax), dt)
     zero = np.zeros(g * hmax + d_in, dt)
     kmax = max(d_in, hmax)
-    # A layer's input and h_{t-1} (or GRU reset-before's r * h_{t-1}) transposed, rows 16
+    # A layer's input above h_{t-1} (or GRU reset-before's r * h_{t-1}), transposed, rows 16
     # floats longer than m: rows a power of two bytes apart would share a few L1 sets.
-    tsrc = np.empty((kmax, m + 16), dt)
-    thl = np.empty((hmax, m + 16), dt)
+    tact = np.empty((kmax + hmax, m + 16), dt)
     panel = np.empty((m, 16), dt)
     for layer in range(n_layers - 1, -1, -1):
         h = hidden[layer]
@@ -510,8 +509,6 @@ def _block(theta, thetak, x, idx, lo, rn, cell, reset_after, peephole, hidden,
         w_ih = _mat(theta, offs[layer, 0], gh, k_in)
         w_hh = _mat(theta, offs[layer, 1], gh, h)
         peep = _mat(thetak, offs[layer, 4], 3, h) if peephole else nopeep
-        gwx = _mat(grow, offs[layer, 0], k_in, gh)
-        gwh = _mat(grow, offs[layer, 1], h, gh)
         gbih = grow[offs[layer, 2]:offs[layer, 2] + gh]
         gbhh = grow[offs[layer, 3]:offs[layer, 3] + gh]
         gpeep = _mat(grow, offs[layer, 4], 3, h) if peephole else gnopeep
@@ -533,21 +530,25 @@ def _block(theta, thetak, x, idx, lo, rn, cell, reset_after, peephole, hidden,
         # ---- weight gradients: one product over every (step, window) row of the block, with
         # the activations transposed so the rows of each product are contiguous along the
         # sum; each weight's part of this block's gradient row is written once (from zero).
+        # In kernel layout W_ih's rows are followed by W_hh's, one (k_in + h, gh) matrix, so
+        # with the input and h_{t-1} transposed one above the other in ``tact`` a single
+        # product gives both (each panel of gate gradients packed once, not once for each).
         src = src0 if layer == 0 else hs[layer - 1]
         s0 = 0 if layer == 0 else rc
-        transpose_rows(tsrc, src, s0, m, k_in)
-        gradient_product(gwx, 0, k_in, gh, zero, tsrc, work, 0, m, panel)
-        transpose_rows(thl, hl, 0, m, h)
+        transpose_rows(tact, 0, src, s0, m, k_in)
+        transpose_rows(tact, k_in, hl, 0, m, h)
+        gw = _mat(grow, offs[layer, 0], k_in + h, gh)
         if cell == GRU:
             h2 = 2 * h
-            gradient_product(gwh, 0, h, h2, zero, thl, work, 0, m, panel)
+            gradient_product(gw, 0, 0, k_in + h, h2, zero, tact, 0, work, 0, m, panel)
+            gradient_product(gw, 0, h2, k_in, h, zero, tact, 0, work, h2, m, panel)
             if reset_after:
-                gradient_product(gwh, h2, h, h, zero, thl, dhn, 0, m, panel)
+                gradient_product(gw, k_in, h2, h, h, zero, tact, k_in, dhn, 0, m, panel)
             else:
-                transpose_rows(thl, hnl, 0, m, h)
-                gradient_product(gwh, h2, h, h, zero, thl, work, h2, m, panel)
+                transpose_rows(tact, k_in, hnl, 0, m, h)
+                gradient_product(gw, k_in, h2, h, h, zero, tact, k_in, work, h2, m, panel)
         else:
-            gradient_product(gwh, 0, h, gh, zero, thl, work, 0, m, panel)
+            gradient_product(gw, 0, 0, k_in + h, gh, zero, tact, 0, work, 0, m, panel)
         if peephole:
             # dL/dp_i = sum da_i * c_{t-1}, dL/dp_f = sum da_f * c_{t-1}, dL/dp_o = sum da_o * c_t
             cl = cs[layer]

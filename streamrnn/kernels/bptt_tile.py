@@ -104,13 +104,13 @@ def set_product(out, oi, oj, m, n, bias, boff, a, ai, ak, wa, wak, waj, ka, b, b
 
 @plain_ints
 @njit(**_OPTS)
-def transpose_rows(dst, src, s0, m, k):
-    """dst[:k, :m] = src[s0:s0+m, :k].T: a weight gradient's rows (the activations' columns)
-    contiguous along the (step, window) index the product sums over."""
+def transpose_rows(dst, d0, src, s0, m, k):
+    """dst[d0:d0+k, :m] = src[s0:s0+m, :k].T: a weight gradient's rows (the activations'
+    columns) contiguous along the (step, window) index the product sums over."""
     for p in range(m):
         row = src[s0 + p]
         for j in range(k):
-            dst[j, p] = row[j]
+            dst[d0 + j, p] = row[j]
 
 
 @plain_ints
@@ -126,16 +126,16 @@ def _pack_panel(panel, b, bj, m):
 
 @plain_ints
 @njit(**_OPTS)
-def gradient_product(out, oj, k, n, zero, at, b, bj, m, panel):
-    """out[:k, oj:+n] = at[:k, :m] @ b[:m, bj:+n] (a weight gradient, ``at`` the activations
-    transposed), in panels of 16 columns of ``b`` packed into ``panel`` (at least (m, 16));
-    ``zero`` holds at least n zeros."""
+def gradient_product(out, oi, oj, k, n, zero, at, ai, b, bj, m, panel):
+    """out[oi:+k, oj:+n] = at[ai:+k, :m] @ b[:m, bj:+n] (a weight gradient, ``at`` the
+    activations transposed), in panels of 16 columns of ``b`` packed into ``panel`` (at least
+    (m, 16)); ``zero`` holds at least n zeros."""
     j = 0
     if microtile.AVAILABLE and _asm_ok(out, zero, at, b, at, b):
         while j + microtile.COLS <= n:
             _pack_panel(panel, b, bj + j, m)
-            set_product(out, 0, oj + j, k, microtile.COLS, zero, 0, at, 0, 0, panel, 0, 0, m,
-                        at, 0, 0, panel, 0, 0, 0)
+            set_product(out, oi, oj + j, k, microtile.COLS, zero, 0, at, ai, 0, panel, 0, 0, m,
+                        at, ai, 0, panel, 0, 0, 0)
             j += microtile.COLS
     if j < n:
-        set_product(out, 0, oj + j, k, n - j, zero, 0, at, 0, 0, b, 0, bj + j, m, at, 0, 0, b, 0, 0, 0)
+        set_product(out, oi, oj + j, k, n - j, zero, 0, at, ai, 0, b, 0, bj + j, m, at, ai, 0, b, 0, 0, 0)
