@@ -269,7 +269,8 @@ def test_weight_gradient_product_equals_float64_reference_and_numba_tiles(k, n):
 
 def test_product_kernels_compile_for_plain_argument_types():
     """Constants at call sites (offsets 0, want_grad True) do not make the product kernels
-    compile a specialisation per combination of literals (each a whole compile of the tiles)."""
+    compile a specialisation per combination of literals (each a whole compile of the tiles;
+    streamrnn.config types calls between the package's kernels with plain argument types)."""
     from numba.core import types
 
     from streamrnn.kernels import bptt, bptt_tile, tiles

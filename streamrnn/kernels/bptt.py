@@ -31,7 +31,7 @@ from streamrnn.config import jit_options
 from streamrnn.kernels.activations import tanh32
 from streamrnn.kernels.adam import adam_update_both
 from streamrnn.kernels.bptt_tile import gradient_product, set_product, transpose_rows
-from streamrnn.kernels.tiles import MR, gemm1_acc, gemm_acc, plain_ints
+from streamrnn.kernels.tiles import MR, gemm1_acc, gemm_acc
 
 RNN_TANH = 0
 RNN_RELU = 1
@@ -624,7 +624,6 @@ def _transposed_positions(pos, off, rows, cols):
             pos[off + i * cols + j] = off + j * rows + i
 
 
-@plain_ints
 @njit(**_PAR_OPTS)
 def _blocks(theta, thetak, x, idx, cell, reset_after, peephole, hidden, n_out, gaussian,
             offs, head, scale, rows, losses, want_grad, outs):

@@ -20,13 +20,12 @@ from numba import njit
 
 from streamrnn.config import jit_options
 from streamrnn.kernels import microtile
-from streamrnn.kernels.tiles import gemm_acc, plain_ints
+from streamrnn.kernels.tiles import gemm_acc
 
 _OPTS = jit_options()
 _U = np.uint64  # unsigned indices: no negative-index wraparound in the copy loop
 
 
-@plain_ints
 @njit(**_OPTS)
 def _asm_ok(out, bias, a, wa, b, wb):
     """True when the assembly tile may read and write these arrays (float32, rows contiguous)."""
@@ -35,7 +34,6 @@ def _asm_ok(out, bias, a, wa, b, wb):
             and b.strides[1] == 4 and wb.strides[1] == 4)
 
 
-@plain_ints
 @njit(**_OPTS)
 def tile_rows(m):
     """Rows of ``m`` the 6-row assembly tiles take: the rest (0 to 5) go to 4-row Numba tiles,
@@ -47,7 +45,6 @@ def tile_rows(m):
     return n6 * microtile.ROWS
 
 
-@plain_ints
 @njit(**_OPTS)
 def _set_numba(out, oi, oj, m, n, bias, boff, a, ai, ak, wa, wak, waj, ka, b, bi, bk, wb, wbk, wbj, kb):
     for r in range(m):
@@ -57,7 +54,6 @@ def _set_numba(out, oi, oj, m, n, bias, boff, a, ai, ak, wa, wak, waj, ka, b, bi
     gemm_acc(out, oi, oj, m, n, a, ai, ak, wa, wak, waj, ka, b, bi, bk, wb, wbk, wbj, kb)
 
 
-@plain_ints
 @njit(**_OPTS)
 def _set_asm(out, oi, oj, m6, n16, bias, boff, a, ai, ak, wa, wak, waj, ka, b, bi, bk, wb, wbk, wbj, kb):
     """Rows oi..oi+m6 (a multiple of 6), columns oj..oj+n16 (a multiple of 16) in assembly."""
@@ -78,7 +74,6 @@ def _set_asm(out, oi, oj, m6, n16, bias, boff, a, ai, ak, wa, wak, waj, ka, b, b
                                wb0 + 4 * j, wb.strides[0], kb)
 
 
-@plain_ints
 @njit(**_OPTS)
 def set_product(out, oi, oj, m, n, bias, boff, a, ai, ak, wa, wak, waj, ka, b, bi, bk, wb, wbk, wbj, kb):
     """out[oi:+m, oj:+n] = bias[boff:+n] + a[ai:+m, ak:+ka] @ wa[wak:+ka, waj:+n]
@@ -102,7 +97,6 @@ def set_product(out, oi, oj, m, n, bias, boff, a, ai, ak, wa, wak, waj, ka, b, b
                    b, bi, bk, wb, wbk, wbj + n16, kb)
 
 
-@plain_ints
 @njit(**_OPTS)
 def transpose_rows(dst, d0, src, s0, m, k):
     """dst[d0:d0+k, :m] = src[s0:s0+m, :k].T: a weight gradient's rows (the activations'
@@ -113,7 +107,6 @@ def transpose_rows(dst, d0, src, s0, m, k):
             dst[d0 + j, p] = row[j]
 
 
-@plain_ints
 @njit(**_OPTS)
 def _pack_panel(panel, b, bj, m):
     """panel[:m, :16] = b[:m, bj:bj+16]: the product reads one contiguous 64-byte row per k
@@ -124,7 +117,6 @@ def _pack_panel(panel, b, bj, m):
             panel[_U(p), _U(j)] = b[_U(p), _U(bj + j)]
 
 
-@plain_ints
 @njit(**_OPTS)
 def gradient_product(out, oi, oj, k, n, zero, at, ai, b, bj, m, panel):
     """out[oi:+k, oj:+n] = at[ai:+k, :m] @ b[:m, bj:+n] (a weight gradient, ``at`` the

@@ -43,25 +43,6 @@ _OPTS = jit_options()
 _U = np.uint64
 
 
-def plain_ints(dispatcher):
-    """Have other kernels' calls to ``dispatcher`` compile it for plain (non-literal) types.
-
-    Numba types a constant argument at a call site (``oj=0``, ``True``) as a literal and
-    compiles the callee once per combination of literals: the trainer's float32 step compiled
-    19 copies of ``gemm_acc`` and 8 of ``set_product``, each a whole compile of everything
-    below it. Typed as int64 (bool), each has one specialisation per array layout and dtype;
-    the constants still reach LLVM, which inlines the small callees.
-    """
-    template = dispatcher.get_call_template
-
-    def get_call_template(args, kws):
-        return template(tuple(types.unliteral(a) for a in args),
-                        {k: types.unliteral(v) for k, v in kws.items()})
-
-    dispatcher.get_call_template = get_call_template
-    return dispatcher
-
-
 @intrinsic
 def _stack_like(typingctx, arr, n):
     """Pointer to ``n`` (a literal) elements of ``arr``'s dtype on the caller's stack."""
@@ -79,7 +60,6 @@ def _stack_like(typingctx, arr, n):
     return types.CPointer(dtype)(arr, n), codegen
 
 
-@plain_ints
 @njit(**_OPTS)
 def _tile(c, ci, cj, a, ai, ak, b, bk, bj, kk, a2, a2i, a2k, b2, b2k, b2j, kk2):
     """One MR x NR tile of :func:`gemm_acc`, in registers."""
@@ -120,7 +100,6 @@ def _tile(c, ci, cj, a, ai, ak, b, bk, bj, kk, a2, a2i, a2k, b2, b2k, b2j, kk2):
             crow[_U(cj + j)] = t[r, j]
 
 
-@plain_ints
 @njit(**_OPTS)
 def _row_strip(c, ci, cj, a, ai, ak, b, bk, bj, kk, a2, a2i, a2k, b2, b2k, b2j, kk2):
     """One row by NR columns (the rows left below the last whole tile), in registers."""
@@ -142,7 +121,6 @@ def _row_strip(c, ci, cj, a, ai, ak, b, bk, bj, kk, a2, a2i, a2k, b2, b2k, b2j, 
         crow[_U(cj + j)] = t[j]
 
 
-@plain_ints
 @njit(**_OPTS)
 def _narrow(c, ci, cj, m, n, a, ai, ak, b, bk, bj, kk, a2, a2i, a2k, b2, b2k, b2j, kk2):
     """Fewer than NR columns (a head with one output, a hidden size not a multiple of NR):
@@ -192,7 +170,6 @@ def _narrow(c, ci, cj, m, n, a, ai, ak, b, bk, bj, kk, a2, a2i, a2k, b2, b2k, b2
             i += 1
 
 
-@plain_ints
 @njit(**_OPTS)
 def _gemm_panels(c, ci, cj, m, n, a, ai, ak, b, bk, bj, kk, a2, a2i, a2k, b2, b2k, b2j, kk2):
     # Column panels outermost: the panel of b (kk x NR) stays in L1 for every row tile.
@@ -213,7 +190,6 @@ def _gemm_panels(c, ci, cj, m, n, a, ai, ak, b, bk, bj, kk, a2, a2i, a2k, b2, b2
                 a2, a2i, a2k, b2, b2k, b2j + j, kk2)
 
 
-@plain_ints
 @njit(**_OPTS)
 def gemm_acc(c, ci, cj, m, n, a, ai, ak, b, bk, bj, kk, a2, a2i, a2k, b2, b2k, b2j, kk2):
     """c[ci:+m, cj:+n] += a[ai:+m, ak:+kk] @ b[bk:+kk, bj:+n] + a2[a2i:+m, a2k:+kk2] @ b2[b2k:+kk2, b2j:+n]."""
@@ -230,7 +206,6 @@ def gemm_acc(c, ci, cj, m, n, a, ai, ak, b, bk, bj, kk, a2, a2i, a2k, b2, b2k, b
         k0 += kn
 
 
-@plain_ints
 @njit(**_OPTS)
 def gemm1_acc(c, ci, cj, m, n, a, ai, ak, b, bk, bj, kk):
     """c[ci:+m, cj:+n] += a[ai:+m, ak:+kk] @ b[bk:+kk, bj:+n]."""
