@@ -97,11 +97,12 @@ LANES = 8
 
 def _emit_span(builder, groups, acc, bias, x, nx, wx, wxs, h, nh, wh, whs):
     """LLVM IR of ``_span``: ``groups`` vector accumulators (allocas that SROA turns into
-    registers), each term one ``llvm.fma`` on a whole vector."""
+    registers), each term acc + v * w on whole vectors. Plain fmul and fadd, which Numba gives
+    the kernels' fast-math flags like its own: contracted to one FMA exactly where the
+    Numba tiles' ``t += v * w`` is (on FMA hosts with contraction on), so the same bits."""
     f32 = ir.FloatType()
     vec = ir.VectorType(f32, LANES)
     i32 = ir.IntType(32)
-    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec] * 3), "llvm.fma.v8f32")
 
     def vptr(base, offset):
         return builder.bitcast(builder.gep(base, [offset]), vec.as_pointer())
@@ -121,7 +122,7 @@ def _emit_span(builder, groups, acc, bias, x, nx, wx, wxs, h, nh, wh, whs):
             row = builder.mul(k, ws)
             for g, reg in enumerate(regs):
                 wv = builder.load(vptr(w, builder.add(row, const(LANES * g))), align=4)
-                builder.store(builder.call(fma, [splat, wv, builder.load(reg)]), reg)
+                builder.store(builder.fadd(builder.load(reg), builder.fmul(splat, wv)), reg)
     for g, reg in enumerate(regs):
         builder.store(builder.load(reg), vptr(acc, const(LANES * g)), align=4)
 
@@ -134,7 +135,7 @@ def _span(typingctx, groups, acc, bias, x, nx, wx, wxs, h, nh, wh, whs):
     The columns live in vector registers, written out as vectors in LLVM IR: LLVM's
     vectoriser, handed the same loops in Numba, unrolled them to scalars first and spilled.
     Each column starts from its bias and adds the input terms, then the recurrent terms, in
-    k order, one fused multiply-add (one rounding) per term: ``cells.block_product``'s sums."""
+    k order, each term as the Numba tiles add it: ``cells.block_product``'s sums."""
     ptrs = (acc, bias, x, wx, h, wh)
     ints = (nx, wxs, nh, whs)
     if not (isinstance(groups, types.IntegerLiteral) and all(p == _F32P for p in ptrs)
