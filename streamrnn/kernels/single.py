@@ -69,11 +69,17 @@ def _item_data(typingctx, tup, i):
         return None
 
     def codegen(context, builder, signature, args):
+        # A chain of selects over the items' data pointers, not the tuple stored to memory
+        # and indexed there: that store (9 words per array) ran per layer and event.
         tupty, ity = signature.args
-        slots = cgutils.alloca_once_value(builder, args[0])
         idx = context.cast(builder, args[1], ity, types.intp)
-        item = builder.load(cgutils.gep_inbounds(builder, slots, 0, idx))
-        return context.make_array(tupty.dtype)(context, builder, item).data
+        ptr = None
+        for j in reversed(range(tupty.count)):
+            item = builder.extract_value(args[0], j)
+            data = context.make_array(tupty.dtype)(context, builder, item).data
+            hit = builder.icmp_signed("==", idx, ir.Constant(idx.type, j))
+            ptr = data if ptr is None else builder.select(hit, data, ptr)
+        return ptr
 
     return _F32P(tup, i), codegen
 
