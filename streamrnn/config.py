@@ -192,7 +192,7 @@ def _install_unliteral_calls():
     plain_call_type = functions.Dispatcher.get_call_type
 
     def get_call_type(self, context, args, kws):
-        module = getattr(self.dispatcher.py_func, "__module__", "") or ""
+        module = getattr(getattr(self.dispatcher, "py_func", None), "__module__", None) or ""
         if module.split(".")[0] == "streamrnn":
             args = tuple(types.unliteral(a) for a in args)
             kws = {k: types.unliteral(v) for k, v in kws.items()}
