@@ -21,6 +21,7 @@ from streamrnn.kernels import cells, microtile
 from streamrnn.kernels.activations import sigmoid32, tanh32
 from streamrnn.kernels.stream import forward_sequences, scratch_pool, step_events
 from tests import naive
+from tests.stream_support import step_in_batches
 
 TOL = 1e-5
 
@@ -242,19 +243,6 @@ def test_parallel_waves_equal_each_sequence_alone_bit_for_bit(i):
         assert np.array_equal(batched[b], model.predict(x[b]))
 
 
-def _step_in_batches(model, slots, xs, cuts, n_slots):
-    p = model.packed
-    state = np.zeros((n_slots, p.state_width), np.float32)
-    pred = np.full((n_slots, model.n_outputs), np.nan, np.float32)
-    scratch = np.zeros(n_slots, np.int32)
-    prev = np.empty((slots.shape[0], model.n_outputs), np.float32)
-    bounds = [0, *sorted(cuts), slots.shape[0]]
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        if a < b:
-            step_events(slots[a:b], xs[a:b], state, pred, prev[a:b], scratch, 2, *p.kernel_args())
-    return prev, pred
-
-
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(i=st.integers(0, len(TILE_MODELS) - 1), n_streams=st.integers(1, 9), length=st.integers(1, 8),
        seed=st.integers(0, 2**32 - 1), n_cuts=st.integers(0, 12))
@@ -271,7 +259,8 @@ def test_step_events_any_interleaving_and_batching_equals_forward_bit_for_bit(i,
     for e, s in enumerate(slots):
         xs[e] = seqs[s, pos[s]]
         pos[s] += 1
-    prev, pred = _step_in_batches(model, slots, xs, rng.integers(0, slots.shape[0], n_cuts), n_streams)
+    cuts = sorted(rng.integers(0, slots.shape[0], n_cuts))
+    prev, pred = step_in_batches(model, slots, xs, [0, *cuts, slots.shape[0]], n_streams)
     p = model.packed
     state = np.zeros((n_streams, p.state_width), np.float32)
     ref = forward_sequences(seqs, state, 2, *p.kernel_args())  # (B, T, O), network units

@@ -14,8 +14,9 @@ from numba import njit
 from streamrnn import Model
 from streamrnn.config import jit_options
 from streamrnn.kernels import cells, single
-from streamrnn.kernels.stream import forward_sequences, step_events
+from streamrnn.kernels.stream import forward_sequences
 from tests import naive
+from tests.stream_support import step_in_batches
 
 TOL = 1e-5
 
@@ -80,20 +81,6 @@ def test_single_sequence_matches_float64_reference(options, hidden, d):
     np.testing.assert_allclose(model.predict(x), naive.forward(model, x), atol=TOL, rtol=0)
 
 
-def _step_all(model, slots, xs, n_slots, chunks):
-    """prev_out of step_events over ``chunks`` consecutive micro-batches of (slots, xs)."""
-    p = model.packed
-    state = np.zeros((n_slots, p.state_width), np.float32)
-    pred = np.full((n_slots, model.n_outputs), np.nan, np.float32)
-    scratch = np.zeros(n_slots, np.int32)
-    out = np.empty((slots.shape[0], model.n_outputs), np.float32)
-    for lo, hi in zip(chunks[:-1], chunks[1:]):
-        prev = np.empty((hi - lo, model.n_outputs), np.float32)
-        step_events(slots[lo:hi], xs[lo:hi], state, pred, prev, scratch, 2, *p.kernel_args())
-        out[lo:hi] = prev
-    return out
-
-
 @pytest.mark.parametrize("options", VARIANTS)
 @pytest.mark.parametrize("hidden,d", SHAPES)
 def test_stream_alone_and_mixed_with_others_give_the_same_bits(options, hidden, d):
@@ -102,7 +89,7 @@ def test_stream_alone_and_mixed_with_others_give_the_same_bits(options, hidden, 
     n_other, length = 30, 40
     xs_alone = rng.standard_normal((length, d)).astype(np.float32)
     # Stream 0 alone: every micro-batch holds one stream (the single-row path).
-    alone = _step_all(model, np.zeros(length, np.int64), xs_alone, 1, [0, 17, 18, length])
+    alone, _ = step_in_batches(model, np.zeros(length, np.int64), xs_alone, [0, 17, 18, length], 1)
 
     # Stream 0 among 30 others (blocks of many rows), then its last events alone in the
     # batch's last waves (blocks of one row inside a multi-stream batch).
@@ -112,7 +99,7 @@ def test_stream_alone_and_mixed_with_others_give_the_same_bits(options, hidden, 
     xs = rng.standard_normal((slots.shape[0], d)).astype(np.float32)
     mine = np.flatnonzero(slots == 0)
     xs[mine] = xs_alone
-    mixed = _step_all(model, slots, xs, n_other + 1, [0, 300, slots.shape[0]])
+    mixed, _ = step_in_batches(model, slots, xs, [0, 300, slots.shape[0]], n_other + 1)
     assert np.array_equal(alone, mixed[mine], equal_nan=True)
     assert np.isnan(alone[0]).all() and np.isfinite(alone[1:]).all()
 
