@@ -243,22 +243,23 @@ def test_set_product_equals_float64_reference_and_numba_tiles(m, n, ka, kb):
 
 @pytest.mark.parametrize("k,n", [(1, 64), (6, 16), (64, 256), (20, 40), (65, 256)])
 def test_weight_gradient_product_equals_float64_reference_and_numba_tiles(k, n):
-    """A weight gradient at[ai:+k, :m] @ g[:m, col:+n] through packed 16-column panels, into
-    rows oi.. of the output."""
-    from streamrnn.kernels.bptt_tile import _set_numba, gradient_product, transpose_rows
+    """A weight gradient at[ai:+k, :m] @ g[:m, col:+n] into rows oi.. of the output, with the
+    gate gradients' rows padded as the trainer pads them."""
+    from streamrnn.kernels.bptt_tile import _set_numba, gradient_product, padded_width, transpose_rows
 
     rng = np.random.default_rng(k + n)
     f, m, col, ai, oi = np.float32, 97, 3, 2, 1
     acts = rng.normal(size=(m + 2, k)).astype(f)
-    g = rng.normal(size=(m, n + col)).astype(f)
+    g = np.full((m, padded_width(n + col)), 9.0, f)
+    g[:, :n + col] = rng.normal(size=(m, n + col))
     at = np.full((k + ai + 1, m + 16), 5.0, f)
     transpose_rows(at, ai, acts, 2, m, k)
     np.testing.assert_array_equal(at[ai:ai + k, :m], acts[2:].T)
     assert np.all(at[:ai] == 5.0) and np.all(at[ai + k:] == 5.0) and np.all(at[:, m:] == 5.0)
     zero = np.zeros(n, f)
     out = np.zeros((k + oi + 2, n + 5), f)
-    gradient_product(out, oi, 5, k, n, zero, at, ai, g, col, m, np.empty((m, 16), f))
-    ref = acts[2:].T.astype(np.float64) @ g[:, col:]
+    gradient_product(out, oi, 5, k, n, zero, at, ai, g, col, m)
+    ref = acts[2:].T.astype(np.float64) @ g[:, col:n + col]
     np.testing.assert_allclose(out[oi:oi + k, 5:], ref, rtol=1e-5, atol=2e-5)
     outside = np.ones_like(out, bool)
     outside[oi:oi + k, 5:] = False
@@ -266,6 +267,16 @@ def test_weight_gradient_product_equals_float64_reference_and_numba_tiles(k, n):
     numba_only = np.zeros_like(out)
     _set_numba(numba_only, oi, 5, k, n, zero, 0, acts.T, 0, 2, g, 0, col, m, acts.T, 0, 0, g, 0, 0, 0)
     np.testing.assert_array_equal(out, numba_only)
+
+def test_padded_rows_are_an_odd_number_of_cache_lines():
+    """Rows of gate gradients hold their n columns and are an odd number of 64-byte lines
+    long, so no two of 64 consecutive rows share an L1 set."""
+    from streamrnn.kernels.bptt_tile import padded_width
+
+    for n in range(1, 600):
+        w = padded_width(n)
+        assert n < w <= n + 47 and w % 16 == 0 and (w // 16) % 2 == 1, (n, w)
+
 
 def test_product_kernels_compile_for_plain_argument_types():
     """Constants at call sites (offsets 0, want_grad True) do not make the product kernels

@@ -30,7 +30,7 @@ from numba.extending import overload
 from streamrnn.config import jit_options
 from streamrnn.kernels.activations import tanh32
 from streamrnn.kernels.adam import adam_update_both
-from streamrnn.kernels.bptt_tile import gradient_product, set_product, transpose_rows
+from streamrnn.kernels.bptt_tile import gradient_product, padded_width, set_product, transpose_rows
 from streamrnn.kernels.tiles import MR, gemm1_acc, gemm_acc
 
 RNN_TANH = 0
@@ -417,7 +417,8 @@ def _block(theta, thetak, x, idx, lo, rn, cell, reset_after, peephole, hidden,
     cs[:, 0:min(rc, cs.shape[1])] = 0
     gates = np.empty((n_layers, m, g * hmax), dt)
     hn = np.empty((n_layers, m if cell != RNN_TANH and cell != RNN_RELU else 1, hmax), dt)
-    work = np.empty((m, g * hmax), dt)
+    # Gate gradients are a weight gradient's ``b`` operand: rows padded (see padded_width).
+    work = np.empty((m, padded_width(g * hmax)), dt)
     accn = np.empty((rc, hmax), dt)
     nopeep = np.zeros((3, hmax), dt)
     bsum = np.empty(g * hmax, dt)
@@ -493,7 +494,7 @@ def _block(theta, thetak, x, idx, lo, rn, cell, reset_after, peephole, hidden,
     dhc = np.zeros((rc, hmax), dt)
     dcc = np.zeros((rc, hmax), dt)
     dcn = np.zeros((rc, hmax), dt)
-    dhn = np.empty((m if cell == GRU else 1, hmax), dt)
+    dhn = np.empty((m if cell == GRU else 1, padded_width(hmax)), dt)
     drh = np.empty((rc, hmax), dt)
     gnopeep = np.zeros((3, hmax), dt)
     zero = np.zeros(g * hmax + d_in, dt)
@@ -501,7 +502,6 @@ def _block(theta, thetak, x, idx, lo, rn, cell, reset_after, peephole, hidden,
     # A layer's input above h_{t-1} (or GRU reset-before's r * h_{t-1}), transposed, rows 16
     # floats longer than m: rows a power of two bytes apart would share a few L1 sets.
     tact = np.empty((kmax + hmax, m + 16), dt)
-    panel = np.empty((m, 16), dt)
     for layer in range(n_layers - 1, -1, -1):
         h = hidden[layer]
         k_in = d_in if layer == 0 else hidden[layer - 1]
@@ -532,7 +532,7 @@ def _block(theta, thetak, x, idx, lo, rn, cell, reset_after, peephole, hidden,
         # sum; each weight's part of this block's gradient row is written once (from zero).
         # In kernel layout W_ih's rows are followed by W_hh's, one (k_in + h, gh) matrix, so
         # with the input and h_{t-1} transposed one above the other in ``tact`` a single
-        # product gives both (each panel of gate gradients packed once, not once for each).
+        # product gives both (each panel of gate gradients read once, not once for each).
         src = src0 if layer == 0 else hs[layer - 1]
         s0 = 0 if layer == 0 else rc
         transpose_rows(tact, 0, src, s0, m, k_in)
@@ -540,15 +540,15 @@ def _block(theta, thetak, x, idx, lo, rn, cell, reset_after, peephole, hidden,
         gw = _mat(grow, offs[layer, 0], k_in + h, gh)
         if cell == GRU:
             h2 = 2 * h
-            gradient_product(gw, 0, 0, k_in + h, h2, zero, tact, 0, work, 0, m, panel)
-            gradient_product(gw, 0, h2, k_in, h, zero, tact, 0, work, h2, m, panel)
+            gradient_product(gw, 0, 0, k_in + h, h2, zero, tact, 0, work, 0, m)
+            gradient_product(gw, 0, h2, k_in, h, zero, tact, 0, work, h2, m)
             if reset_after:
-                gradient_product(gw, k_in, h2, h, h, zero, tact, k_in, dhn, 0, m, panel)
+                gradient_product(gw, k_in, h2, h, h, zero, tact, k_in, dhn, 0, m)
             else:
                 transpose_rows(tact, k_in, hnl, 0, m, h)
-                gradient_product(gw, k_in, h2, h, h, zero, tact, k_in, work, h2, m, panel)
+                gradient_product(gw, k_in, h2, h, h, zero, tact, k_in, work, h2, m)
         else:
-            gradient_product(gw, 0, 0, k_in + h, gh, zero, tact, 0, work, 0, m, panel)
+            gradient_product(gw, 0, 0, k_in + h, gh, zero, tact, 0, work, 0, m)
         if peephole:
             # dL/dp_i = sum da_i * c_{t-1}, dL/dp_f = sum da_f * c_{t-1}, dL/dp_o = sum da_o * c_t
             cl = cs[layer]
