@@ -173,17 +173,24 @@ class Decoder:
     # ------------------------------------------------------------------ parsing
     def _parse_all(self, values):
         """One msgspec call for all JSON messages of the batch; per message only when the
-        batch holds a bad one (to find it) or Arrow messages."""
-        if values and all(v and v[:1] in (b"{", b"[") for v in values):
-            joined = b"[" + b",".join(values) + b"]"
-            try:  # single events only: the faster decoder
-                return self._many_single.decode(joined)
-            except msgspec.DecodeError:
-                pass
-            try:
-                return self._many.decode(joined)
-            except msgspec.DecodeError:
-                pass
+        batch holds a bad one (to find it) or Arrow messages.
+
+        The joined array must hold exactly one item per message: a message such as
+        ``{...},{...}`` (not JSON on its own) would otherwise join into two items and shift
+        every later event onto another message's offset and key."""
+        try:
+            joined = b"[" + b",".join(values) + b"]"  # TypeError for a None value (tombstone)
+        except TypeError:
+            joined = None
+        if values and joined is not None:
+            for decoder in (self._many_single, self._many):  # single events only: the faster one first
+                try:
+                    parsed = decoder.decode(joined)
+                except msgspec.DecodeError:
+                    continue
+                if len(parsed) == len(values):
+                    return parsed
+                break
         return [self._parse_one(i, v) for i, v in enumerate(values)]
 
     def _parse_one(self, i: int, value: bytes | None):

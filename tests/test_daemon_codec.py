@@ -83,6 +83,10 @@ def test_configured_field_names_are_used():
     (None, "empty message"),
     (b"\xff\xff\xff\xffgarbage", "invalid Arrow"),
     (b'"just a string"', "invalid event"),
+    # Not JSON alone, but valid inside the batch's joined array: must not become two events
+    # that shift the later messages' offsets.
+    (b'{"stream": "a", "ts": 1, "value": 1.0},{"stream": "b", "ts": 1, "value": 2.0}', "invalid JSON"),
+    (b'{"stream": "a", "ts": 1, "value": 1.0},', "invalid JSON"),
 ])
 def test_bad_message_is_rejected_with_reason_and_others_survive(value, reason):
     good = b'{"stream": "a", "ts": 1, "value": 1.0}'
