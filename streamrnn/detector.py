@@ -40,6 +40,11 @@ COUNTERS = ("events", "scored", "missing", "late_dropped", "replay_skipped", "ga
 _TS_NONE = np.iinfo(np.int64).min
 #: Alerts name at most this many contributing features.
 TOP_FEATURES = 3
+#: The StreamTable columns detect_batch takes, in its argument order.
+_KERNEL_COLUMNS = ("state", "pred", "x_mean", "x_scale", "last_ts", "last_offset", "err_mean", "err_var",
+                   "err_short", "err_vm", "err_cov", "n_scored", "warm", "in_alert", "below", "alert_len",
+                   "open_ts", "drift_m", "drifted", "dyn_buf", "dyn_eps", "x_lo", "x_hi", "err_bias",
+                   "err_energy", "x_last", "rep")
 
 
 @dataclass
@@ -136,6 +141,8 @@ class Detector:
         self._events = 0
         self._model_ref = ModelRef(str(model.name), str(model.version))
         self._stream_scaler = getattr(model, "stream_scaler", None) is not None
+        self._params_cache: dict = {}
+        self._kargs: tuple | None = None
 
     @property
     def method(self) -> str:
@@ -229,19 +236,28 @@ class Detector:
         code = np.empty(n, np.int8)
         open_ts = np.empty(n, np.int64)
         contrib = np.empty((n, d), np.float32)
-        fp, ip = self.resolved.kernel_params(off.shape[0] > 0)
-        cols = [t.column(c) for c in ("state", "pred", "x_mean", "x_scale", "last_ts", "last_offset",
-                                      "err_mean", "err_var", "err_short", "err_vm", "err_cov",
-                                      "n_scored", "warm", "in_alert", "below", "alert_len", "open_ts",
-                                      "drift_m", "drifted", "dyn_buf", "dyn_eps", "x_lo", "x_hi",
-                                      "err_bias", "err_energy", "x_last", "rep")]
+        fp, ip = self._kernel_params(off.shape[0] > 0)
+        cols = t.column_arrays(_KERNEL_COLUMNS)
         K.detect_batch(slots, x, ts, off, fp, ip, numba.get_num_threads(), self._scratch, *cols,
                        pred, error, score, rank, alert, applied, code, open_ts, contrib,
-                       self._counters, *self.model.packed.kernel_args())
+                       self._counters, *self._kernel_args())
         self._events += n
         alerts = self._alert_records(stream_ids, ts, x, pred, score, code, open_ts, contrib)
         return ScoredBatch(stream_ids, ts, x, pred, error, score, alert, list(self.model.feature_names),
                            applied, alerts, rank)
+
+    # Per-batch constants, cached: the daemon calls process() per partition and poll with a
+    # few dozen events, where building them again was a fifth of the call.
+    def _kernel_params(self, has_offsets: bool) -> tuple[np.ndarray, np.ndarray]:
+        cached = self._params_cache.get(has_offsets)
+        if cached is None or cached[0] is not self.resolved:
+            cached = self._params_cache[has_offsets] = (self.resolved, self.resolved.kernel_params(has_offsets))
+        return cached[1]
+
+    def _kernel_args(self) -> tuple:
+        if self._kargs is None or self._kargs[0] is not self.model:
+            self._kargs = (self.model, self.model.packed.kernel_args())
+        return self._kargs[1]
 
     def _copy_stream_scalers(self, stream_ids, slots, new) -> None:
         idx = np.flatnonzero(new)
@@ -279,23 +295,23 @@ class Detector:
             x = x[:, None]
         if x.ndim != 2 or x.shape[1] != self.model.n_features:
             raise StreamrnnError(f"values must have shape (events, {self.model.n_features}); got {x.shape}")
-        if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+        if x.dtype.kind not in "biufc":  # dtype kinds, not np.issubdtype: this runs per batch
             raise StreamrnnError(f"values must be numeric, not {x.dtype}")
         x = np.ascontiguousarray(x, np.float64)
         ts = np.asarray(timestamps)
         if ts.shape != (x.shape[0],) or len(stream_ids) != x.shape[0]:
             raise StreamrnnError(f"stream_ids ({len(stream_ids)}), values ({x.shape[0]}) and "
                                  f"timestamps ({ts.shape[0] if ts.ndim else 0}) must have one entry per event")
-        if np.issubdtype(ts.dtype, np.datetime64):
+        if ts.dtype.kind == "M":
             ts = ts.astype("datetime64[ms]").astype(np.int64)
-        elif not np.issubdtype(ts.dtype, np.integer) and ts.size:
+        elif ts.dtype.kind not in "iu" and ts.size:
             raise StreamrnnError(f"timestamps must be integer epoch milliseconds, not {ts.dtype}")
         ts = np.ascontiguousarray(ts, np.int64)
         if offsets is None:
             off = np.empty(0, np.int64)
         else:
             off = np.asarray(offsets)
-            if off.shape != (x.shape[0],) or not (np.issubdtype(off.dtype, np.integer) or off.size == 0):
+            if off.shape != (x.shape[0],) or not (off.dtype.kind in "iu" or off.size == 0):
                 raise StreamrnnError(f"offsets must be one integer per event; got shape {off.shape}, dtype {off.dtype}")
             off = np.ascontiguousarray(off, np.int64)
         return x, ts, off
