@@ -8,6 +8,8 @@ import json
 import numpy as np
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from daemon.codec import EVENT_OFFSET_SHIFT, Decoder, Format, encode_events, message_offset
 
@@ -108,3 +110,39 @@ def test_one_bad_event_rejects_its_whole_array_message():
     arr = json.dumps([{"stream": "a", "ts": 1, "value": 1.0}, {"stream": "a", "ts": 2}]).encode()
     b = _decode(["value"], [arr, b'{"stream": "b", "ts": 1, "value": 1.0}'])
     assert [r.index for r in b.rejected] == [0] and b.stream_ids == ["b"]
+
+
+_EVENT = st.fixed_dictionaries({"stream": st.sampled_from(["a", "b", "é"]), "ts": st.integers(0, 10**13),
+                                "value": st.one_of(st.none(), st.floats(-1e6, 1e6))})
+_VALID = st.one_of(_EVENT.map(lambda e: json.dumps(e).encode()),
+                   st.lists(_EVENT, min_size=1, max_size=3).map(lambda es: json.dumps(es).encode()))
+_MESSAGE = st.one_of(
+    _VALID,
+    st.lists(_VALID, min_size=2, max_size=3).map(b",".join),  # valid only inside a joined array
+    st.binary(max_size=12),
+    st.none(),
+    st.sampled_from([b"[]", b"{}", b"null", b"1", b'"s"', b"[{}]", b"\xff\xff\xff\xff"]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_MESSAGE, min_size=1, max_size=8))
+def test_batch_decode_equals_decoding_each_message_alone(messages):
+    """Whatever a batch holds, its decode is the concatenation of each message decoded on its
+    own: a bad message can change nothing about the others (their events, offsets, order)."""
+    dec = Decoder(["value"])
+    offsets = list(range(500, 500 + len(messages)))
+    whole = dec.decode(messages, [None] * len(messages), offsets)
+    ids, ts, vals, offs, rejected, ok = [], [], [], [], [], 0
+    for i, m in enumerate(messages):
+        one = dec.decode([m], [None], [offsets[i]])
+        ids += one.stream_ids
+        ts += one.timestamps.tolist()
+        vals += one.values[:, 0].tolist()
+        offs += one.offsets.tolist()
+        rejected += [(i, r.reason) for r in one.rejected]
+        ok += one.messages_ok
+    assert whole.stream_ids == ids and whole.timestamps.tolist() == ts and whole.offsets.tolist() == offs
+    np.testing.assert_array_equal(whole.values[:, 0], np.array(vals, np.float64))
+    assert [(r.index, r.reason) for r in whole.rejected] == rejected
+    assert whole.messages_ok == ok == len(messages) - len(rejected)
