@@ -23,10 +23,14 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import msgspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+
+from streamrnn.kernels.idmap import MAX_ID_BYTES
 
 __all__ = ["Format", "Decoder", "DecodedBatch", "Rejected", "EVENT_OFFSET_SHIFT",
            "event_offset", "message_offset", "encode_events"]
@@ -35,6 +39,9 @@ __all__ = ["Format", "Decoder", "DecodedBatch", "Rejected", "EVENT_OFFSET_SHIFT"
 EVENT_OFFSET_SHIFT = 20
 MAX_EVENTS_PER_MESSAGE = 1 << EVENT_OFFSET_SHIFT
 _ARROW_MAGIC = b"\xff\xff\xff\xff"
+#: Event times the detector can hold (int64 epoch ms): a larger JSON integer is rejected
+#: with the message instead of overflowing the batch's array.
+_TS = Annotated[int, msgspec.Meta(ge=-(1 << 63), le=(1 << 63) - 1)]
 
 
 def event_offset(message_offset: int, index: int = 0) -> int:
@@ -112,7 +119,7 @@ class Decoder:
         # The event type: stream and value fields optional, checked after decoding so
         # that the dead-letter reason can say what is wrong.
         unset = msgspec.UNSET
-        fields = [("t", int), ("s", str | None | msgspec.UnsetType, unset),
+        fields = [("t", _TS), ("s", str | None | msgspec.UnsetType, unset),
                   ("v", float | None | msgspec.UnsetType, unset),
                   ("vs", dict[str, float | None] | list[float | None] | msgspec.UnsetType, unset)]
         rename = {"s": f.stream, "t": f.ts, "v": f.value, "vs": f.values}
@@ -164,7 +171,8 @@ class Decoder:
         ids = list(map(_GET_S, parsed))
         vals = list(map(_GET_V, parsed))
         if (None in ids or msgspec.UNSET in ids or "" in ids or msgspec.UNSET in vals
-                or list(map(_GET_VS, parsed)).count(msgspec.UNSET) != n):
+                or list(map(_GET_VS, parsed)).count(msgspec.UNSET) != n
+                or 4 * max(map(len, ids)) > MAX_ID_BYTES):  # may be too long: checked there
             return None
         x = np.array(vals, dtype=np.float64).reshape(n, 1)  # None (JSON null) -> NaN
         ts = np.array(list(map(_GET_T, parsed)), np.int64)
@@ -224,6 +232,7 @@ class Decoder:
                     if key_id is None:
                         key_id = self._key_id(key)
                     sid = key_id
+                _check_id_length(sid)
                 ids.append(sid)
                 ts.append(e.t)
                 vals.append(self._features(e, j))
@@ -288,12 +297,22 @@ class Decoder:
             raise _Invalid(f"Arrow batch has a column of the wrong type: {exc}") from None
         if sid.null_count or t.null_count:
             raise _Invalid("Arrow batch has null stream ids or timestamps")
+        if pc.min(pc.binary_length(sid)).as_py() == 0:
+            raise _Invalid("Arrow batch has an empty stream id")
+        longest = pc.max(pc.binary_length(sid)).as_py()
+        if longest > MAX_ID_BYTES:
+            raise _Invalid(f"Arrow batch has a stream id of {longest} utf-8 bytes; the limit is {MAX_ID_BYTES}")
         ids.extend(sid.to_pylist())
         ts.extend(t.to_numpy().tolist())
         x = np.column_stack([c.to_numpy(zero_copy_only=False) for c in cols]) if cols else np.empty((n, 0))
         vals.extend(x.tolist())
         base = int(moff) << EVENT_OFFSET_SHIFT
         eoffs.extend(range(base, base + n))
+
+
+def _check_id_length(sid: str) -> None:
+    if 4 * len(sid) > MAX_ID_BYTES and len(sid.encode("utf-8")) > MAX_ID_BYTES:
+        raise _Invalid(f"stream id of {len(sid.encode('utf-8'))} utf-8 bytes; the limit is {MAX_ID_BYTES}")
 
 
 _GET_S, _GET_T, _GET_V, _GET_VS = (operator.attrgetter(a) for a in ("s", "t", "v", "vs"))

@@ -89,6 +89,7 @@ def test_configured_field_names_are_used():
     # that shift the later messages' offsets.
     (b'{"stream": "a", "ts": 1, "value": 1.0},{"stream": "b", "ts": 1, "value": 2.0}', "invalid JSON"),
     (b'{"stream": "a", "ts": 1, "value": 1.0},', "invalid JSON"),
+    (b'{"stream": "a", "ts": 18446744073709551615, "value": 1.0}', "invalid event"),  # beyond int64
 ])
 def test_bad_message_is_rejected_with_reason_and_others_survive(value, reason):
     good = b'{"stream": "a", "ts": 1, "value": 1.0}'
@@ -146,3 +147,21 @@ def test_batch_decode_equals_decoding_each_message_alone(messages):
     np.testing.assert_array_equal(whole.values[:, 0], np.array(vals, np.float64))
     assert [(r.index, r.reason) for r in whole.rejected] == rejected
     assert whole.messages_ok == ok == len(messages) - len(rejected)
+
+
+def test_stream_ids_the_detector_cannot_hold_are_rejected_not_raised():
+    """Ids over the stream table's byte limit (JSON field, message key, Arrow column) and
+    empty Arrow ids are the message's fault: dead letters, not a stopped daemon."""
+    from streamrnn.kernels.idmap import MAX_ID_BYTES
+
+    long_id = "é" * (MAX_ID_BYTES // 2 + 1)  # 2 utf-8 bytes each
+    good = b'{"stream": "a", "ts": 1, "value": 1.0}'
+    msgs = [good, json.dumps({"stream": long_id, "ts": 1, "value": 1.0}).encode(),
+            b'{"ts": 1, "value": 1.0}', encode_events([long_id], [1], [[1.0]], ["value"], arrow=True),
+            encode_events([""], [1], [[1.0]], ["value"], arrow=True), good]
+    b = _decode(["value"], msgs, keys=[None, None, long_id.encode(), None, None, None])
+    assert [r.index for r in b.rejected] == [1, 2, 3, 4]
+    assert all("limit is" in r.reason for r in b.rejected[:3]) and "empty stream id" in b.rejected[3].reason
+    assert b.stream_ids == ["a", "a"]
+    ok = "é" * (MAX_ID_BYTES // 2)  # exactly at the limit: accepted
+    assert _decode(["value"], [json.dumps({"stream": ok, "ts": 1, "value": 1.0}).encode()]).stream_ids == [ok]
