@@ -412,6 +412,42 @@ def _layer_backward(cell, reset_after, rc, h, r0, hl, cl, gl, hnl, peep, w_hh,
         set_product(dhprev, 0, 0, rc, h, zero, 0, work, r0, 0, w_hh, 0, 0, h, work, r0, 0, w_hh, 0, 0, 0)
 
 
+# ------------------------------------------------------------------ the head's gradients
+@njit(**_OPTS)
+def _head_weight_grad(gwo, ht, rc, dout, m):
+    """gwo[j, o] += the sum over rows p = 0, 1, ... of ht[rc + p, j] * dout[p, o]: one
+    update per row, vectorised along j (as a column of dot products, the product tiles ran
+    it as a few scalar chains: 17 -> 9 us for LSTM64's block). Same terms in the same order."""
+    htop, n_out = gwo.shape
+    acc = np.empty(htop, gwo.dtype)
+    for o in range(n_out):
+        for j in range(htop):
+            acc[j] = gwo[j, o]
+        for p in range(m):
+            d = dout[p, o]
+            row = ht[rc + p, 0:htop]
+            for j in range(htop):
+                acc[j] += row[j] * d
+        for j in range(htop):
+            gwo[j, o] = acc[j]
+
+
+@njit(**_OPTS)
+def _head_input_grad(dext, dout, wo, m, htop):
+    """dext[p, :htop] = dout[p] @ wo, each element zero plus its terms in o order (as the
+    product tiles on a zeroed array, without tiles of one inner term over a zeroed array)."""
+    n_out = wo.shape[0]
+    for p in range(m):
+        row = dext[p, 0:htop]
+        for j in range(htop):
+            row[j] = 0
+        for o in range(n_out):
+            d = dout[p, o]
+            w = wo[o, 0:htop]
+            for j in range(htop):
+                row[j] += d * w[j]
+
+
 # --------------------------------------------------------------- one block of windows
 @njit(**_OPTS)
 def _block(theta, thetak, x, idx, lo, rn, cell, reset_after, peephole, hidden,
@@ -512,10 +548,9 @@ def _block(theta, thetak, x, idx, lo, rn, cell, reset_after, peephole, hidden,
     for p in range(m):
         for o in range(n_out):
             grow[head[1] + o] += dout[p, o]
-    gwo = _mat(grow, head[0], htop, n_out)
-    gemm1_acc(gwo, 0, 0, htop, n_out, ht.T, 0, rc, dout, 0, 0, m)
-    dext = np.zeros((m, hmax), dt)
-    gemm1_acc(dext, 0, 0, m, htop, dout, 0, 0, wo, 0, 0, n_out)
+    _head_weight_grad(_mat(grow, head[0], htop, n_out), ht, rc, dout, m)
+    dext = np.empty((m, hmax), dt)  # columns past htop are never read
+    _head_input_grad(dext, dout, wo, m, htop)
     # ---- backward through time, top layer first
     dnext = np.zeros((m if n_layers > 1 else 1, hmax), dt)
     dh = np.empty((rc, hmax), dt)
