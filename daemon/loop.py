@@ -44,7 +44,7 @@ from kafka.errors import CommitFailedError, KafkaError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
 
 from daemon.checkpoint import ChangelogStore, LocalStore
-from daemon.codec import Decoder, Format
+from daemon.codec import EVENT_OFFSET_SHIFT, Decoder, Format, Rejected
 from daemon.config import DaemonConfig
 from daemon.errors import DaemonError
 from daemon.metrics import HealthServer, Metrics, setup_logging
@@ -477,38 +477,45 @@ class Daemon:
         values = [r.value for r in records]
         dec = self.decoder.decode(values, [r.key for r in records], [r.offset for r in records])
         for rej in dec.rejected:
-            r = records[rej.index]
-            headers = list(r.headers or []) + [
-                (DLQ_HEADERS[0], rej.reason.encode()), (DLQ_HEADERS[1], r.topic.encode()),
-                (DLQ_HEADERS[2], str(r.partition).encode()), (DLQ_HEADERS[3], str(r.offset).encode())]
-            self._send(cfg.dead_letter_topic, r.key, r.value, headers)
-            log.warning("dead letter", extra={"fields": {"topic": r.topic, "partition": r.partition,
-                                                         "offset": r.offset, "reason": rej.reason[:300]}})
-        n = len(dec)
+            self._dead_letter(records[rej.index], rej.reason)
+        n, dead = len(dec), len(dec.rejected)
         if n:
             before = task.detector.counters.get("replay_skipped", 0)
-            res = task.detector.process(dec.stream_ids, dec.values, dec.timestamps, offsets=dec.offsets)
+            for res in score_batch(task.detector, dec, [r.offset for r in records]):
+                if isinstance(res, Rejected):  # refused by the detector: its whole message
+                    self._dead_letter(records[res.index], res.reason)
+                    dead += 1
+                    continue
+                for a in res.alerts:
+                    self._send(cfg.alerts, a.stream.encode(), encode_alert(a))
+                    self.metrics.alerts.labels(a.kind).inc()
+                self.counts["alerts"] += len(res.alerts)
+                if cfg.scores:
+                    self._send_scores(res, getattr(res, "applied", None))
+                if self.store.kind == "changelog":  # rows to send at the next checkpoint
+                    task.touched.update(res.stream_ids)
             skipped = task.detector.counters.get("replay_skipped", 0) - before
-            for a in res.alerts:
-                self._send(cfg.alerts, a.stream.encode(), encode_alert(a))
-                self.metrics.alerts.labels(a.kind).inc()
-            self.counts["alerts"] += len(res.alerts)
-            if cfg.scores:
-                self._send_scores(res, getattr(res, "applied", None))
-            if self.store.kind == "changelog":  # rows to send at the next checkpoint
-                task.touched.update(dec.stream_ids)
             self.counts["events_skipped"] += skipped
             self.metrics.events_skipped.inc(skipped)
         task.next_offset = records[-1].offset + 1
         task.events_since += n
         self._events_since_ckpt += n
         self.counts["consumed"] += len(records)
-        self.counts["decoded"] += dec.messages_ok
-        self.counts["dead_lettered"] += len(dec.rejected)
+        self.counts["decoded"] += len(records) - dead
+        self.counts["dead_lettered"] += dead
         self.counts["events"] += n
         self.metrics.messages.inc(len(records))
-        self.metrics.dead_letters.inc(len(dec.rejected))
+        self.metrics.dead_letters.inc(dead)
         self.metrics.count_events(n)
+
+    def _dead_letter(self, r, reason: str) -> None:
+        """Send input record ``r`` unchanged to the dead-letter topic, with why and whence."""
+        headers = list(r.headers or []) + [
+            (DLQ_HEADERS[0], reason.encode()), (DLQ_HEADERS[1], r.topic.encode()),
+            (DLQ_HEADERS[2], str(r.partition).encode()), (DLQ_HEADERS[3], str(r.offset).encode())]
+        self._send(self.cfg.dead_letter_topic, r.key, r.value, headers)
+        log.warning("dead letter", extra={"fields": {"topic": r.topic, "partition": r.partition,
+                                                     "offset": r.offset, "reason": reason[:300]}})
 
     def _send_scores(self, res, applied) -> None:
         rows = np.flatnonzero(applied) if applied is not None else range(len(res))
@@ -776,3 +783,27 @@ def run_daemon(config: DaemonConfig, *, install_signals: bool = True, exit_on_ov
             os._exit(1)
         threading.Thread(target=watchdog, daemon=True).start()
     return daemon.run(install_signals=install_signals)
+
+
+def score_batch(detector: Detector, dec, message_offsets: list[int]) -> list:
+    """The detector's results for the decoded batch ``dec`` of the messages at
+    ``message_offsets``: one result, or, when the detector refuses the batch (input the
+    decoder let through but the detector cannot hold), one per message, with a
+    :class:`~daemon.codec.Rejected` (index into the messages) for each message it refuses.
+    A refused call leaves the detector unchanged (it validates before it touches state),
+    so no event is applied twice."""
+    try:
+        return [detector.process(dec.stream_ids, dec.values, dec.timestamps, offsets=dec.offsets)]
+    except StreamrnnError:
+        pass
+    index = {off: i for i, off in enumerate(message_offsets)}
+    msg = dec.offsets >> EVENT_OFFSET_SHIFT
+    cuts = np.flatnonzero(np.diff(msg)) + 1  # a message's events are contiguous
+    out: list = []
+    for lo, hi in zip(np.r_[0, cuts].tolist(), np.r_[cuts, len(msg)].tolist()):
+        try:
+            out.append(detector.process(dec.stream_ids[lo:hi], dec.values[lo:hi], dec.timestamps[lo:hi],
+                                        offsets=dec.offsets[lo:hi]))
+        except StreamrnnError as exc:
+            out.append(Rejected(index[int(msg[lo])], f"refused by the detector: {exc}"))
+    return out
