@@ -152,15 +152,37 @@ def _step_list(lo, hi, ev, sl, xs, state, pred, prev_out,
                     wx, wh, b, bhn, peep, wo, bo, xp, hp, acc, accn)
 
 
+@intrinsic
+def _claim(typingctx, counter):
+    """Atomically counter[0] += 1, returning the value before: the next chunk for the
+    calling thread."""
+    if not (isinstance(counter, types.Array) and counter.ndim == 1 and counter.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        return builder.atomic_rmw("add", ary.data, ir.Constant(ir.IntType(64), 1), "monotonic")
+
+    return types.int64(counter), codegen
+
+
 @njit(**_PAR_OPTS)
 def _step_chunks_parallel(starts, ev, sl, xs, state, pred, prev_out,
                           cell, reset_after, hidden, offsets, wx, wh, b, bhn, peep, wo, bo,
                           xp, hp, acc, accn, blk):
-    # Chunks own disjoint sets of streams, so they never write the same state or pred row,
-    # and each owns one slice of the scratch pool.
-    for c in prange(starts.shape[0] - 1):
-        _step_list(starts[c], starts[c + 1], ev, sl, xs, state, pred, prev_out, cell, reset_after,
-                   hidden, offsets, wx, wh, b, bhn, peep, wo, bo, xp[c], hp[c], acc[c], accn[c], blk[c])
+    # Chunks own disjoint sets of streams, so they never write the same state or pred row.
+    # Threads claim chunks one at a time: with another process on a core, the thread
+    # sharing it takes fewer chunks instead of the whole batch waiting for its static share
+    # (Numba's prange splits iterations into equal parts per thread). Iteration w is a
+    # worker with scratch slice w; workers that start after the chunks ran out do nothing.
+    n_chunks = starts.shape[0] - 1
+    counter = np.zeros(1, np.int64)
+    for w in prange(n_chunks):
+        c = _claim(counter)
+        while c < n_chunks:
+            _step_list(starts[c], starts[c + 1], ev, sl, xs, state, pred, prev_out, cell, reset_after,
+                       hidden, offsets, wx, wh, b, bhn, peep, wo, bo, xp[w], hp[w], acc[w], accn[w], blk[w])
+            c = _claim(counter)
 
 
 @njit(**_OPTS)
