@@ -367,10 +367,12 @@ def _lstm_gates_plain(rn, state, rows, off, hsz, acc):
 
 @njit(**_OPTS)
 def _all_zero(a):
+    # Counted without an early exit, so the loop vectorises: it runs for every block, and
+    # the scalar loop with a branch per element was ~0.6% of an LSTM64 step.
+    nonzero = 0
     for v in a.ravel():
-        if v != _ZERO:
-            return False
-    return True
+        nonzero += v != _ZERO
+    return nonzero == 0
 
 
 @njit(**_OPTS)
