@@ -492,8 +492,9 @@ class Daemon:
                 self.counts["alerts"] += len(res.alerts)
                 if cfg.scores:
                     self._send_scores(res, getattr(res, "applied", None))
-                if self.store.kind == "changelog":  # rows to send at the next checkpoint
-                    task.touched.update(res.stream_ids)
+                # Rows (or tombstones) the next checkpoint writes: both stores save what changed.
+                task.touched.update(res.stream_ids)
+                task.touched.update(res.evicted)
             skipped = task.detector.counters.get("replay_skipped", 0) - before
             self.counts["events_skipped"] += skipped
             self.metrics.events_skipped.inc(skipped)
@@ -563,7 +564,7 @@ class Daemon:
         items = []
         for t in dirty:
             if self.cfg.detector.get("idle_timeout_ms") is not None:
-                t.detector.evict_idle(int(time.time() * 1000))
+                t.touched.update(t.detector.evict_idle(int(time.time() * 1000)))
             items.append((t, t.next_offset, self.store.prepare(t.topic, t.partition, t.detector, t.touched)))
             t.touched = set()
             t.events_since = 0

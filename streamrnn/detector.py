@@ -62,6 +62,7 @@ class ScoredBatch:
     applied: np.ndarray | None = None  # (E,) bool: the event reached the stream's state
     alerts: list[Alert] = field(default_factory=list)  # open/close records, in event order
     rank: np.ndarray | None = None  # (E,) scored events of the stream since its (re)start before this one; -1: not scored
+    evicted: list[str] = field(default_factory=list)  # streams this batch evicted from the table (max_streams)
 
     def __len__(self) -> int:
         return int(self.score.shape[0])
@@ -244,7 +245,7 @@ class Detector:
         self._events += n
         alerts = self._alert_records(stream_ids, ts, x, pred, score, code, open_ts, contrib)
         return ScoredBatch(stream_ids, ts, x, pred, error, score, alert, list(self.model.feature_names),
-                           applied, alerts, rank)
+                           applied, alerts, rank, assigned.evicted)
 
     # Per-batch constants, cached: the daemon calls process() per partition and poll with a
     # few dozen events, where building them again was a fifth of the call.

@@ -539,6 +539,19 @@ class StreamTable:
         self._evictions += slots.size
         return ids
 
+    @property
+    def counters(self) -> tuple[int, int | None, int]:
+        """``(clock, watermark, evictions)``: the table-wide values a snapshot carries besides
+        the rows (LRU clock, event-time watermark, eviction count)."""
+        return self._clock, self._watermark, self._evictions
+
+    def set_counters(self, clock: int, watermark: int | None, evictions: int) -> None:
+        """Set what :attr:`counters` returns: for state stores that rebuild a table from
+        rows (whose ``touch`` values are on that clock) rather than from a snapshot."""
+        self._clock = int(clock)
+        self._watermark = None if watermark is None else int(watermark)
+        self._evictions = int(evictions)
+
     # ------------------------------------------------------------------ queries
 
     def add_column(self, name: str, spec: Column, existing=None) -> None:
