@@ -32,6 +32,7 @@ from pathlib import Path
 import crc32c
 import numpy as np
 
+from daemon.errors import DaemonError
 from streamrnn.detector import ADDED_COLUMNS, Detector
 from streamrnn.errors import StreamrnnError
 from streamrnn.state import StreamTable
@@ -127,7 +128,17 @@ class LocalStore:
 
     def write(self, prepared) -> None:
         """Persist what :meth:`prepare` returned (blocking: encoding and fsync; thread-safe:
-        it owns its copies)."""
+        it owns its copies). A file system error (a full disk, lost permissions) is a
+        :class:`~daemon.errors.DaemonError` naming the file: the daemon stops with it, and
+        since nothing past the last saved checkpoint was committed, a restart replays it."""
+        try:
+            self._write(prepared)
+        except OSError as exc:
+            self._written.pop(prepared.key, None)  # whatever is on disk now, start again with a full one
+            raise DaemonError(f"cannot write the checkpoint of {prepared.key[0]}[{prepared.key[1]}] to "
+                              f"{str(self.dir)!r}: {exc.strerror or exc}") from None
+
+    def _write(self, prepared) -> None:
         topic, partition = prepared.key
         if isinstance(prepared, _Full):
             data = prepared.copy.snapshot()

@@ -631,3 +631,26 @@ def test_local_store_ignores_a_log_left_from_an_older_snapshot(tmp_path):
     store.log_path("in", 0).write_bytes(old_log)  # as if the crash came before the log restarted
     restored = store.load("in", 0, lambda snapshot=None: Detector.restore(model, snapshot))
     assert _table_rows(restored.table) == want
+
+
+def test_local_store_write_error_is_a_daemon_error_and_the_next_checkpoint_is_full(tmp_path):
+    from daemon.checkpoint import LocalStore
+    from daemon.errors import DaemonError
+
+    model = Model.random("gru", n_features=1, hidden=[4], seed=0)
+    det = Detector(model)
+    store = LocalStore(tmp_path)
+    _feed(det, ["a", "b"], 1)
+    store.write(store.prepare("in", 0, det, set()))
+    log = store.log_path("in", 0)
+    log.unlink()
+    log.mkdir()  # appending to it fails (as a full disk would), whoever runs the test
+    _feed(det, ["a"], 2)
+    with pytest.raises(DaemonError, match=r"cannot write the checkpoint of in\[0\]"):
+        store.write(store.prepare("in", 0, det, {"a"}))
+    log.rmdir()
+    prepared = store.prepare("in", 0, det, {"a"})
+    assert type(prepared).__name__ == "_Full"
+    store.write(prepared)
+    restored = store.load("in", 0, lambda snapshot=None: Detector.restore(model, snapshot))
+    assert _table_rows(restored.table) == _table_rows(det.table)
