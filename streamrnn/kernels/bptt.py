@@ -412,6 +412,32 @@ def _layer_backward(cell, reset_after, rc, h, r0, hl, cl, gl, hnl, peep, w_hh,
         set_product(dhprev, 0, 0, rc, h, zero, 0, work, r0, 0, w_hh, 0, 0, h, work, r0, 0, w_hh, 0, 0, 0)
 
 
+@njit(**_OPTS)
+def _cache_friendly(w, spare):
+    """``w`` (rows, cols), or a copy of it in ``spare``'s padded rows when a 16-column panel
+    of ``w`` does not fit the L1 sets its rows fall in (8 ways each; rows a multiple of
+    2^s lines apart use 64 / 2^s of the 64 sets). A forward step's product reads each panel
+    once per 6-row tile: LSTM64's W_hh (rows 1 KB apart, 4 sets for 64 rows) was re-read
+    from L2 by every tile of every step."""
+    rows, cols = w.shape
+    size = cols * w.itemsize
+    if size % 64 != 0:
+        return w
+    lines = size // 64
+    sets = 64
+    while lines % 2 == 0 and sets > 1:
+        lines //= 2
+        sets //= 2
+    if rows <= 8 * sets:
+        return w
+    for i in range(rows):
+        d = spare[i]
+        s = w[i]
+        for j in range(cols):
+            d[j] = s[j]
+    return spare
+
+
 # ------------------------------------------------------------------ the head's gradients
 @njit(**_OPTS)
 def _head_weight_grad(gwo, ht, rc, dout, m):
@@ -493,12 +519,15 @@ def _block(theta, thetak, x, idx, lo, rn, cell, reset_after, peephole, hidden,
             for d in range(d_in):
                 src0[t * rc + r, d] = x[w, t, d]
     # ---- forward, layer by layer over the whole window
+    wpad = padded_width(g * hmax)
+    wxp = np.empty((max(d_in, hmax), wpad), dt)
+    whp = np.empty((hmax, wpad), dt)
     for layer in range(n_layers):
         h = hidden[layer]
         k_in = d_in if layer == 0 else hidden[layer - 1]
         gh = g * h
-        wx = _mat(thetak, offs[layer, 0], k_in, gh)
-        wh = _mat(thetak, offs[layer, 1], h, gh)
+        wx = _cache_friendly(_mat(thetak, offs[layer, 0], k_in, gh), wxp)
+        wh = _cache_friendly(_mat(thetak, offs[layer, 1], h, gh), whp)
         bih = thetak[offs[layer, 2]:offs[layer, 2] + gh]
         bhh = thetak[offs[layer, 3]:offs[layer, 3] + gh]
         peep = _mat(thetak, offs[layer, 4], 3, h) if peephole else nopeep
