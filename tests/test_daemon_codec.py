@@ -4,6 +4,7 @@ every rejection with its reason."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pyarrow as pa
@@ -117,8 +118,12 @@ _EVENT = st.fixed_dictionaries({"stream": st.sampled_from(["a", "b", "é"]), "ts
                                 "value": st.one_of(st.none(), st.floats(-1e6, 1e6))})
 _VALID = st.one_of(_EVENT.map(lambda e: json.dumps(e).encode()),
                    st.lists(_EVENT, min_size=1, max_size=3).map(lambda es: json.dumps(es).encode()))
+_ARROW = st.lists(_EVENT, min_size=1, max_size=3).map(
+    lambda es: encode_events([e["stream"] for e in es], [e["ts"] for e in es],
+                             [[math.nan if e["value"] is None else e["value"]] for e in es], ["value"], arrow=True))
 _MESSAGE = st.one_of(
     _VALID,
+    _ARROW,
     st.lists(_VALID, min_size=2, max_size=3).map(b",".join),  # valid only inside a joined array
     st.binary(max_size=12),
     st.none(),
