@@ -9,12 +9,16 @@ import time
 import urllib.request
 
 import msgspec
+import numpy as np
 import pytest
 
 from daemon.codec import encode_events
 from daemon.config import load_config
 from daemon.loop import DLQ_HEADERS, Daemon
 from daemon.producer import produce_events
+from streamrnn.detector import Detector
+from streamrnn.model import Model
+from streamrnn.scoring import ScoringConfig
 from tests.daemon_support import (FAST_GROUP, SCORING, alert_records, confluent_produce, create_topic,
                                   event_messages, persistence_model, read_alerts, read_topic,
                                   reference_alerts, scenario, unique)
@@ -236,6 +240,20 @@ def test_backpressure_pauses_input_and_scores_topic_gets_every_event(kafka_broke
     assert len(recs) == counts["events"] == len(msgs)
     got = {(k.decode(), msgspec.json.decode(v)["ts"]) for k, v, *_ in recs}
     assert got == {(k.decode(), json.loads(v)["ts"]) for k, v in msgs}
+    # Every record's score, alert flag and prediction are the detector's for that event (a
+    # stream's events stay in order in its partition, so one detector over all is the reference).
+    ids, ts, x = events
+    ref = Detector(Model.load(model_path), config=ScoringConfig.from_dict(SCORING)).process(
+        list(ids[:1500]), x[:1500], ts[:1500])
+    want = {(ids[i], int(ts[i])): {"stream": ids[i], "ts": int(ts[i]),
+                                   "score": float(ref.score[i]) if np.isfinite(ref.score[i]) else None,
+                                   "alert": bool(ref.alert[i]),
+                                   "predicted": {"value": float(ref.prediction[i, 0])
+                                                 if np.isfinite(ref.prediction[i, 0]) else None}}
+            for i in range(1500)}
+    for k, v, *_ in recs:
+        rec = msgspec.json.decode(v)
+        assert rec == want[(k.decode(), rec["ts"])]
 
 
 def test_prefetch_puts_the_next_fetch_in_flight_with_the_pinned_client(kafka_broker, model_path, tmp_path):
