@@ -205,8 +205,7 @@ def idle_cpu(broker, seconds: float, tmp: Path) -> tuple[float, float, float, fl
             dt = time.monotonic() - t0
             daemon_cpu, daemon_broker = _cpu_seconds(proc.pid) - d0, _cpu_seconds(broker.process.pid) - b0
         finally:
-            proc.terminate()
-            proc.wait(30)
+            _stop(proc)
     return (100 * raw_cpu / seconds, 100 * raw_broker / seconds, 100 * daemon_cpu / dt, 100 * daemon_broker / dt)
 
 
@@ -293,57 +292,72 @@ def fixed_rate(bootstrap: str, rate: float, seconds: float, streams: int, tmp: P
     log_path = tmp / f"latency-daemon-{run}.log"
     log = open(log_path, "wb")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    n = int(rate * seconds)
-    ctx = mp.get_context("spawn")
-    q_raw, q_alert, done = ctx.Queue(), ctx.Queue(), ctx.Event()
-    raw = ctx.Process(target=_raw_latency_reader, args=(bootstrap, topic, n, q_raw, TUNED))
-    alert = ctx.Process(target=_latency_reader, args=(bootstrap, alerts, 3.0, q_alert, done, TUNED, True))
-    procs = [raw, alert]
-    if relay:
-        relayed = f"latency-relayed-{run}"
-        create_topic(bootstrap, relayed, 4)
-        q_relay, q_relay_ready = ctx.Queue(), ctx.Queue()
-        procs += [ctx.Process(target=_relay, args=(bootstrap, topic, relayed, n, q_relay_ready, TUNED)),
-                  ctx.Process(target=_latency_reader, args=(bootstrap, relayed, 3.0, q_relay, done, TUNED, False))]
-    for pr in procs:
-        pr.start()
-    assert q_raw.get(timeout=60) == "ready" and q_alert.get(timeout=60) == "ready"
-    if relay:
-        assert q_relay.get(timeout=60) == "ready" and q_relay_ready.get(timeout=60) == "ready"
-    while b"partitions assigned" not in log_path.read_bytes():
-        assert proc.poll() is None, log_path.read_text()
-        time.sleep(0.1)
-    prod = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=0, acks=1)
-    rng = np.random.default_rng(0)
-    enc = msgspec.json.Encoder()
-    counts = np.zeros(streams, np.int64)
-    t0 = time.monotonic()
-    for i in range(n):
-        due = t0 + i / rate
-        delay = due - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        s = i % streams
-        counts[s] += 1
-        spike = counts[s] > 10 and rng.random() < 0.1
-        value = 100.0 + rng.normal() + (80.0 if spike else 0.0)
-        # The event time is the send time (ms), strictly increasing per stream.
-        ts = max(int(time.time() * 1000), int(counts[s]))
-        prod.send(topic, key=f"s{s}".encode(), value=enc.encode({"stream": f"s{s}", "ts": ts, "value": value}))
-    prod.flush()
-    achieved = n / (time.monotonic() - t0)
-    done.set()
-    stats = _daemon_stats(log_path)
-    raw_lat = np.array(q_raw.get(timeout=120))
-    alert_lat = np.array(q_alert.get(timeout=120))
-    relay_lat = np.array(q_relay.get(timeout=120)) if relay else np.array([])
-    for pr in procs:
-        pr.join()
-    proc.terminate()
-    proc.wait(30)
-    log.close()
-    prod.close()
+    procs: list = []
+    try:  # the daemon and the readers never outlive a failed run
+        n = int(rate * seconds)
+        ctx = mp.get_context("spawn")
+        q_raw, q_alert, done = ctx.Queue(), ctx.Queue(), ctx.Event()
+        raw = ctx.Process(target=_raw_latency_reader, args=(bootstrap, topic, n, q_raw, TUNED))
+        alert = ctx.Process(target=_latency_reader, args=(bootstrap, alerts, 3.0, q_alert, done, TUNED, True))
+        procs += [raw, alert]
+        if relay:
+            relayed = f"latency-relayed-{run}"
+            create_topic(bootstrap, relayed, 4)
+            q_relay, q_relay_ready = ctx.Queue(), ctx.Queue()
+            procs += [ctx.Process(target=_relay, args=(bootstrap, topic, relayed, n, q_relay_ready, TUNED)),
+                      ctx.Process(target=_latency_reader, args=(bootstrap, relayed, 3.0, q_relay, done, TUNED, False))]
+        for pr in procs:
+            pr.start()
+        assert q_raw.get(timeout=60) == "ready" and q_alert.get(timeout=60) == "ready"
+        if relay:
+            assert q_relay.get(timeout=60) == "ready" and q_relay_ready.get(timeout=60) == "ready"
+        while b"partitions assigned" not in log_path.read_bytes():
+            assert proc.poll() is None, log_path.read_text()
+            time.sleep(0.1)
+        prod = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=0, acks=1)
+        rng = np.random.default_rng(0)
+        enc = msgspec.json.Encoder()
+        counts = np.zeros(streams, np.int64)
+        t0 = time.monotonic()
+        for i in range(n):
+            due = t0 + i / rate
+            delay = due - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            s = i % streams
+            counts[s] += 1
+            spike = counts[s] > 10 and rng.random() < 0.1
+            value = 100.0 + rng.normal() + (80.0 if spike else 0.0)
+            # The event time is the send time (ms), strictly increasing per stream.
+            ts = max(int(time.time() * 1000), int(counts[s]))
+            prod.send(topic, key=f"s{s}".encode(), value=enc.encode({"stream": f"s{s}", "ts": ts, "value": value}))
+        prod.flush()
+        achieved = n / (time.monotonic() - t0)
+        done.set()
+        stats = _daemon_stats(log_path)
+        raw_lat = np.array(q_raw.get(timeout=120))
+        alert_lat = np.array(q_alert.get(timeout=120))
+        relay_lat = np.array(q_relay.get(timeout=120)) if relay else np.array([])
+        for pr in procs:
+            pr.join()
+        prod.close()
+    finally:
+        for pr in procs:
+            if pr.is_alive():
+                pr.terminate()
+        _stop(proc)
+        log.close()
     return raw_lat, alert_lat, achieved, stats, relay_lat
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM (the daemon checkpoints and exits), SIGKILL if it has not within 30 s."""
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _daemon_stats(log_path: Path) -> dict:
