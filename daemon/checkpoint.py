@@ -126,13 +126,14 @@ class LocalStore:
                 return _Delta(key, codec, ids, held, values, table.counters)
         return _Full(key, table, table.copy())
 
-    def write(self, prepared) -> None:
+    def write(self, prepared) -> tuple[str, int]:
         """Persist what :meth:`prepare` returned (blocking: encoding and fsync; thread-safe:
-        it owns its copies). A file system error (a full disk, lost permissions) is a
+        it owns its copies); returns the kind (``"full"`` or ``"delta"``) and the bytes
+        written. A file system error (a full disk, lost permissions) is a
         :class:`~daemon.errors.DaemonError` naming the file: the daemon stops with it, and
         since nothing past the last saved checkpoint was committed, a restart replays it."""
         try:
-            self._write(prepared)
+            return self._write(prepared)
         except OSError as exc:
             self._written.pop(prepared.key, None)  # whatever is on disk now, start again with a full one
             raise DaemonError(f"cannot write the checkpoint of {prepared.key[0]}[{prepared.key[1]}] to "
@@ -148,7 +149,7 @@ class LocalStore:
             atomic_write(self.log_path(topic, partition), start)
             self._written[prepared.key] = _Written(prepared.table, RowCodec(prepared.copy).layout, base,
                                                    len(data), len(start), 0)
-            return
+            return "full", len(data) + len(start)
         done = self._written[prepared.key]
         codec = prepared.codec
         rows = np.zeros(int(prepared.held.sum()), codec.dtype)
@@ -170,6 +171,7 @@ class LocalStore:
             raise
         done.log_bytes += len(frame)
         done.seq += 1
+        return "delta", len(frame)
 
     def load(self, topic: str, partition: int, new_detector: Callable[..., Detector]) -> Detector:
         """The partition's detector from its snapshot and the deltas after it, or a fresh
@@ -414,9 +416,10 @@ class ChangelogStore:
             (known.add if row is not None else known.discard)(sid)
         return part, (codec.layout, codec.spec), names, rows
 
-    def write(self, prepared, send: Callable | None = None) -> None:
+    def write(self, prepared, send: Callable | None = None) -> tuple[str, int]:
         """Send prepared rows with ``send(topic, key, value, partition, headers)`` (default:
-        the producer's ``send``); the caller waits for their acknowledgements."""
+        the producer's ``send``); the caller waits for their acknowledgements. Returns
+        ``("rows", bytes of row values sent)``."""
         part, (layout, spec), names, rows = prepared
         headers = [(LAYOUT_HEADER, layout), (LAYOUT_SPEC_HEADER, spec)]
         for sid, row in zip(names, rows):
@@ -424,6 +427,7 @@ class ChangelogStore:
                 self.producer.send(self.topic, key=sid.encode(), value=row, partition=part, headers=headers)
             else:
                 send(self.topic, sid.encode(), row, part, headers)
+        return "rows", sum(len(r) for r in rows if r is not None)
 
     def load(self, topic: str, partition: int, new_detector: Callable[..., Detector]) -> Detector:
         """Rebuild the partition's detector from its changelog partition (last row per stream)."""

@@ -597,7 +597,8 @@ class Daemon:
             self._check_sends("producing to Kafka")
             if self.store.kind == "changelog":  # 2. rows sent, acknowledged below
                 for _t, _off, prepared in ck.items:
-                    self.store.write(prepared, send=self._send_row)
+                    kind, nbytes = self.store.write(prepared, send=self._send_row)
+                    self.metrics.checkpoint_bytes.labels(kind).inc(nbytes)
                 self._drain()
                 ck.changelog_epoch = self._sends.next_epoch()
                 ck.stage = "changelog"
@@ -656,7 +657,8 @@ class Daemon:
 
     def _write_local(self, prepared: list) -> None:
         for p in prepared:
-            self.store.write(p)
+            kind, nbytes = self.store.write(p)
+            self.metrics.checkpoint_bytes.labels(kind).inc(nbytes)
 
     def _lost(self, tasks: list[Task], exc: Exception) -> None:
         """The group moved these partitions while we worked on them (e.g. a stall beyond

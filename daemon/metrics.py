@@ -51,6 +51,9 @@ class Metrics:
                                     registry=r)
         self.checkpoint_seconds = Histogram("streamrnn_checkpoint_seconds", "Checkpoint duration",
                                             buckets=(.001, .005, .01, .05, .1, .5, 1, 5), registry=r)
+        self.checkpoint_bytes = Counter("streamrnn_checkpoint_bytes_total",
+                                        "Bytes of state written by checkpoints, by kind (local store: full "
+                                        "snapshot or delta; changelog: rows)", ["kind"], registry=r)
         self.backpressure = Counter("streamrnn_backpressure_pauses_total",
                                     "Times input was paused for the producer to catch up", registry=r)
         self.model_reloads = Counter("streamrnn_model_reloads_total", "Model file reloads", registry=r)

@@ -101,9 +101,10 @@ class LocalLike:
         self.prepared.append((partition, detector.version))
         return (partition, detector.version)
 
-    def write(self, prepared) -> None:
+    def write(self, prepared) -> tuple[str, int]:
         self.gate.wait(30)
         self.written.append(prepared)
+        return "full", 0
 
 
 class ChangelogLike:
@@ -112,9 +113,10 @@ class ChangelogLike:
     def prepare(self, topic, partition, detector, touched):
         return sorted(touched)
 
-    def write(self, prepared, send=None) -> None:
+    def write(self, prepared, send=None) -> tuple[str, int]:
         for sid in prepared:
             send("changelog", sid.encode(), b"row", 0, [])
+        return "rows", 3 * len(prepared)
 
 
 class FakeTable:
@@ -581,7 +583,9 @@ def test_local_store_deltas_restore_the_table_exactly_and_the_log_compacts(tmp_p
     states = []
     for t, ids in enumerate([["s1", "s2", "n1"], [f"m{i}" for i in range(12)], ["s3", "n1"]], start=2):
         res = _feed(det, ids, t)
-        store.write(store.prepare("in", 0, det, set(res.stream_ids) | set(res.evicted)))
+        before = store.log_path("in", 0).stat().st_size
+        kind, nbytes = store.write(store.prepare("in", 0, det, set(res.stream_ids) | set(res.evicted)))
+        assert kind == "delta" and nbytes == store.log_path("in", 0).stat().st_size - before
         states.append(_table_rows(det.table))
     assert res.evicted == [] and det.table.evictions > 0  # the 12 new streams evicted some
     assert store.path("in", 0).read_bytes() == base  # deltas only: the snapshot is untouched

@@ -110,6 +110,7 @@ def test_daemon_on_json_batches_and_arrow_raises_exactly_replays_alerts(kafka_br
     sample = run.daemon.metrics.registry.get_sample_value
     assert sample("streamrnn_record_age_seconds_count") >= 1
     assert sample("streamrnn_output_ack_seconds_count") >= 1
+    assert sample("streamrnn_checkpoint_bytes_total", {"kind": "full"}) > 0  # the first checkpoint of a partition
 
 
 @pytest.mark.parametrize("producer_client", ["kafka-python", "confluent-kafka"])
