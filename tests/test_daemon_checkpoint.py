@@ -300,6 +300,36 @@ class _Fetcher:
         self.sent += 1
 
 
+class _Manager:
+    def __init__(self) -> None:
+        self.scheduled = []
+
+    def call_soon(self, coro, *args):
+        self.scheduled.append(coro)
+
+
+class _AsyncFetcher(_Fetcher):
+    """kafka-python 3's fetcher: a network manager that runs coroutines on the I/O thread."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._manager = _Manager()
+
+    async def _send_fetches_async(self):
+        self.sent += 1
+
+
+def test_prefetch_hands_the_request_to_the_io_thread_without_waiting():
+    d, _task = make_daemon(LocalLike())
+    d.consumer = BufferingConsumer({"p0": ["a3"]})
+    d.consumer._fetcher = fetcher = _AsyncFetcher()
+    batch = {"p0": ["a1", "a2"]}
+    d._prefetch(batch)
+    # Scheduled on the I/O thread's loop, not run on the loop's thread; no poll, no blocking send.
+    assert fetcher._manager.scheduled == [fetcher._send_fetches_async] and fetcher.sent == 0
+    assert d.consumer.polls == [] and batch == {"p0": ["a1", "a2"]}
+
+
 def test_prefetch_sends_the_next_fetch_through_the_fetcher_without_polling():
     d, _task = make_daemon(LocalLike())
     d.consumer = BufferingConsumer({"p0": ["a3"]})

@@ -259,7 +259,8 @@ def test_backpressure_pauses_input_and_scores_topic_gets_every_event(kafka_broke
 
 def test_prefetch_puts_the_next_fetch_in_flight_with_the_pinned_client(kafka_broker, model_path, tmp_path):
     """kafka-python returns from a poll that waited for its records with no fetch in flight;
-    the loop's prefetch (the fetcher's ``send_fetches``) sends one and returns no records."""
+    the loop's prefetch (the fetcher's request handed to the I/O thread) sends one and returns
+    no records."""
     from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
     topic = unique("prefetch")
@@ -284,7 +285,12 @@ def test_prefetch_puts_the_next_fetch_in_flight_with_the_pinned_client(kafka_bro
         daemon.consumer = consumer
         before = {tp: list(records) for tp, records in batch.items()}
         daemon._prefetch(batch)
-        assert consumer._fetcher.in_flight_fetches()  # waits in the broker: nothing more to read
+        # Handed to the consumer's I/O thread: in flight soon after, waiting in the broker
+        # (nothing more to read).
+        deadline = time.monotonic() + 5
+        while not consumer._fetcher.in_flight_fetches():
+            assert time.monotonic() < deadline, "the prefetch sent no fetch request"
+            time.sleep(0.001)
         assert batch == before
     finally:
         consumer.close()
