@@ -593,7 +593,7 @@ def _block(theta, thetak, x, idx, lo, rn, cell, reset_after, peephole, hidden,
     kmax = max(d_in, hmax)
     # A layer's input above h_{t-1} (or GRU reset-before's r * h_{t-1}), transposed, rows 16
     # floats longer than m: rows a power of two bytes apart would share a few L1 sets.
-    tact = np.empty((kmax + hmax, m + 16), dt)
+    tact = np.empty((kmax + hmax + 1, m + 16), dt)  # + a row of ones (b_ih, see below)
     for layer in range(n_layers - 1, -1, -1):
         h = hidden[layer]
         k_in = d_in if layer == 0 else hidden[layer - 1]
@@ -640,7 +640,14 @@ def _block(theta, thetak, x, idx, lo, rn, cell, reset_after, peephole, hidden,
                 transpose_rows(tact, k_in, hnl, 0, m, h)
                 gradient_product(gw, k_in, h2, h, h, zero, tact, k_in, work, h2, m)
         else:
-            gradient_product(gw, 0, 0, k_in + h, gh, zero, tact, 0, work, 0, m)
+            # With a row of ones below h_{t-1} the product's next output row is b_ih's gradient
+            # (in kernel layout b_ih follows W_hh): zero plus dL/da row by row, each term a
+            # multiply-add by 1, exactly the sum a loop would take. For LSTM64 66 rows take as
+            # many 6-row tiles as 65 did.
+            for p in range(m):
+                tact[k_in + h, p] = 1
+            gwb = _mat(grow, offs[layer, 0], k_in + h + 1, gh)
+            gradient_product(gwb, 0, 0, k_in + h + 1, gh, zero, tact, 0, work, 0, m)
         if peephole:
             # dL/dp_i = sum da_i * c_{t-1}, dL/dp_f = sum da_f * c_{t-1}, dL/dp_o = sum da_o * c_t
             cl = cs[layer]
@@ -657,10 +664,11 @@ def _block(theta, thetak, x, idx, lo, rn, cell, reset_after, peephole, hidden,
                     gpi[j] += di[j] * cp_[j]
                     gpf[j] += df[j] * cp_[j]
                     gpo[j] += do[j] * cn_[j]
-        for p in range(m):
-            dx = work[p, 0:gh]
-            for j in range(gh):
-                gbih[j] += dx[j]
+        if cell == GRU:
+            for p in range(m):
+                dx = work[p, 0:gh]
+                for j in range(gh):
+                    gbih[j] += dx[j]
         # b_hh gets the same sums as b_ih (both start at zero in this block's row), except
         # GRU reset-after's n part, which is summed from dhn.
         split = 2 * h if cell == GRU and reset_after else gh
