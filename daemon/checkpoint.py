@@ -11,10 +11,11 @@
   the table). Any consumer of the group can rebuild a partition's state by reading its
   changelog partition to the end, so partitions move between machines.
 
-A row is the stream's values of every table column packed into fixed-size bytes. Its
-headers carry the layout's hash and the layout itself (column names, dtypes and shapes), so a
-newer version restores rows written before it added columns (they take the columns' upgrade
-values, as local snapshots do); rows of another model architecture are never mixed in.
+A row is the stream's values of every table column packed into fixed-size bytes. Its header
+carries the layout's hash; the layout itself (column names, dtypes and shapes) is a record of
+its own keyed by that hash, sent with each checkpoint's rows. So a newer version restores rows
+written before it added columns (they take the columns' upgrade values, as local snapshots
+do); rows of another model architecture are never mixed in.
 """
 
 from __future__ import annotations
@@ -37,12 +38,16 @@ from streamrnn.detector import ADDED_COLUMNS, Detector
 from streamrnn.errors import StreamrnnError
 from streamrnn.state import StreamTable
 
-__all__ = ["LocalStore", "ChangelogStore", "RowCodec", "changelog_partition"]
+__all__ = ["LocalStore", "ChangelogStore", "RowCodec", "changelog_partition", "confluent_records", "kafka_python_records"]
 
 log = logging.getLogger("daemon.checkpoint")
 LAYOUT_HEADER = "streamrnn.layout"
-#: JSON ``[[name, dtype, shape], ...]`` of the row's columns in packing order.
+#: JSON ``[[name, dtype, shape], ...]`` of the row's columns in packing order (rows written
+#: before spec records carry it as a header).
 LAYOUT_SPEC_HEADER = "streamrnn.layout_spec"
+#: Key prefix of a changelog record whose value is the spec of the layout hash that follows:
+#: 0xff never occurs in utf-8, so no stream id is such a key (compaction keeps one per layout).
+SPEC_KEY_PREFIX = b"\xff"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -380,17 +385,18 @@ class ChangelogStore:
     """Stream rows in a changelog topic, one partition per input partition.
 
     ``producer`` is the daemon's KafkaProducer (its flush at a checkpoint acknowledges the
-    rows before offsets are committed); ``consumer_factory()`` returns a group-less
-    KafkaConsumer used to read a changelog partition back; ``inputs`` lists every input
-    (topic, partition) in a fixed order.
+    rows before offsets are committed); ``read_records(topic, partition)`` yields every
+    record of a changelog partition as ``(key, value, headers)`` (:func:`confluent_records`,
+    or :func:`kafka_python_records` over a group-less KafkaConsumer); ``inputs`` lists every
+    input (topic, partition) in a fixed order.
     """
 
     kind = "changelog"
 
-    def __init__(self, topic: str, producer, consumer_factory: Callable, inputs: list[tuple[str, int]]) -> None:
+    def __init__(self, topic: str, producer, read_records: Callable, inputs: list[tuple[str, int]]) -> None:
         self.topic = topic
         self.producer = producer
-        self.consumer_factory = consumer_factory
+        self.read_records = read_records
         self.inputs = inputs
         self._known: dict[tuple[str, int], set[str]] = {}
         self._evictions: dict[tuple[str, int], int] = {}
@@ -421,39 +427,36 @@ class ChangelogStore:
         the producer's ``send``); the caller waits for their acknowledgements. Returns
         ``("rows", bytes of row values sent)``."""
         part, (layout, spec), names, rows = prepared
-        headers = [(LAYOUT_HEADER, layout), (LAYOUT_SPEC_HEADER, spec)]
+        if send is None:
+            def send(topic, key, value, partition, headers):
+                self.producer.send(topic, key=key, value=value, partition=partition, headers=headers)
+        headers = [(LAYOUT_HEADER, layout)]
+        if names:  # the layout's spec once per checkpoint, not in every row's headers (3x the row)
+            send(self.topic, SPEC_KEY_PREFIX + layout, spec, part, headers)
         for sid, row in zip(names, rows):
-            if send is None:
-                self.producer.send(self.topic, key=sid.encode(), value=row, partition=part, headers=headers)
-            else:
-                send(self.topic, sid.encode(), row, part, headers)
-        return "rows", sum(len(r) for r in rows if r is not None)
+            send(self.topic, sid.encode(), row, part, headers)
+        return "rows", sum(len(r) for r in rows if r is not None) + (len(spec) if names else 0)
 
     def load(self, topic: str, partition: int, new_detector: Callable[..., Detector]) -> Detector:
         """Rebuild the partition's detector from its changelog partition (last row per stream)."""
-        from kafka import TopicPartition
-
         det = new_detector()
         codec = RowCodec(det.table)
         part = changelog_partition(self.inputs, topic, partition)
-        tp = TopicPartition(self.topic, part)
         latest: dict[str, tuple | None] = {}  # the last record per stream: (layout, spec, row)
+        specs: dict[bytes, bytes] = {}  # layout hash -> its spec, from the spec records
         t0 = time.perf_counter()
-        consumer = self.consumer_factory()
-        try:
-            consumer.assign([tp])
-            consumer.seek_to_beginning(tp)
-            end = consumer.end_offsets([tp])[tp]
-            while consumer.position(tp) < end:
-                for rec in consumer.poll(timeout_ms=200).get(tp, []):
-                    if rec.value is None:
-                        latest[rec.key.decode()] = None
-                        continue
-                    headers = dict(rec.headers or [])
-                    latest[rec.key.decode()] = (headers.get(LAYOUT_HEADER), headers.get(LAYOUT_SPEC_HEADER), rec.value)
-        finally:
-            consumer.close()
-        rows, upgraded, foreign = _current_rows(codec, {k: v for k, v in latest.items() if v is not None})
+        end = 0
+        for end, (key, value, headers) in enumerate(self.read_records(self.topic, part), start=1):
+            if key[:1] == SPEC_KEY_PREFIX:
+                specs[key[1:]] = value
+            elif value is None:
+                latest[key.decode()] = None
+            else:
+                headers = dict(headers or [])  # rows before spec records carry their spec here
+                latest[key.decode()] = (headers.get(LAYOUT_HEADER), headers.get(LAYOUT_SPEC_HEADER), value)
+        held = {k: (layout, spec if spec is not None else specs.get(layout), row)
+                for k, v in latest.items() if v is not None for layout, spec, row in (v,)}
+        rows, upgraded, foreign = _current_rows(codec, held)
         codec.import_rows(det.table, list(rows), list(rows.values()))
         self._known[(topic, partition)] = set(rows)
         self._evictions[(topic, partition)] = det.table.evictions
@@ -466,3 +469,65 @@ class ChangelogStore:
     def forget(self, topic: str, partition: int) -> None:
         self._known.pop((topic, partition), None)
         self._evictions.pop((topic, partition), None)
+
+
+#: How long a changelog read waits for more records once it is at the partition's reported end.
+_IDLE_S = 0.2
+
+
+def kafka_python_records(consumer_factory: Callable) -> Callable:
+    """A ``read_records`` for :class:`ChangelogStore` over ``consumer_factory()``, a group-less
+    kafka-python consumer. It reads until the partition's end offset is reached *and* a poll
+    brings nothing more: the development broker reports an end offset short of the records
+    it serves (the last batch's first offset + 1), and trusting it lost that batch's rows."""
+    def read(topic: str, partition: int):
+        from kafka import TopicPartition
+
+        tp = TopicPartition(topic, partition)
+        consumer = consumer_factory()
+        try:
+            consumer.assign([tp])
+            consumer.seek_to_beginning(tp)
+            end = consumer.end_offsets([tp])[tp]
+            while True:
+                records = consumer.poll(timeout_ms=int(1000 * _IDLE_S)).get(tp, [])
+                for rec in records:
+                    yield rec.key, rec.value, rec.headers
+                if not records and consumer.position(tp) >= end:
+                    return
+        finally:
+            consumer.close()
+    return read
+
+
+def confluent_records(settings: dict) -> Callable:
+    """A ``read_records`` for :class:`ChangelogStore` on librdkafka (``settings``: connection
+    and security settings): records parsed in C, about 3.5x kafka-python's rate here
+    (a 200k-row partition: 109k vs 31k rows/s). Same end rule as :func:`kafka_python_records`."""
+    def read(topic: str, partition: int):
+        from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+
+        try:
+            consumer = Consumer({**settings, "group.id": "streamrnn-changelog-restore",
+                                 "enable.auto.commit": False, "fetch.wait.max.ms": int(1000 * _IDLE_S)})
+        except KafkaException as exc:
+            raise DaemonError(f"cannot create the changelog reader: {exc}") from None
+        try:
+            consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING)])
+            try:
+                _low, end = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=30)
+            except KafkaException as exc:
+                raise DaemonError(f"cannot read changelog {topic}[{partition}]: {exc}") from None
+            position = 0
+            while True:
+                messages = consumer.consume(10_000, _IDLE_S)
+                for m in messages:
+                    if m.error() is not None:
+                        raise DaemonError(f"cannot read changelog {topic}[{partition}]: {m.error()}")
+                    position = m.offset() + 1
+                    yield m.key(), m.value(), m.headers()
+                if not messages and position >= end:
+                    return
+        finally:
+            consumer.close()
+    return read

@@ -43,7 +43,7 @@ from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import CommitFailedError, KafkaError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
 
-from daemon.checkpoint import ChangelogStore, LocalStore
+from daemon.checkpoint import ChangelogStore, LocalStore, confluent_records, kafka_python_records
 from daemon.codec import EVENT_OFFSET_SHIFT, Decoder, Format, Rejected
 from daemon.config import DaemonConfig
 from daemon.errors import DaemonError
@@ -325,7 +325,7 @@ class Daemon:
         if cfg.state_store == "local":
             self.store = LocalStore(cfg.state_dir)
         else:
-            self.store = ChangelogStore(cfg.changelog, self.producer, self._plain_consumer, self.inputs)
+            self.store = ChangelogStore(cfg.changelog, self.producer, self._changelog_reader(), self.inputs)
         self.consumer.subscribe(cfg.input, listener=_Listener(self))
 
     def _producer(self):
@@ -339,6 +339,15 @@ class Daemon:
         return KafkaProducer(**cfg.kafka_common(), acks=cfg.acks if cfg.acks == "all" else int(cfg.acks),
                              linger_ms=cfg.linger_ms, batch_size=cfg.batch_size,
                              enable_idempotence=cfg.acks == "all", max_in_flight_requests_per_connection=5)
+
+    def _changelog_reader(self):
+        """How the changelog store reads a partition back: librdkafka when the outputs use it
+        (records parsed in C), else a group-less kafka-python consumer."""
+        if self.cfg.producer_client == "confluent-kafka":
+            from daemon.output import confluent_connection
+
+            return confluent_records(confluent_connection(self.cfg))
+        return kafka_python_records(self._plain_consumer)
 
     def _plain_consumer(self):
         return KafkaConsumer(**self.cfg.kafka_common(), enable_auto_commit=False, group_id=None,

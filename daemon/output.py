@@ -21,7 +21,7 @@ from typing import Any
 from daemon.config import DaemonConfig
 from daemon.errors import DaemonError
 
-__all__ = ["ConfluentProducer", "confluent_settings"]
+__all__ = ["ConfluentProducer", "confluent_connection", "confluent_settings"]
 
 log = logging.getLogger("daemon.output")
 
@@ -52,6 +52,13 @@ def confluent_settings(cfg: DaemonConfig) -> dict[str, Any]:
     if cfg.security_protocol in ("SSL", "SASL_SSL"):
         opts["ssl.endpoint.identification.algorithm"] = "https" if cfg.ssl_check_hostname else "none"
     return opts
+
+
+def confluent_connection(cfg: DaemonConfig) -> dict[str, Any]:
+    """The connection and security part of :func:`confluent_settings`, for other librdkafka
+    clients (the changelog reader)."""
+    return {k: v for k, v in confluent_settings(cfg).items()
+            if k in ("bootstrap.servers", "security.protocol", "request.timeout.ms") or k.startswith(("sasl.", "ssl."))}
 
 
 class _Delivery:
