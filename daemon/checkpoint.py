@@ -471,8 +471,9 @@ class ChangelogStore:
         self._evictions.pop((topic, partition), None)
 
 
-#: How long a changelog read waits for more records once it is at the partition's reported end.
-_IDLE_S = 0.2
+#: How long a changelog read waits for more records once it is at the partition's reported end
+#: (once per partition restored: a rebalance that assigns many partitions pays it for each).
+_IDLE_S = 0.1
 
 
 def kafka_python_records(consumer_factory: Callable) -> Callable:
@@ -509,7 +510,7 @@ def confluent_records(settings: dict) -> Callable:
 
         try:
             consumer = Consumer({**settings, "group.id": "streamrnn-changelog-restore",
-                                 "enable.auto.commit": False, "fetch.wait.max.ms": int(1000 * _IDLE_S)})
+                                 "enable.auto.commit": False, "fetch.wait.max.ms": 20})
         except KafkaException as exc:
             raise DaemonError(f"cannot create the changelog reader: {exc}") from None
         try:
