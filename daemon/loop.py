@@ -502,14 +502,15 @@ class Daemon:
         dec = self.decoder.decode(values, [r.key for r in records], [r.offset for r in records])
         for rej in dec.rejected:
             self._dead_letter(records[rej.index], rej.reason)
-        n, dead = len(dec), len(dec.rejected)
-        if n:
+        n, dead = 0, len(dec.rejected)  # n: events the detector took
+        if len(dec):
             before = task.detector.counters.get("replay_skipped", 0)
             for res in score_batch(task.detector, dec, [r.offset for r in records]):
                 if isinstance(res, Rejected):  # refused by the detector: its whole message
                     self._dead_letter(records[res.index], res.reason)
                     dead += 1
                     continue
+                n += len(res)
                 for a in res.alerts:
                     self._send(cfg.alerts, a.stream.encode(), encode_alert(a))
                     self.metrics.alerts.labels(a.kind).inc()
