@@ -144,7 +144,7 @@ class LocalStore:
             raise DaemonError(f"cannot write the checkpoint of {prepared.key[0]}[{prepared.key[1]}] to "
                               f"{str(self.dir)!r}: {exc.strerror or exc}") from None
 
-    def _write(self, prepared) -> None:
+    def _write(self, prepared) -> tuple[str, int]:
         topic, partition = prepared.key
         if isinstance(prepared, _Full):
             data = prepared.copy.snapshot()
@@ -269,20 +269,16 @@ def _apply_log(table: StreamTable, data: bytes, base: int, where: str) -> int:
         ids = header["ids"]
         live = [s for i, s in enumerate(ids) if i not in dead]
         spec = header["spec"].encode()
+        size = _spec_dtype(spec).itemsize if spec != codec.spec else codec.dtype.itemsize
+        rows = [payload[i * size:(i + 1) * size] for i in range(len(live))]
         if spec != codec.spec:  # written by a version with other columns
-            size = int(sum(np.prod(shape, dtype=np.int64) * np.dtype(d).itemsize for _n, d, shape in json.loads(spec)))
-            rows = codec.upgrade(spec, [payload[i * size:(i + 1) * size] for i in range(len(live))])
+            rows = codec.upgrade(spec, rows)
             if rows is None:
                 log.error("checkpoint deltas of another layout cannot be applied; the state is the snapshot's",
                           extra={"fields": {"path": where, "seq": header["seq"]}})
                 break
-            payload = b"".join(rows)
         table.remove([s for i, s in enumerate(ids) if i in dead])
-        if live:
-            values = np.frombuffer(payload, codec.dtype)
-            slots = table.assign(live, values["last_seen"]).slots
-            for name in codec.columns:
-                table.column(name)[slots] = values[name]
+        codec.import_rows(table, live, rows, with_touch=True)
         table.set_counters(header["clock"], header["watermark"], header["evictions"])
         applied += 1
     return applied
@@ -306,7 +302,7 @@ class RowCodec:
         possible (a shared column changed dtype or shape, a new column has no upgrade value)."""
         added = ADDED_COLUMNS if added is None else added
         try:
-            old = np.dtype([(n, np.dtype(d), tuple(shape)) for n, d, shape in json.loads(spec)])
+            old = _spec_dtype(spec)
         except (TypeError, ValueError):
             return None
         if any(len(r) != old.itemsize for r in rows):
@@ -337,15 +333,22 @@ class RowCodec:
         return list(stream_ids), [blob[i * size:(i + 1) * size] if h else None
                                   for i, h in enumerate(held.tolist())]
 
-    def import_rows(self, table: StreamTable, stream_ids: list[str], rows: list[bytes]) -> None:
-        """Put rows into ``table`` (streams created or overwritten)."""
+    def import_rows(self, table: StreamTable, stream_ids: list[str], rows: list[bytes],
+                    with_touch: bool = False) -> None:
+        """Put rows into ``table`` (streams created or overwritten). ``touch`` (the LRU clock)
+        is this table's own unless ``with_touch`` (the rows come with the clock they are on)."""
         if not stream_ids:
             return
         data = np.frombuffer(b"".join(rows), self.dtype)
         slots = table.assign(stream_ids, data["last_seen"]).slots
         for name in self.columns:
-            if name != "touch":  # the LRU clock is this table's own
+            if with_touch or name != "touch":
                 table.column(name)[slots] = data[name]
+
+
+def _spec_dtype(spec: bytes) -> np.dtype:
+    """The packed row dtype a layout spec (:attr:`RowCodec.spec`) describes."""
+    return np.dtype([(n, np.dtype(d), tuple(shape)) for n, d, shape in json.loads(spec)])
 
 
 def changelog_partition(inputs: list[tuple[str, int]], topic: str, partition: int) -> int:
@@ -454,8 +457,11 @@ class ChangelogStore:
             else:
                 headers = dict(headers or [])  # rows before spec records carry their spec here
                 latest[key.decode()] = (headers.get(LAYOUT_HEADER), headers.get(LAYOUT_SPEC_HEADER), value)
-        held = {k: (layout, spec if spec is not None else specs.get(layout), row)
-                for k, v in latest.items() if v is not None for layout, spec, row in (v,)}
+        held = {}
+        for k, v in latest.items():
+            if v is not None:
+                layout, spec, row = v
+                held[k] = (layout, specs.get(layout) if spec is None else spec, row)
         rows, upgraded, foreign = _current_rows(codec, held)
         codec.import_rows(det.table, list(rows), list(rows.values()))
         self._known[(topic, partition)] = set(rows)
