@@ -221,7 +221,7 @@ class DemoResult:
 
 def run_demo(console, *, streams: int = 300, length: int = 1000, hidden: int = 32, epochs: int = 6,
              speed: float = 5000.0, partitions: int = 4, show: int = 15, seed: int = 7,
-             workdir: Path | None = None) -> DemoResult:
+             per_stream_scaler: bool = True, workdir: Path | None = None) -> DemoResult:
     """Run the whole job; every process started here is stopped before this returns."""
     from streamrnn.evaluate import evaluate_files, format_report
     from streamrnn.replay import replay, replay_to_kafka
@@ -243,8 +243,13 @@ def run_demo(console, *, streams: int = 300, length: int = 1000, hidden: int = 3
         console.print(f"[bold]1/5 data[/bold]: {streams} streams, {n_hist:,} history events (no anomalies) and "
                       f"{n_live:,} live events with labelled anomalies in {workdir}")
 
-        console.print(f"[bold]2/5 train[/bold]: GRU H={hidden} on the history, {epochs} epochs")
+        scaling = "a scaler per stream" if per_stream_scaler else "one scaler for all streams"
+        console.print(f"[bold]2/5 train[/bold]: GRU H={hidden} on the history, {epochs} epochs, {scaling}")
+        # The fleet's streams sit at levels 10-1000 with noise of 0.5-2 % of the level: under one
+        # scaler for all, a small stream's noise is a speck the network cannot resolve (seeds 0
+        # and 1: event-wise F1 0.71 and 0.76 against 0.81 and 0.83 with a scaler per stream).
         tr = train([files.history], files.model, cell="gru", hidden=[hidden], epochs=epochs,
+                   per_stream_scaler=per_stream_scaler,
                    seed=seed, progress=True, name="demo-gru")
         th = tr.model.thresholds
         console.print(f"    best validation loss {tr.best_valid_loss:.4f}; calibrated threshold "

@@ -43,7 +43,9 @@ def demo(streams: int = typer.Option(300, help="Number of synthetic streams."),
          speed: float = typer.Option(5000.0, help="Live period produced at this multiple of real time."),
          partitions: int = typer.Option(4, help="Partitions of the input topic."),
          workdir: Path = typer.Option(None, help="Keep the data, model, scores and logs here (default: a temporary directory)."),
-         seed: int = typer.Option(7, help="Seed of the synthetic fleet and the training.")) -> None:
+         seed: int = typer.Option(7, help="Seed of the synthetic fleet and the training."),
+         per_stream_scaler: bool = typer.Option(True, "--per-stream-scaler/--global-scaler",
+                                                help="Train with a scaler per stream, or one for all streams.")) -> None:
     """The main job end to end: train a GRU, run broker and daemon, stream live data, show alerts.
 
     Synthetic history with labelled anomalies; the live period goes through Kafka; the
@@ -53,7 +55,7 @@ def demo(streams: int = typer.Option(300, help="Number of synthetic streams."),
     out = Console(soft_wrap=True)
     try:
         result = run_demo(out, streams=streams, length=length, hidden=hidden, epochs=epochs, speed=speed,
-                          partitions=partitions, seed=seed, workdir=workdir)
+                          partitions=partitions, seed=seed, per_stream_scaler=per_stream_scaler, workdir=workdir)
     except StreamrnnError as exc:
         _fail(exc)
     if result.daemon_exit != 0 or not result.identical:
