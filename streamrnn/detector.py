@@ -36,7 +36,7 @@ from streamrnn.state import Column, StreamTable
 #:   ``drift_factor`` scaler units); see :meth:`Detector.drifted_streams`;
 #: - ``alerts_opened`` / ``alerts_closed``: alert episodes opened and closed.
 COUNTERS = ("events", "scored", "missing", "late_dropped", "replay_skipped", "gap_resets",
-            "cold_starts", "scale_drift", "alerts_opened", "alerts_closed")
+            "cold_starts", "scale_drift", "alerts_opened", "alerts_closed", "scaler_fitting")
 _TS_NONE = np.iinfo(np.int64).min
 #: Alerts name at most this many contributing features.
 TOP_FEATURES = 3
@@ -44,7 +44,7 @@ TOP_FEATURES = 3
 _KERNEL_COLUMNS = ("state", "pred", "x_mean", "x_scale", "last_ts", "last_offset", "err_mean", "err_var",
                    "err_short", "err_vm", "err_cov", "n_scored", "warm", "in_alert", "below", "alert_len",
                    "open_ts", "drift_m", "drifted", "dyn_buf", "dyn_eps", "x_lo", "x_hi", "err_bias",
-                   "err_energy", "x_last", "rep")
+                   "err_energy", "x_last", "rep", "x_fit")
 
 
 @dataclass
@@ -91,7 +91,7 @@ class ScoredBatch:
 #: its bias and energy averages start at their expected values under normal behaviour, and
 #: its rate of repeated values is learnt afresh.
 ADDED_COLUMNS = {"x_lo": -np.inf, "x_hi": np.inf, "err_bias": 0.0, "err_energy": 1.0, "x_last": np.nan,
-                 "rep": 0.0}
+                 "rep": 0.0, "x_fit": np.nan}
 
 
 class Detector:
@@ -194,6 +194,9 @@ class Detector:
             "err_energy": Column((), np.float64, 0.0),
             "x_last": Column((d,), np.float64, np.nan),
             "rep": Column((3,), np.float64, 0.0),
+            # A stream fitting its own scaler: events so far, then the running means and sums of
+            # squared deviations per feature; NaN when it is not fitting one.
+            "x_fit": Column((1 + 2 * d,), np.float64, np.nan),
         }
 
     def _check_table(self, table: StreamTable) -> None:
@@ -270,6 +273,12 @@ class Detector:
             raise StreamrnnError("the model's per-stream scaler gave a non-finite mean or a non-positive scale")
         self.table.column("x_mean")[slots[idx]] = mean
         self.table.column("x_scale")[slots[idx]] = scale
+        knows = getattr(self.model, "knows_stream", None)
+        if self.config.fit_scaler_events > 0 and knows is not None:
+            # The global scaler fits no stream of a per-stream-scaled model: a stream the model
+            # has no scaler for learns its own from its first events (the kernel's _fit_scaler).
+            unseen = slots[idx[~np.asarray(knows(ids), bool)]]
+            self.table.column("x_fit")[unseen] = 0.0
 
     def _alert_records(self, stream_ids, ts, x, pred, score, code, open_ts, contrib) -> list[Alert]:
         """Alert objects for the few events that opened or closed an episode."""

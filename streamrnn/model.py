@@ -369,6 +369,13 @@ class Model:
             scale[hit] = self.stream_scaler["scale"][idx[hit]]
         return mean, scale
 
+    def knows_stream(self, stream_ids: Any) -> np.ndarray:
+        """(E,) bool: which streams have a scaler of their own in ``stream_scaler``."""
+        if self.stream_scaler is None:
+            return np.zeros(len(stream_ids), bool)
+        rows = self._stream_scaler_rows
+        return np.array([str(s) in rows for s in stream_ids], bool)
+
     @cached_property
     def _stream_scaler_rows(self) -> dict[str, int]:
         return {s: i for i, s in enumerate(self.stream_scaler["streams"])}

@@ -62,6 +62,15 @@ identical value in a row has p_repeat = rate^r: a stream that never repeats aler
 few, a quantised stream that often repeats only after many. It scores once a stream has 20
 learnt events.
 
+Streams without a scaler (models trained with a scaler per stream). The network of such a
+model only ever saw each stream in its own units (its mean and standard deviation); the
+global scaler, fitted on all streams pooled, puts a stream at level 50 in a fleet spanning
+10-1000 far from anything it was trained on. A stream the model has no scaler for therefore
+fits its own on its first ``fit_scaler_events`` events, as the trainer does (mean and
+population standard deviation per feature; a zero scale becomes 1): those events are counted
+(``scaler_fitting``) but neither scored nor applied, and the last of them is the stream's
+first step. ``fit_scaler_events = 0`` gives such streams the global scaler instead.
+
 Decisions: an episode opens when the score exceeds ``threshold`` (after ``warmup`` scored
 events of the stream), and, with ``dynamic = true``, the smoothed error also exceeds the
 stream's nonparametric dynamic threshold (Hundman et al. 2018, over a sliding window of
@@ -133,6 +142,9 @@ class ScoringConfig:
     bias_alpha: float = 0.05  # EW weight of the recent mean signed residual; 0 turns the bias term off
     energy_alpha: float = 0.03  # EW weight of the recent mean squared residual; 0 turns the energy term off
     stuck_values: bool = True  # flag runs of identical values by the stream's own rate of repeats
+    # Events on which a stream that a per-stream-scaled model has no scaler for fits its own
+    # (0: it takes the model's global scaler).
+    fit_scaler_events: int = 50
     drift_factor: float = 4.0
     prior_events: float = 10.0  # weight of the calibrated error statistics for a new stream
 
@@ -176,7 +188,7 @@ class ScoringConfig:
                 and self.lower_threshold > self.threshold):
             bad(f"lower_threshold ({self.lower_threshold}) must not exceed threshold ({self.threshold})")
         for name, lo in (("close_after", 1), ("warmup", 0), ("dynamic_window", 2), ("dynamic_refresh", 1),
-                         ("relearn_after", 0), ("range_warmup", 1)):
+                         ("relearn_after", 0), ("range_warmup", 1), ("fit_scaler_events", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 bad(f"{name} must be an integer >= {lo}; got {v!r}")
@@ -275,6 +287,7 @@ class ResolvedScoring:
         ip[K.I_RELEARN] = c.relearn_after
         ip[K.I_RANGE_WARMUP] = c.range_warmup
         ip[K.I_REPEATS] = int(c.stuck_values)
+        ip[K.I_FIT_EVENTS] = c.fit_scaler_events
         return fp, ip
 
 

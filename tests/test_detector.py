@@ -375,7 +375,7 @@ def test_per_stream_scaler_is_copied_at_first_sight():
     model = Model(**kw, stream_scaler={"streams": ["big"], "mean": [[100.0]], "scale": [[8.0]]})
     big_only = Model(**kw, scaler_mean=[100.0], scaler_scale=[8.0])
     x = 100 + 8 * np.sin(np.arange(30) / 3.0)[:, None]
-    det = Detector(model)
+    det = Detector(model, fit_scaler_events=0)  # "small" takes the global scaler
     out = det.process(["big", "small"] * 30, np.repeat(x, 2, axis=0), np.repeat(np.arange(30) * 1000, 2))
     want_big = Detector(big_only).process(["big"] * 30, x, np.arange(30) * 1000)
     want_small = Detector(base).process(["small"] * 30, x, np.arange(30) * 1000)
@@ -383,6 +383,82 @@ def test_per_stream_scaler_is_copied_at_first_sight():
     assert np.array_equal(out.prediction[1::2], want_small.prediction, equal_nan=True)
     # The "small" stream (global scaler) sees values 100x outside training: scale drift.
     assert det.drifted_streams() == ["small"] and det.counters["scale_drift"] == 1
+
+
+def _fitting_case(n_fit=10, length=40):
+    """A per-stream-scaled model that knows stream "big" only, and the events of "big" and of
+    an unseen stream "new" (level 50, its own scale) interleaved."""
+    base = Model.random("gru", n_features=2, hidden=[8], seed=35)
+    model = Model(cell="gru", layers=base.layers, head_weight=base.head_weight, head_bias=base.head_bias,
+                  scaler_mean=[500.0, -3.0], scaler_scale=[290.0, 40.0],
+                  stream_scaler={"streams": ["big"], "mean": [[900.0, 1.0]], "scale": [[20.0, 2.0]]})
+    rng = np.random.default_rng(36)
+    t = np.arange(length)[:, None]
+    new = 50 + np.array([3.0, 0.5]) * np.sin(t / 4.0 + np.array([0.0, 1.0])) + rng.normal(0, 0.2, (length, 2))
+    big = 900 + 20 * np.sin(t / 5.0) + rng.normal(0, 1.0, (length, 2))
+    ids = ["new", "big"] * length
+    x = np.stack([new, big], axis=1).reshape(-1, 2)
+    ts = np.repeat(1000 * t[:, 0], 2)
+    return model, new, ids, x, ts
+
+
+def test_unseen_stream_of_a_per_stream_model_fits_its_own_scaler():
+    n_fit = 10
+    model, new, ids, x, ts = _fitting_case(n_fit)
+    det = Detector(model, fit_scaler_events=n_fit)
+    out = det.process(ids, x, ts)
+    got = slice(0, None, 2)  # the "new" stream's events
+    # Its first n_fit - 1 events only fit the scaler: not applied, not scored, no prediction.
+    assert not out.applied[got][: n_fit - 1].any() and out.applied[got][n_fit - 1:].all()
+    assert np.isnan(out.score[got][:n_fit]).all() and np.isnan(out.prediction[got][:n_fit]).all()
+    assert det.counters["scaler_fitting"] == n_fit - 1
+    # Its scaler is the trainer's z-score of those n_fit events (population sd).
+    slot = det.table.lookup(["new"])
+    np.testing.assert_allclose(det.table.column("x_mean")[slot][0], new[:n_fit].mean(axis=0), rtol=1e-13)
+    np.testing.assert_allclose(det.table.column("x_scale")[slot][0], new[:n_fit].std(axis=0), rtol=1e-12)
+    assert np.isnan(det.table.column("x_fit")[slot]).all()  # the fit is over
+    # From its n_fit-th event on it is exactly a new stream under that scaler.
+    fitted = Model(cell="gru", layers=model.layers, head_weight=model.head_weight, head_bias=model.head_bias,
+                   scaler_mean=det.table.column("x_mean")[slot][0], scaler_scale=det.table.column("x_scale")[slot][0])
+    want = Detector(fitted).process(["new"] * (len(new) - n_fit + 1), new[n_fit - 1:], ts[got][n_fit - 1:])
+    np.testing.assert_array_equal(out.prediction[got][n_fit - 1:], want.prediction)
+    np.testing.assert_array_equal(out.score[got][n_fit - 1:], want.score)
+    # The known stream keeps its own scaler from its first event.
+    assert out.applied[1::2].all()
+    np.testing.assert_array_equal(det.table.column("x_mean")[det.table.lookup(["big"])][0], [900.0, 1.0])
+
+
+@pytest.mark.parametrize("cuts", [[1, 7, 8, 19, 33], [3], list(range(1, 80, 2))])
+def test_scaler_fit_does_not_depend_on_batching_and_survives_a_snapshot(cuts):
+    model, _new, ids, x, ts = _fitting_case()
+    whole = Detector(model, fit_scaler_events=10).process(ids, x, ts)
+    det = Detector(model, fit_scaler_events=10)
+    bounds = [0, *cuts, len(ids)]
+    pred, score = [], []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        # A snapshot restored between every batch: a fit in progress carries over.
+        det = Detector.restore(model, det.snapshot(), fit_scaler_events=10)
+        res = det.process(ids[a:b], x[a:b], ts[a:b])
+        pred.append(res.prediction)
+        score.append(res.score)
+    np.testing.assert_array_equal(np.concatenate(pred), whole.prediction)
+    np.testing.assert_array_equal(np.concatenate(score), whole.score)
+
+
+def test_scaler_fit_off_or_without_stream_scalers_uses_the_global_scaler():
+    from streamrnn.scoring import ScoringConfigError
+
+    model, _new, ids, x, ts = _fitting_case()
+    det = Detector(model, fit_scaler_events=0)
+    assert det.process(ids, x, ts).applied.all() and det.counters["scaler_fitting"] == 0
+    np.testing.assert_array_equal(det.table.column("x_mean")[det.table.lookup(["new"])][0], model.scaler_mean)
+    # A model with one scaler for all streams never fits one: the global scaler is its own.
+    plain = Model(cell="gru", layers=model.layers, head_weight=model.head_weight, head_bias=model.head_bias,
+                  scaler_mean=model.scaler_mean, scaler_scale=model.scaler_scale)
+    det = Detector(plain, fit_scaler_events=10)
+    assert det.process(ids, x, ts).applied.all() and det.counters["scaler_fitting"] == 0
+    with pytest.raises(ScoringConfigError, match="fit_scaler_events"):
+        Detector(model, fit_scaler_events=-1)
 
 
 def test_reorder_buffer_lets_late_events_through_in_order():

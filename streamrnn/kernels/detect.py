@@ -36,14 +36,14 @@ F_THRESHOLD, F_LOWER, F_ALPHA, F_SHORT_ALPHA, F_MAX_GAP, F_DRIFT, F_PRIOR_MEAN, 
 N_FPARAMS = 16
 # Indices into the integer parameter vector.
 I_METHOD, I_WARMUP, I_CLOSE_AFTER, I_LEARN, I_GAP_DECAY, I_ACCEPT_LATE, I_HAS_OFFSETS, \
-    I_DYNAMIC, I_DYN_REFRESH, I_RELEARN, I_RANGE_WARMUP, I_REPEATS = range(12)
-N_IPARAMS = 12
+    I_DYNAMIC, I_DYN_REFRESH, I_RELEARN, I_RANGE_WARMUP, I_REPEATS, I_FIT_EVENTS = range(13)
+N_IPARAMS = 13
 # Columns of the per-stream ``rep`` state: the current run of repeated values, and the
 # repeats and comparisons among learnt events (the stream's own rate of repeats).
 R_RUN, R_COUNT, R_N = range(3)
 # Indices into the counters vector (names in streamrnn.detector.COUNTERS, same order).
-C_SCORED, C_MISSING, C_LATE, C_REPLAY, C_GAP, C_COLD, C_DRIFT, C_OPENED, C_CLOSED = range(9)
-N_COUNTERS = 9
+C_SCORED, C_MISSING, C_LATE, C_REPLAY, C_GAP, C_COLD, C_DRIFT, C_OPENED, C_CLOSED, C_FITTING = range(10)
+N_COUNTERS = 10
 #: Error statistics are updated with errors clipped to mean - CLIP_LOW sd .. mean + CLIP_HIGH sd.
 CLIP_LOW, CLIP_HIGH = 2.0, 4.0
 #: Events a stream's input statistics need before scale drift is judged.
@@ -61,6 +61,27 @@ OPENED, CLOSED = 1, 2
 def _raw_prediction(e, s, pred, x_mean, x_scale, out_pred):
     for d in range(out_pred.shape[1]):
         out_pred[e, d] = np.float32(np.float64(pred[s, d]) * x_scale[s, d] + x_mean[s, d])
+
+
+@njit(inline="always", **_OPTS)
+def _fit_scaler(e, s, x, n_feat, n_fit, x_fit, x_mean, x_scale):
+    """Add raw event e to stream s's own scaler fit (x_fit[s] = count, means, sums of squared
+    deviations: Welford's update); after ``n_fit`` events set its scaler as the trainer's
+    z-score would (population sd; a zero scale becomes 1) and end the fit. True while it fits."""
+    k = x_fit[s, 0] + 1.0
+    x_fit[s, 0] = k
+    for d in range(n_feat):
+        delta = x[e, d] - x_fit[s, 1 + d]
+        x_fit[s, 1 + d] += delta / k
+        x_fit[s, 1 + n_feat + d] += delta * (x[e, d] - x_fit[s, 1 + d])
+    if k < n_fit:
+        return True
+    for d in range(n_feat):
+        sd = math.sqrt(x_fit[s, 1 + n_feat + d] / k)
+        x_mean[s, d] = x_fit[s, 1 + d]
+        x_scale[s, d] = sd if np.isfinite(sd) and sd > 0.0 else 1.0
+    x_fit[s, :] = np.nan  # the fit is over
+    return False
 
 
 @njit(inline="always", **_OPTS)
@@ -297,7 +318,7 @@ def _dynamic_ok(s, smoothed, fp, ip, warm, dyn_buf, dyn_eps, ordered):
 def _detect_list(lo, hi, ev, sl, x, ts, offsets, fp, ip, xs, state, pred, x_mean, x_scale, last_ts,
                  last_offset, err_mean, err_var, err_short, err_vm, err_cov, n_scored, warm, in_alert,
                  below, alert_len, open_ts, drift_m, drifted, dyn_buf, dyn_eps, x_lo, x_hi,
-                 err_bias, err_energy, x_last, rep,
+                 err_bias, err_energy, x_last, rep, x_fit,
                  out_pred, out_error, out_score, out_rank, out_alert, out_applied, out_code,
                  out_open_ts, out_contrib, cnt, resid, solve, chol, ordered,
                  cell, reset_after, hidden, offs, wx, wh, b, bhn, peep, wo, bo, xp, hp, acc, accn, blk):
@@ -372,6 +393,11 @@ def _detect_list(lo, hi, ev, sl, x, ts, offsets, fp, ip, xs, state, pred, x_mean
                     for d in range(n_feat):
                         out_pred[e, d] = np.nan
             last_ts[s] = max(prev_ts, ts[e])
+            if x_fit[s, 0] >= 0.0 and _fit_scaler(e, s, x, n_feat, ip[I_FIT_EVENTS], x_fit, x_mean, x_scale):
+                # A stream the model has no scaler for learns its own from its first events;
+                # the event after the fit is its first step, as a new stream's first event is.
+                cnt[C_FITTING] += 1
+                continue
             for d in range(n_feat):
                 xs[e, d] = np.float32((x[e, d] - x_mean[s, d]) / x_scale[s, d])
             cnt[C_DRIFT] += _track_drift(e, s, xs, fp[F_ALPHA], fp[F_DRIFT], n_scored[s], drift_m, drifted)
@@ -457,7 +483,7 @@ def _detect_list(lo, hi, ev, sl, x, ts, offsets, fp, ip, xs, state, pred, x_mean
 def _detect_chunks_parallel(starts, ev, sl, x, ts, offsets, fp, ip, xs, state, pred, x_mean, x_scale,
                             last_ts, last_offset, err_mean, err_var, err_short, err_vm, err_cov, n_scored,
                             warm, in_alert, below, alert_len, open_ts, drift_m, drifted, dyn_buf, dyn_eps,
-                            x_lo, x_hi, err_bias, err_energy, x_last, rep, out_pred, out_error, out_score,
+                            x_lo, x_hi, err_bias, err_energy, x_last, rep, x_fit, out_pred, out_error, out_score,
                             out_rank, out_alert, out_applied, out_code, out_open_ts, out_contrib, cnt, resid, solve,
                             chol, ordered,
                             cell, reset_after, hidden, offs, wx, wh, b, bhn, peep, wo, bo,
@@ -468,7 +494,7 @@ def _detect_chunks_parallel(starts, ev, sl, x, ts, offsets, fp, ip, xs, state, p
         _detect_list(starts[c], starts[c + 1], ev, sl, x, ts, offsets, fp, ip, xs, state, pred, x_mean,
                      x_scale, last_ts, last_offset, err_mean, err_var, err_short, err_vm, err_cov,
                      n_scored, warm, in_alert, below, alert_len, open_ts, drift_m, drifted, dyn_buf,
-                     dyn_eps, x_lo, x_hi, err_bias, err_energy, x_last, rep, out_pred, out_error, out_score,
+                     dyn_eps, x_lo, x_hi, err_bias, err_energy, x_last, rep, x_fit, out_pred, out_error, out_score,
                      out_rank, out_alert, out_applied, out_code, out_open_ts, out_contrib, cnt[c], resid[c],
                      solve[c], chol[c], ordered[c],
                      cell, reset_after, hidden, offs, wx, wh, b, bhn, peep, wo, bo,
@@ -479,7 +505,7 @@ def _detect_chunks_parallel(starts, ev, sl, x, ts, offsets, fp, ip, xs, state, p
 def detect_batch(slots, x, ts, offsets, fp, ip, n_threads, scratch,
                  state, pred, x_mean, x_scale, last_ts, last_offset, err_mean, err_var, err_short,
                  err_vm, err_cov, n_scored, warm, in_alert, below, alert_len, open_ts, drift_m, drifted,
-                 dyn_buf, dyn_eps, x_lo, x_hi, err_bias, err_energy, x_last, rep,
+                 dyn_buf, dyn_eps, x_lo, x_hi, err_bias, err_energy, x_last, rep, x_fit,
                  out_pred, out_error, out_score, out_rank, out_alert, out_applied, out_code,
                  out_open_ts, out_contrib, counters,
                  cell, reset_after, hidden, offs, wx, wh, b, bhn, peep, wo, bo):
@@ -513,7 +539,7 @@ def detect_batch(slots, x, ts, offsets, fp, ip, n_threads, scratch,
         _detect_list(0, n_ev, order, ev_slots, x, ts, offsets, fp, ip, xs, state, pred, x_mean, x_scale,
                      last_ts, last_offset, err_mean, err_var, err_short, err_vm, err_cov, n_scored, warm,
                      in_alert, below, alert_len, open_ts, drift_m, drifted, dyn_buf, dyn_eps, x_lo, x_hi,
-                     err_bias, err_energy, x_last, rep, out_pred, out_error, out_score, out_rank, out_alert,
+                     err_bias, err_energy, x_last, rep, x_fit, out_pred, out_error, out_score, out_rank, out_alert,
                      out_applied, out_code, out_open_ts, out_contrib, cnt[0], resid[0], solve[0], chol[0], ordered[0],
                      cell, reset_after, hidden, offs, wx, wh, b, bhn, peep, wo, bo,
                      xp[0], hp[0], acc[0], accn[0], blk[0])
@@ -522,7 +548,7 @@ def detect_batch(slots, x, ts, offsets, fp, ip, n_threads, scratch,
         _detect_chunks_parallel(cstarts, ev, sl, x, ts, offsets, fp, ip, xs, state, pred, x_mean, x_scale,
                                 last_ts, last_offset, err_mean, err_var, err_short, err_vm, err_cov,
                                 n_scored, warm, in_alert, below, alert_len, open_ts, drift_m, drifted,
-                                dyn_buf, dyn_eps, x_lo, x_hi, err_bias, err_energy, x_last, rep, out_pred,
+                                dyn_buf, dyn_eps, x_lo, x_hi, err_bias, err_energy, x_last, rep, x_fit, out_pred,
                                 out_error, out_score, out_rank, out_alert, out_applied, out_code, out_open_ts,
                                 out_contrib, cnt, resid, solve,
                                 chol, ordered, cell, reset_after, hidden, offs, wx, wh, b, bhn, peep, wo, bo,
