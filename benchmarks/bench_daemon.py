@@ -63,6 +63,8 @@ def consumer_settings() -> dict:
 
 
 CKPT_MS = 1000
+#: linger_ms of the fixed-rate runs' input producer (both paths measure from the send time).
+INPUT_LINGER_MS = [0]
 GROUP = {"session_timeout_ms": 6000, "max_poll_interval_ms": 3000, "heartbeat_interval_ms": 500}
 
 
@@ -314,7 +316,7 @@ def fixed_rate(bootstrap: str, rate: float, seconds: float, streams: int, tmp: P
         while b"partitions assigned" not in log_path.read_bytes():
             assert proc.poll() is None, log_path.read_text()
             time.sleep(0.1)
-        prod = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=0, acks=1)
+        prod = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=INPUT_LINGER_MS[0], acks=1)
         rng = np.random.default_rng(0)
         enc = msgspec.json.Encoder()
         counts = np.zeros(streams, np.int64)
@@ -416,8 +418,11 @@ def main() -> None:
                     help="also measure the CPU of idle readers and of the idle daemon for this long (0: skip)")
     ap.add_argument("--relay", action="store_true",
                     help="also run the raw two-hop peer (consume, forward spikes, consume) in the fixed-rate runs")
+    ap.add_argument("--input-linger-ms", type=int, default=INPUT_LINGER_MS[0],
+                    help="linger_ms of the fixed-rate input producer (0: a produce request per message)")
     args = ap.parse_args()
     TUNED["fetch_max_wait_ms"] = args.fetch_max_wait_ms
+    INPUT_LINGER_MS[0] = args.input_linger_ms
     if args.producer_client:
         TUNED["producer_client"] = args.producer_client
     os.environ.setdefault("NUMBA_CACHE_DIR", str(ROOT / ".numba_cache"))
@@ -426,7 +431,8 @@ def main() -> None:
           "" if "producer_client" in TUNED else f"producer_client={DaemonConfig().producer_client}")
     print("consumer settings of the raw peer, the alert reader and the daemon alike:",
           ", ".join(f"{k}={v}" for k, v in consumer_settings().items()),
-          f"poll timeout {TUNED['batch_max_wait_ms']} ms, max_records {TUNED['batch_max_events']}")
+          f"poll timeout {TUNED['batch_max_wait_ms']} ms, max_records {TUNED['batch_max_events']};",
+          f"fixed-rate input producer linger_ms={INPUT_LINGER_MS[0]}")
     with tempfile.TemporaryDirectory() as td, start_broker() as broker:
         tmp = Path(td)
         bs = broker.bootstrap
