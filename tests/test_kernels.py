@@ -19,7 +19,7 @@ from scipy.special import expit
 from streamrnn import Model
 from streamrnn.kernels import cells, microtile
 from streamrnn.kernels.activations import sigmoid32, tanh32
-from streamrnn.kernels.stream import forward_sequences, scratch_pool, step_events
+from streamrnn.kernels.stream import PAD_MIN, forward_sequences, padded_weights, scratch_pool, step_events
 from tests import naive
 from tests.stream_support import step_in_batches
 
@@ -152,7 +152,8 @@ def _tile_model(i):
     return _TILE_CACHE[i]
 
 
-@pytest.mark.parametrize("nx,nh,ncols", [(1, 64, 256), (3, 11, 33), (0, 24, 72), (5, 0, 15), (2, 7, 48)])
+@pytest.mark.parametrize("nx,nh,ncols", [(1, 64, 256), (3, 11, 33), (0, 24, 72), (5, 0, 15), (2, 7, 48),
+                                         (0, 64, 8), (3, 9, 27)])
 def test_block_product_matches_float64_and_ignores_row_slot(nx, nh, ncols):
     rng = np.random.default_rng(nx * 100 + nh + ncols)
     wx = rng.standard_normal((max(nx, 1), ncols + 5), dtype=np.float32)
@@ -191,7 +192,9 @@ def test_assembly_tiles_give_the_bits_of_the_numba_tiles():
     assert cells.block_product is cells.block_product_micro
     rng = np.random.default_rng(5)
     for rn in range(1, cells.TILE_ROWS + 1):
-        for nx, nh, ncols in [(1, 64, 256), (8, 64, 192), (0, 33, 40), (3, 0, 16), (2, 5, 70)]:
+        # 8 columns (a head of 8 outputs) and 24, 27 (a panel, then 8 more) take the 8-column tile.
+        for nx, nh, ncols in [(1, 64, 256), (8, 64, 192), (0, 33, 40), (3, 0, 16), (2, 5, 70),
+                              (0, 64, 8), (4, 7, 24), (2, 3, 27)]:
             col, bcol, acc_col = (int(v) for v in rng.integers(0, 5, 3))
             wx = rng.standard_normal((max(nx, 1), ncols + col + 3), dtype=np.float32)
             wh = rng.standard_normal((max(nh, 1), ncols + col + 1), dtype=np.float32)
@@ -299,6 +302,52 @@ def test_step_events_split_across_threads_equals_forward_bit_for_bit(i):
         ref = forward_sequences(seqs[s][None], np.zeros((1, p.state_width), np.float32), 1, *p.kernel_args())[0]
         got = outs[0][slots == s]
         assert np.isnan(got[0]).all() and np.array_equal(got[1:], ref[:-1])
+
+
+def _events_of(seqs, rng):
+    """Every stream's events interleaved at random, each stream's in order: (slots, xs)."""
+    n_streams, length, d = seqs.shape
+    slots = np.repeat(np.arange(n_streams, dtype=np.int64), length)
+    rng.shuffle(slots)
+    pos = np.zeros(n_streams, np.int64)
+    xs = np.empty((slots.shape[0], d), np.float32)
+    for e, s in enumerate(slots):
+        xs[e] = seqs[s, pos[s]]
+        pos[s] += 1
+    return slots, xs
+
+
+def test_step_events_on_padded_weight_copies_equals_forward_bit_for_bit():
+    # LSTM64's weight rows are 1 KB apart (4 of the 64 L1 sets): a batch of PAD_MIN events
+    # or more steps on copies with rows an odd number of lines long, both layers (the
+    # second layer's wx is 64 rows too). The whole-sequence forward reads the weights in
+    # place: the same bits. D=8: the head's 8 outputs take the 8-column tile.
+    model = Model.random("lstm", n_features=8, hidden=[64, 64], seed=3)
+    args = model.packed.kernel_args()
+    wxp, whp = padded_weights(args[4], args[5], args[2], PAD_MIN)
+    assert whp.shape == (2, 64, 272) and wxp.shape == (2, 64, 272)
+    assert np.array_equal(wxp[0, :8, :256], args[4][0]) and np.array_equal(whp[1, :, :256], args[5][1])
+    assert padded_weights(args[4], args[5], args[2], PAD_MIN - 1)[1].shape[0] == 0
+    gru = Model.random("gru", n_features=8, hidden=[64], seed=3).packed.kernel_args()
+    assert padded_weights(gru[4], gru[5], gru[2], PAD_MIN)[1].shape[0] == 0  # rows 768 B apart: 16 sets
+
+    rng = np.random.default_rng(9)
+    n_streams, length = 200, 6
+    seqs = rng.standard_normal((n_streams, length, 8)).astype(np.float32)
+    slots, xs = _events_of(seqs, rng)
+    assert slots.shape[0] >= PAD_MIN
+    width = model.packed.state_width
+    state = np.zeros((n_streams, width), np.float32)
+    pred = np.full((n_streams, 8), np.nan, np.float32)
+    prev = np.empty((slots.shape[0], 8), np.float32)
+    step_events(slots, xs, state, pred, prev, np.zeros(n_streams, np.int32), 2, *args)
+    ref = forward_sequences(seqs, np.zeros((n_streams, width), np.float32), 2, *args)
+    for s in range(n_streams):
+        got = prev[slots == s]
+        assert np.isnan(got[0]).all()
+        assert np.array_equal(got[1:], ref[s, :-1])
+        assert np.array_equal(pred[s], ref[s, -1])
+    np.testing.assert_allclose(ref[7], naive.forward(model, seqs[7]), atol=TOL)
 
 
 def test_scratch_pool_sizes_cover_inputs_wider_than_hidden():

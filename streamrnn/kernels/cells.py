@@ -244,6 +244,15 @@ def block_product_micro(acc, acc_col, bias, bcol, col, ncols, rn, xp, nx, wx, hp
         for r0 in range(r6, padded, MR):
             _panel(acc, r0, acc_col + j, bias, bcol + j, col + j, xp, nx, wx, hp, nh, wh)
         j += PANEL
+    if ncols - j >= microtile.HALF:
+        for r0 in range(0, r6, microtile.ROWS):
+            microtile.tile6x8(b0 + 4 * j, out0 + r0 * ldo + 4 * j, ldo, x0 + r0 * ldx, ldx,
+                              wx0 + 4 * j, wx.strides[0], nx, h0 + r0 * ldh, ldh,
+                              wh0 + 4 * j, wh.strides[0], nh)
+        for r0 in range(r6, padded, MR):
+            _panel_narrow(acc, r0, acc_col + j, bias, bcol + j, col + j, microtile.HALF,
+                          xp, nx, wx, hp, nh, wh)
+        j += microtile.HALF
     _narrow_panels(acc, acc_col, bias, bcol, col, j, ncols, padded // MR, xp, nx, wx, hp, nh, wh)
 
 

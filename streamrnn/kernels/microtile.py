@@ -27,9 +27,10 @@ from numba.extending import intrinsic
 
 from streamrnn.config import PANEL
 
-#: Rows and columns of the assembly tile.
+#: Rows and columns of the assembly tile (``tile6x8`` has half the columns).
 ROWS = 6
 COLS = 16
+HALF = COLS // 2
 
 # Parameter block the assembly reads (int64 slots; pointers are byte addresses, strides bytes).
 _BIAS, _OUT, _LDO = 0, 1, 2
@@ -60,9 +61,10 @@ def _host_supports() -> bool:
 AVAILABLE: bool = _host_supports()
 
 
-def _k_loop(first: int, label: int) -> list[str]:
-    """acc rows += rows[:, k] * w[k, :16] for k < count; ``first`` is the slot of the rows'
-    pointer, followed by their stride, the weights' pointer, the weights' stride, the count."""
+def _k_loop(first: int, label: int, vecs: int = 2) -> list[str]:
+    """acc rows += rows[:, k] * w[k, :8 * vecs] for k < count; ``first`` is the slot of the
+    rows' pointer, followed by their stride, the weights' pointer, the weights' stride, the
+    count. Row r accumulates in ymm(vecs * r) .. ymm(vecs * r + vecs - 1)."""
     rows, ld, w, ws, count = (8 * (first + i) for i in range(5))
     lines = [
         f"mov {count}($0), %r10",
@@ -75,27 +77,26 @@ def _k_loop(first: int, label: int) -> list[str]:
         "lea (%rsi,%rdx,2), %r11",  # row 3 = row 0 + 3 strides; rows 4, 5 from it
         "add %rdx, %r11",
         f"{label + 1}:",
-        "vmovups (%r8), %ymm12",
-        "vmovups 32(%r8), %ymm13",
     ]
+    lines += [f"vmovups {32 * v}(%r8), %ymm{12 + v}" for v in range(vecs)]
     sources = ["(%rsi)", "(%rsi,%rdx)", "(%rsi,%rdx,2)", "(%r11)", "(%r11,%rdx)", "(%r11,%rdx,2)"]
     for r, src in enumerate(sources):
         b = 14 + r % 2  # two broadcast registers alternate, so a load need not wait for FMAs
-        lines += [f"vbroadcastss {src}, %ymm{b}",
-                  f"vfmadd231ps %ymm12, %ymm{b}, %ymm{2 * r}",
-                  f"vfmadd231ps %ymm13, %ymm{b}, %ymm{2 * r + 1}"]
+        lines.append(f"vbroadcastss {src}, %ymm{b}")
+        lines += [f"vfmadd231ps %ymm{12 + v}, %ymm{b}, %ymm{vecs * r + v}" for v in range(vecs)]
     lines += ["add $$4, %rsi", "add $$4, %r11", "add %r9, %r8", "dec %r10", f"jnz {label + 1}b", f"{label}:"]
     return lines
 
 
-def _assembly() -> str:
-    lines = [f"mov {8 * _BIAS}($0), %rax", "vmovups (%rax), %ymm0", "vmovups 32(%rax), %ymm1"]
+def _assembly(vecs: int = 2) -> str:
+    """The tile of ROWS x 8 * vecs columns (vecs 2: 16 columns, 1: 8)."""
+    lines = [f"mov {8 * _BIAS}($0), %rax"] + [f"vmovups {32 * v}(%rax), %ymm{v}" for v in range(vecs)]
     for r in range(1, ROWS):
-        lines += [f"vmovaps %ymm0, %ymm{2 * r}", f"vmovaps %ymm1, %ymm{2 * r + 1}"]
-    lines += _k_loop(_X, 10) + _k_loop(_H, 20)
+        lines += [f"vmovaps %ymm{v}, %ymm{vecs * r + v}" for v in range(vecs)]
+    lines += _k_loop(_X, 10, vecs) + _k_loop(_H, 20, vecs)
     lines += [f"mov {8 * _OUT}($0), %rax", f"mov {8 * _LDO}($0), %rcx"]
     for r in range(ROWS):
-        lines += [f"vmovups %ymm{2 * r}, (%rax)", f"vmovups %ymm{2 * r + 1}, 32(%rax)"]
+        lines += [f"vmovups %ymm{vecs * r + v}, {32 * v}(%rax)" for v in range(vecs)]
         if r < ROWS - 1:
             lines.append("add %rcx, %rax")
     return "\n".join(lines)
@@ -106,16 +107,9 @@ _CONSTRAINTS = ",".join(
     + [f"~{{ymm{i}}}" for i in range(16)] + ["~{memory}", "~{dirflag}", "~{fpsr}", "~{flags}"])
 
 
-@intrinsic
-def tile6x16(typingctx, bias, out, ldo, x, ldx, wx, wxs, nx, h, ldh, wh, whs, nh):
-    """out[r, :16] = bias[:16] + sum_k x[r, k] wx[k, :16] + sum_k h[r, k] wh[k, :16], r < 6.
-
-    All arguments int64: byte addresses of the first element and row strides in bytes
-    (elements within a row contiguous), counts nx and nh (0 allowed). The memory clobber
-    keeps the compiler from moving loads or stores of the operands across it."""
-    args = (bias, out, ldo, x, ldx, wx, wxs, nx, h, ldh, wh, whs, nh)
-    if not all(isinstance(a, types.Integer) for a in args):
-        return None
+def _tile_codegen(vecs: int):
+    """Code generator of the tile with 8 * vecs columns (see ``tile6x16``)."""
+    asm = _assembly(vecs)
 
     def codegen(context, builder, signature, values):
         i64 = ir.IntType(64)
@@ -126,10 +120,33 @@ def tile6x16(typingctx, bias, out, ldo, x, ldx, wx, wxs, nx, h, ldh, wh, whs, nh
             builder.store(context.cast(builder, v, ty, types.int64), slot)
         ptr = builder.gep(block, [ir.Constant(i32, 0), ir.Constant(i32, 0)])
         fnty = ir.FunctionType(ir.VoidType(), [ptr.type])
-        builder.call(ir.InlineAsm(fnty, _assembly(), _CONSTRAINTS, side_effect=True), [ptr])
+        builder.call(ir.InlineAsm(fnty, asm, _CONSTRAINTS, side_effect=True), [ptr])
         return context.get_dummy_value()
 
-    return types.void(*args), codegen
+    return codegen
+
+
+def _tile_signature(args):
+    return types.void(*args) if all(isinstance(a, types.Integer) for a in args) else None
+
+
+@intrinsic
+def tile6x16(typingctx, bias, out, ldo, x, ldx, wx, wxs, nx, h, ldh, wh, whs, nh):
+    """out[r, :16] = bias[:16] + sum_k x[r, k] wx[k, :16] + sum_k h[r, k] wh[k, :16], r < 6.
+
+    All arguments int64: byte addresses of the first element and row strides in bytes
+    (elements within a row contiguous), counts nx and nh (0 allowed). The memory clobber
+    keeps the compiler from moving loads or stores of the operands across it."""
+    sig = _tile_signature((bias, out, ldo, x, ldx, wx, wxs, nx, h, ldh, wh, whs, nh))
+    return None if sig is None else (sig, _tile_codegen(2))
+
+
+@intrinsic
+def tile6x8(typingctx, bias, out, ldo, x, ldx, wx, wxs, nx, h, ldh, wh, whs, nh):
+    """As ``tile6x16`` for 8 columns (a head of 8 outputs): 6 accumulator chains, against
+    a Numba tile whose runtime width kept its accumulators in memory (~5x slower)."""
+    sig = _tile_signature((bias, out, ldo, x, ldx, wx, wxs, nx, h, ldh, wh, whs, nh))
+    return None if sig is None else (sig, _tile_codegen(1))
 
 
 @intrinsic

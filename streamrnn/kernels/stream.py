@@ -35,6 +35,9 @@ SERIAL_WAVE = 64
 CHUNKS_PER_THREAD = 4
 #: Bytes apart of the prefetches that cover a state row (one per cache line).
 _LINE = 64
+#: Batches with at least this many events step on padded copies of the weights
+#: (``padded_weights``: an LSTM64's are ~70 KB to copy).
+PAD_MIN = 1024
 
 
 @intrinsic
@@ -89,10 +92,72 @@ def scratch_pool(n_chunks, hidden, n_in, n_out):
 
 
 @njit(**_OPTS)
+def _needs_padding(wx, wh, hidden):
+    """Whether some layer's weight rows fall in so few L1 sets that a 16-column panel of
+    them (its input and recurrent rows, read by every 6-row tile) does not fit their 8 ways
+    each: rows a multiple of 2^s lines apart use 64 / 2^s of the 64 sets. LSTM64: rows 1 KB
+    apart, 4 sets for 65+ rows, so every tile re-read the panel from L2."""
+    for layer in range(hidden.shape[0]):
+        size = wh[layer].shape[1] * 4
+        if size % _LINE != 0:
+            continue
+        lines = size // _LINE
+        sets = 64
+        while lines % 2 == 0 and sets > 1:
+            lines //= 2
+            sets //= 2
+        if wx[layer].shape[0] + wh[layer].shape[0] > 8 * sets:
+            return True
+    return False
+
+
+@njit(**_OPTS)
+def no_pad():
+    """The empty weight copies: the tiles read the weights as they are."""
+    return np.empty((0, 0, 0), np.float32)
+
+
+@njit(**_OPTS)
+def padded_weights(wx, wh, hidden, n_events):
+    """Copies of every layer's wx and wh, rows an odd number of cache lines long (so rows
+    fall in all L1 sets), as (L, rows, width) arrays for ``_step_block_w``; empty when the
+    weights fit the L1 sets as they are or the batch is too short to repay the copy.
+    The same products in the same order: the same bits."""
+    n_layers = hidden.shape[0]
+    if n_events < PAD_MIN or not _needs_padding(wx, wh, hidden):
+        return no_pad(), no_pad()
+    nx = 1
+    nh = 1
+    cols = 1
+    for layer in range(n_layers):
+        nx = max(nx, wx[layer].shape[0])
+        nh = max(nh, wh[layer].shape[0])
+        cols = max(cols, wh[layer].shape[1])
+    lines = (cols * 4 + _LINE - 1) // _LINE
+    width = (lines + 1 - lines % 2) * (_LINE // 4)
+    wxp = np.zeros((n_layers, nx, width), np.float32)
+    whp = np.zeros((n_layers, nh, width), np.float32)
+    for layer in range(n_layers):
+        wxp[layer, :wx[layer].shape[0], :wx[layer].shape[1]] = wx[layer]
+        whp[layer, :wh[layer].shape[0], :wh[layer].shape[1]] = wh[layer]
+    return wxp, whp
+
+
+@njit(**_OPTS)
 def _step_block(rn, src, src_col, src_rows, state, rows, pred,
                 cell, reset_after, hidden, offsets, wx, wh, b, bhn, peep, wo, bo, xp, hp, acc, accn):
+    """``_step_block_w`` with the weights as they are."""
+    _step_block_w(rn, src, src_col, src_rows, state, rows, pred, cell, reset_after, hidden, offsets,
+                  wx, wh, b, bhn, peep, wo, bo, no_pad(), no_pad(), xp, hp, acc, accn)
+
+
+@njit(**_OPTS)
+def _step_block_w(rn, src, src_col, src_rows, state, rows, pred,
+                  cell, reset_after, hidden, offsets, wx, wh, b, bhn, peep, wo, bo, wxp, whp,
+                  xp, hp, acc, accn):
     """Step ``rn`` <= TILE_ROWS distinct streams (state rows ``rows``) on their inputs
-    src[src_rows[r], src_col:], then store the head's prediction in pred[rows[r]].
+    src[src_rows[r], src_col:], then store the head's prediction in pred[rows[r]]. The
+    tiles read the layers' weights from ``padded_weights``' copies wxp, whp unless empty.
 
     A lone row takes the matrix-vector path (``single.step_stream``: same sums, same bits)
     instead of register tiles padded to 4 rows."""
@@ -101,18 +166,23 @@ def _step_block(rn, src, src_col, src_rows, state, rows, pred,
                     hidden, offsets, wx, wh, b, bhn, peep, wo, bo, acc, accn, hp[0])
         return
     n_layers = hidden.shape[0]
-    layer_step(cell, reset_after, rn, src, src_rows, src_col, wx[0].shape[0], state, rows, offsets[0],
-               hidden[0], wx[0], wh[0], b[0], bhn[0], peep[0], xp, hp, acc, accn)
-    for layer in range(1, n_layers):
-        layer_step(cell, reset_after, rn, state, rows, offsets[layer - 1], hidden[layer - 1],
-                   state, rows, offsets[layer], hidden[layer], wx[layer], wh[layer], b[layer],
-                   bhn[layer], peep[layer], xp, hp, acc, accn)
+    padded = whp.shape[0] > 0
+    for layer in range(n_layers):
+        wxl = wxp[layer] if padded else wx[layer]
+        whl = whp[layer] if padded else wh[layer]
+        if layer == 0:
+            layer_step(cell, reset_after, rn, src, src_rows, src_col, wx[0].shape[0], state, rows,
+                       offsets[0], hidden[0], wxl, whl, b[0], bhn[0], peep[0], xp, hp, acc, accn)
+        else:
+            layer_step(cell, reset_after, rn, state, rows, offsets[layer - 1], hidden[layer - 1],
+                       state, rows, offsets[layer], hidden[layer], wxl, whl, b[layer],
+                       bhn[layer], peep[layer], xp, hp, acc, accn)
     head_step(rn, state, rows, offsets[n_layers - 1], hidden[n_layers - 1], wo, bo, pred, rows, hp, acc)
 
 
 @njit(**_OPTS)
 def _step_list(lo, hi, ev, sl, xs, state, pred, prev_out,
-               cell, reset_after, hidden, offsets, wx, wh, b, bhn, peep, wo, bo,
+               cell, reset_after, hidden, offsets, wx, wh, b, bhn, peep, wo, bo, wxp, whp,
                xp, hp, acc, accn, blk):
     """Score-then-step events ev[lo:hi] of slots sl[lo:hi], a list in which each stream's
     events are in arrival order, with one chunk's scratch.
@@ -148,8 +218,8 @@ def _step_list(lo, hi, ev, sl, xs, state, pred, prev_out,
             s = sl_blk[r]
             for j in range(n_out):
                 prev_out[e, j] = pred[s, j]
-        _step_block(rn, xs, 0, ev_blk, state, sl_blk, pred, cell, reset_after, hidden, offsets,
-                    wx, wh, b, bhn, peep, wo, bo, xp, hp, acc, accn)
+        _step_block_w(rn, xs, 0, ev_blk, state, sl_blk, pred, cell, reset_after, hidden, offsets,
+                      wx, wh, b, bhn, peep, wo, bo, wxp, whp, xp, hp, acc, accn)
 
 
 @intrinsic
@@ -168,7 +238,7 @@ def _claim(typingctx, counter):
 
 @njit(**_PAR_OPTS)
 def _step_chunks_parallel(starts, ev, sl, xs, state, pred, prev_out,
-                          cell, reset_after, hidden, offsets, wx, wh, b, bhn, peep, wo, bo,
+                          cell, reset_after, hidden, offsets, wx, wh, b, bhn, peep, wo, bo, wxp, whp,
                           xp, hp, acc, accn, blk):
     # Chunks own disjoint sets of streams, so they never write the same state or pred row.
     # Threads claim chunks one at a time: with another process on a core, the thread
@@ -181,7 +251,8 @@ def _step_chunks_parallel(starts, ev, sl, xs, state, pred, prev_out,
         c = _claim(counter)
         while c < n_chunks:
             _step_list(starts[c], starts[c + 1], ev, sl, xs, state, pred, prev_out, cell, reset_after,
-                       hidden, offsets, wx, wh, b, bhn, peep, wo, bo, xp[w], hp[w], acc[w], accn[w], blk[w])
+                       hidden, offsets, wx, wh, b, bhn, peep, wo, bo, wxp, whp,
+                       xp[w], hp[w], acc[w], accn[w], blk[w])
             c = _claim(counter)
 
 
@@ -232,11 +303,13 @@ def step_wave_scratch(n, ev, sl, xs, state, pred, prev_out,
     n_chunks = 1 if n < SERIAL_WAVE else min(xp.shape[0], (n + TILE_ROWS - 1) // TILE_ROWS)
     if n_chunks <= 1:
         _step_list(0, n, ev, sl, xs, state, pred, prev_out, cell, reset_after, hidden,
-                   offsets, wx, wh, b, bhn, peep, wo, bo, xp[0], hp[0], acc[0], accn[0], blk[0])
+                   offsets, wx, wh, b, bhn, peep, wo, bo, no_pad(), no_pad(),
+                   xp[0], hp[0], acc[0], accn[0], blk[0])
         return
     starts = _tile_ranges(n, n_chunks)
     _step_chunks_parallel(starts, ev, sl, xs, state, pred, prev_out, cell, reset_after, hidden,
-                          offsets, wx, wh, b, bhn, peep, wo, bo, xp, hp, acc, accn, blk)
+                          offsets, wx, wh, b, bhn, peep, wo, bo, no_pad(), no_pad(),
+                          xp, hp, acc, accn, blk)
 
 
 @njit(**_OPTS)
@@ -290,6 +363,7 @@ def step_events(slots, xs, state, pred, prev_out, scratch, n_threads,
     n_streams = starts[1] - starts[0]  # wave 0 has every stream once
     n_chunks = _n_chunks(n_threads, n_streams)
     xp, hp, acc, accn, blk = scratch_pool(n_chunks, hidden, wx[0].shape[0], wo.shape[1])
+    wxp, whp = padded_weights(wx, wh, hidden, n if n_streams > 1 else 0)
     if n_streams == 1:
         # One stream: its events in order through the single-row step (the same bits as
         # in a block), with no blocks to form.
@@ -297,11 +371,11 @@ def step_events(slots, xs, state, pred, prev_out, scratch, n_threads,
                     hidden, offsets, wx, wh, b, bhn, peep, wo, bo, acc[0], accn[0], hp[0, 0])
     elif n_chunks == 1:
         _step_list(0, n, order, ev_slots, xs, state, pred, prev_out, cell, reset_after, hidden,
-                   offsets, wx, wh, b, bhn, peep, wo, bo, xp[0], hp[0], acc[0], accn[0], blk[0])
+                   offsets, wx, wh, b, bhn, peep, wo, bo, wxp, whp, xp[0], hp[0], acc[0], accn[0], blk[0])
     else:
         ev, sl, cstarts = _split_by_stream(order, ev_slots, n_chunks)
         _step_chunks_parallel(cstarts, ev, sl, xs, state, pred, prev_out, cell, reset_after, hidden,
-                              offsets, wx, wh, b, bhn, peep, wo, bo, xp, hp, acc, accn, blk)
+                              offsets, wx, wh, b, bhn, peep, wo, bo, wxp, whp, xp, hp, acc, accn, blk)
 
 
 @njit(**_OPTS)
