@@ -24,6 +24,7 @@ from numba.extending import intrinsic
 from streamrnn.config import jit_options
 from streamrnn.kernels.cells import TILE_ROWS, head_step, layer_step
 from streamrnn.kernels.single import OUT_AFTER, OUT_BEFORE, OUT_NONE, step_stream
+from streamrnn.kernels.split import step_stream_run
 
 _OPTS = jit_options()
 _PAR_OPTS = jit_options(parallel=True)
@@ -367,8 +368,8 @@ def step_events(slots, xs, state, pred, prev_out, scratch, n_threads,
     if n_streams == 1:
         # One stream: its events in order through the single-row step (the same bits as
         # in a block), with no blocks to form.
-        step_stream(order, ev_slots[:1], xs, 0, state, pred, prev_out, OUT_BEFORE, cell, reset_after,
-                    hidden, offsets, wx, wh, b, bhn, peep, wo, bo, acc[0], accn[0], hp[0, 0])
+        step_stream_run(order, ev_slots[:1], xs, 0, state, pred, prev_out, OUT_BEFORE, n_threads, cell,
+                        reset_after, hidden, offsets, wx, wh, b, bhn, peep, wo, bo, acc[0], accn[0], hp[0, 0])
     elif n_chunks == 1:
         _step_list(0, n, order, ev_slots, xs, state, pred, prev_out, cell, reset_after, hidden,
                    offsets, wx, wh, b, bhn, peep, wo, bo, wxp, whp, xp[0], hp[0], acc[0], accn[0], blk[0])
@@ -423,9 +424,9 @@ def forward_sequences(x, state, n_threads, cell, reset_after, hidden, offsets,
     if n_seq == 1:
         # One sequence: its steps through the single-row step (the same bits as in a block).
         rows = np.zeros(1, np.int64)
-        step_stream(np.arange(n_steps), rows, x2.reshape(n_steps, n_feat), 0, state, pred, out[0],
-                    OUT_AFTER, cell, reset_after, hidden, offsets, wx, wh, b, bhn, peep, wo, bo,
-                    acc[0], accn[0], hp[0, 0])
+        step_stream_run(np.arange(n_steps), rows, x2.reshape(n_steps, n_feat), 0, state, pred, out[0],
+                        OUT_AFTER, n_threads, cell, reset_after, hidden, offsets, wx, wh, b, bhn, peep, wo, bo,
+                        acc[0], accn[0], hp[0, 0])
     elif n_chunks == 1:
         _forward_chunk(0, n_seq, x2, n_steps, state, pred, out, cell, reset_after, hidden, offsets,
                        wx, wh, b, bhn, peep, wo, bo, xp[0], hp[0], acc[0], accn[0], blk[0])

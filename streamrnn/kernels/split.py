@@ -1,0 +1,696 @@
+"""One stream's long run of events stepped by two threads: its hidden units split between them.
+
+A single stream is strictly sequential, and its step is a matrix-vector product over the
+recurrent weights (LSTM64: 64 KB float32), more than one core's 32 KB L1: one core streams
+them from L2 every event. Here (a "persistent RNN", as GPU persistent kernels do) thread t
+owns a contiguous range of each layer's hidden units for the whole run: it computes the
+gate columns of its units only (so it reads about half of the weights, from its own
+caches), applies the gates and the c/h update of its units, publishes its part of the new
+h and meets the partner at a spin barrier once per layer and event (both need the whole
+h). The h of every layer is double-buffered (step i writes buffer i % 2 and reads the
+other), so one barrier per layer-step suffices: a thread that passed the barrier of step i
+knows its partner has finished reading step i-1's buffer, the one step i+1 overwrites.
+An LSTM's c stays in the owner's private buffer. Worker 0 also runs the head and owns the
+stored prediction and the outputs, so they need no synchronisation.
+
+Numbers: each output column is summed exactly as ``single.matvec`` sums it (bias, input
+terms, recurrent terms, each in k order, one FMA per term), whatever vector group or scalar
+column computes it, and the gate updates are ``single``'s expressions term for term: the
+same bits as ``single.step_stream`` however the units are split.
+
+Safety: the two workers are the two iterations of a ``prange``; Numba may run them one
+after the other (one thread, a busy pool). So they first meet with a bounded wait: the
+second to arrive joins ("paired"), but if it has not arrived within ``JOIN_CYCLES`` the
+first atomically claims the run ("solo") and steps all units alone; a late partner sees
+that and leaves. A barrier spins with ``pause``, and after ``SPIN_CYCLES`` yields the CPU
+(sched_yield) between polls, so a partner preempted on this core gets to run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+
+import numpy as np
+from llvmlite import binding as llvm_binding
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from streamrnn.config import jit_options
+from streamrnn.kernels.activations import relu32, sigmoid32, tanh32
+from streamrnn.kernels.cells import GRU, LSTM, RNN_RELU
+from streamrnn.kernels.single import (LANES, OUT_AFTER, OUT_BEFORE, _F32P, _ONE, _at, _column, _data,
+                                      _item_data, _plain_layers, matvec, step_stream)
+
+_OPTS = jit_options()
+_PAR_OPTS = jit_options(parallel=True)
+_INLINE = dict(_OPTS, inline="always")
+
+#: Shortest run (events) that takes the split: shorter ones cost more in the parallel
+#: region's start and the handshake than the split saves (measured, see split_worth).
+MIN_EVENTS = 64
+#: Smallest widest layer worth splitting: below it a step is too short for a barrier.
+MIN_HIDDEN = 32
+#: Time-stamp-counter cycles the first worker waits for its partner before going solo.
+JOIN_CYCLES = 200_000
+#: Cycles a barrier spins (with pause) before it starts yielding the CPU between polls.
+SPIN_CYCLES = 50_000
+#: Events before the share of time spent at barriers is judged (the first waits include
+#: the partner's start).
+JUDGE_STEPS = 32
+
+# The sync words (int64), each on its own 64-byte line: arrival ticket, run mode, the last
+# barrier epoch each worker reached (two lines), worker 1's "the pairing is slow" flag, and
+# the barrier epoch after which worker 0 goes on alone (0: none yet).
+_TICKET, _MODE, _EPOCH, _SLOW, _STOP = 0, 8, 16, 32, 40
+SYNC_WORDS = 48
+#: Run modes: not yet decided, both workers, one worker from the start.
+_UNDECIDED, _PAIRED, _SOLO = 0, 1, 2
+#: _join's answers besides a worker index (0 or 1).
+_EXIT, _ALONE = -1, 2
+
+
+def split_counts() -> tuple[int, int]:
+    """(runs split, runs among them that did not pay) in this process so far."""
+    return int(_HEALTH[2]), int(_HEALTH[3])
+
+
+def _bind_sched_yield():
+    """Let compiled code call libc's sched_yield (LLVM resolves the symbol by name)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
+    llvm_binding.add_symbol("sched_yield", ctypes.cast(libc.sched_yield, ctypes.c_void_p).value)
+
+
+_bind_sched_yield()
+
+#: The process's memory of how splitting went (int64 words, shared by every kernel call and
+#: thread): [0] the time-stamp counter until which runs are not split, [1] the current
+#: back-off, [2] runs split, [3] of which did not pay (counts for diagnostics, not exact
+#: when threads race). Compiled code reaches it by symbol name, so cached kernels find it.
+_HEALTH_SYMBOL = "streamrnn_split_health"
+_HEALTH_WORDS = 8
+_HEALTH = (ctypes.c_int64 * _HEALTH_WORDS)()
+llvm_binding.add_symbol(_HEALTH_SYMBOL, ctypes.addressof(_HEALTH))
+#: Back-off after a run that did not pay (partner late or preempted, the parallel region
+#: slow to start or end: a busy machine), doubling while it lasts: cycles, about 1 ms and 1 s.
+BACKOFF_MIN = 2_000_000
+BACKOFF_MAX = 2_000_000_000
+
+_I64 = ir.IntType(64)
+
+
+def _int_word(context, builder, aryty, ary, idx, ity):
+    """Pointer to ary[idx] of a 1-D int64 array."""
+    data = context.make_array(aryty)(context, builder, ary).data
+    return builder.gep(data, [context.cast(builder, idx, ity, types.intp)])
+
+
+def _int64_array(ty):
+    return isinstance(ty, types.Array) and ty.ndim == 1 and ty.dtype == types.int64
+
+
+@intrinsic
+def _load_acquire(typingctx, arr, i):
+    """arr[i], an atomic load with acquire order: what the writer stored before its
+    release store is visible after it."""
+    if not (_int64_array(arr) and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ptr = _int_word(context, builder, signature.args[0], args[0], args[1], signature.args[1])
+        return builder.load_atomic(ptr, "acquire", 8)
+
+    return types.int64(arr, i), codegen
+
+
+@intrinsic
+def _store_release(typingctx, arr, i, v):
+    """arr[i] = v, an atomic store with release order (everything written before it is
+    visible to an acquire load that sees v)."""
+    if not (_int64_array(arr) and isinstance(i, types.Integer) and isinstance(v, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ptr = _int_word(context, builder, signature.args[0], args[0], args[1], signature.args[1])
+        val = context.cast(builder, args[2], signature.args[2], types.int64)
+        builder.store_atomic(val, ptr, "release", 8)
+        return context.get_dummy_value()
+
+    return types.void(arr, i, v), codegen
+
+
+@intrinsic
+def _fetch_add(typingctx, arr, i):
+    """Atomically arr[i] += 1 (acquire-release); returns the value before."""
+    if not (_int64_array(arr) and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ptr = _int_word(context, builder, signature.args[0], args[0], args[1], signature.args[1])
+        return builder.atomic_rmw("add", ptr, ir.Constant(_I64, 1), "acq_rel")
+
+    return types.int64(arr, i), codegen
+
+
+@intrinsic
+def _swap_if(typingctx, arr, i, expected, new):
+    """Atomically: if arr[i] == expected, arr[i] = new. True when it did (acquire-release)."""
+    if not (_int64_array(arr) and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ptr = _int_word(context, builder, signature.args[0], args[0], args[1], signature.args[1])
+        exp = context.cast(builder, args[2], signature.args[2], types.int64)
+        new_ = context.cast(builder, args[3], signature.args[3], types.int64)
+        pair = builder.cmpxchg(ptr, exp, new_, "acq_rel", "acquire")
+        return builder.extract_value(pair, 1)
+
+    return types.boolean(arr, i, expected, new), codegen
+
+
+@intrinsic
+def _pause(typingctx):
+    """The spin-wait hint (x86 pause): the core slows the poll and frees resources."""
+
+    def codegen(context, builder, signature, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
+                                            "llvm.x86.sse2.pause")
+        builder.call(fn, [])
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
+@intrinsic
+def _yield_cpu(typingctx):
+    """sched_yield(): let another runnable thread on this CPU (a preempted partner) run."""
+
+    def codegen(context, builder, signature, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), []), "sched_yield")
+        builder.call(fn, [])
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
+@intrinsic
+def _cycles(typingctx):
+    """The time-stamp counter (constant rate here), for bounded waits."""
+
+    def codegen(context, builder, signature, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I64, []), "llvm.readcyclecounter")
+        return builder.call(fn, [])
+
+    return types.int64(), codegen
+
+
+@intrinsic
+def _health(typingctx):
+    """Pointer to ``_HEALTH`` (an external symbol resolved when the code is linked or loaded)."""
+
+    def codegen(context, builder, signature, args):
+        words = ir.ArrayType(_I64, _HEALTH_WORDS)
+        var = builder.module.globals.get(_HEALTH_SYMBOL)
+        if var is None:
+            var = ir.GlobalVariable(builder.module, words, _HEALTH_SYMBOL)
+            var.linkage = "external"
+        return builder.bitcast(var, _I64.as_pointer())
+
+    return types.CPointer(types.int64)(), codegen
+
+
+@intrinsic
+def _address(typingctx, ptr):
+    """A pointer as an integer (``arr.ctypes.data`` would make the kernel uncacheable)."""
+    if ptr != _F32P:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.ptrtoint(args[0], _I64)
+
+    return types.int64(ptr), codegen
+
+
+@njit(**_INLINE)
+def _join(sync, join_cycles):
+    """The start handshake: this worker's index (0 or 1) when both run together, _ALONE when
+    the partner did not come within join_cycles (this worker steps the whole run), _EXIT
+    when the partner already took the run alone."""
+    if _fetch_add(sync, _TICKET) == 1:
+        return 1 if _swap_if(sync, _MODE, _UNDECIDED, _PAIRED) else _EXIT
+    start = _cycles()
+    while _load_acquire(sync, _MODE) == _UNDECIDED:
+        if join_cycles >= 0 and _cycles() - start > join_cycles:
+            if _swap_if(sync, _MODE, _UNDECIDED, _SOLO):
+                return _ALONE
+        else:
+            _pause()
+    return 0
+
+
+@njit(**_INLINE)
+def _barrier(sync, me, epoch):
+    """Publish that this worker reached ``epoch`` (release: its h writes go with it) and wait
+    until the partner has (acquire: the partner's h writes are visible). Returns the cycles
+    waited (0 when the partner was there first)."""
+    _store_release(sync, _EPOCH + 8 * me, epoch)
+    other = _EPOCH + 8 * (1 - me)
+    if _load_acquire(sync, other) >= epoch:
+        return 0
+    start = _cycles()
+    while _load_acquire(sync, other) < epoch:
+        if _cycles() - start > SPIN_CYCLES:
+            _yield_cpu()
+        else:
+            _pause()
+    return _cycles() - start
+
+
+@njit(**_INLINE)
+def _slow(steps, waited, longest, elapsed):
+    """A paired run that costs more than it saves: a barrier had to yield the CPU (the
+    partner was not running), or, over at least JUDGE_STEPS events, the barriers took half
+    the time (a step alone would take about twice the other half)."""
+    return longest > SPIN_CYCLES or (steps >= JUDGE_STEPS and 2 * waited > elapsed)
+
+
+# ----------------------------------------------------------------------------- products
+def _emit_segments(builder, groups, nseg, acc, bias, x, nx, wx, wxs, h, nh, wh, whs, stride):
+    """LLVM IR of ``_segspan``: ``single._emit_span`` over ``nseg`` column segments
+    ``stride`` elements apart (acc, bias and weight columns alike), ``groups`` vectors each:
+    every term acc + v * w on whole vectors, so the same FMAs as ``_span``."""
+    f32 = ir.FloatType()
+    vec = ir.VectorType(f32, LANES)
+    i32 = ir.IntType(32)
+
+    def vptr(base, offset):
+        return builder.bitcast(builder.gep(base, [offset]), vec.as_pointer())
+
+    def col(s, g):
+        return builder.add(builder.mul(ir.Constant(stride.type, s), stride), ir.Constant(stride.type, LANES * g))
+
+    cols = [(s, g) for s in range(nseg) for g in range(groups)]
+    regs = [cgutils.alloca_once(builder, vec) for _ in cols]
+    for (s, g), reg in zip(cols, regs):
+        builder.store(builder.load(vptr(bias, col(s, g)), align=4), reg)
+    for src, n, w, ws in ((x, nx, wx, wxs), (h, nh, wh, whs)):
+        with cgutils.for_range(builder, n) as loop:
+            k = loop.index
+            v = builder.load(builder.gep(src, [k]))
+            splat = builder.shuffle_vector(builder.insert_element(ir.Constant(vec, ir.Undefined), v, ir.Constant(i32, 0)),
+                                          ir.Constant(vec, ir.Undefined), ir.Constant(ir.VectorType(i32, LANES), [0] * LANES))
+            row = builder.mul(k, ws)
+            for (s, g), reg in zip(cols, regs):
+                wv = builder.load(vptr(w, builder.add(row, col(s, g))), align=4)
+                builder.store(builder.fadd(builder.load(reg), builder.fmul(splat, wv)), reg)
+    for (s, g), reg in zip(cols, regs):
+        builder.store(builder.load(reg), vptr(acc, col(s, g)), align=4)
+
+
+@intrinsic
+def _segspan(typingctx, groups, nseg, acc, bias, x, nx, wx, wxs, h, nh, wh, whs, stride):
+    """For s < nseg and c < LANES * groups (literals), with o = s * stride + c:
+    acc[o] = bias[o] + x[:nx] @ wx[:nx, o] + h[:nh] @ wh[:nh, o] (pointers; weights
+    wxs/whs elements per row), in registers: a thread's columns of every gate at once."""
+    ptrs = (acc, bias, x, wx, h, wh)
+    ints = (nx, wxs, nh, whs, stride)
+    if not (isinstance(groups, types.IntegerLiteral) and isinstance(nseg, types.IntegerLiteral)
+            and all(p == _F32P for p in ptrs) and all(isinstance(n, types.Integer) for n in ints)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        _, _, acc_, bias_, x_, nx_, wx_, wxs_, h_, nh_, wh_, whs_, stride_ = args
+        tys = signature.args
+
+        def intp(value, ty):
+            return context.cast(builder, value, ty, types.intp)
+
+        _emit_segments(builder, groups.literal_value, nseg.literal_value, acc_, bias_, x_, intp(nx_, tys[5]), wx_,
+                       intp(wxs_, tys[7]), h_, intp(nh_, tys[9]), wh_, intp(whs_, tys[11]), intp(stride_, tys[12]))
+        return context.get_dummy_value()
+
+    return types.void(groups, nseg, acc, bias, x, nx, wx, wxs, h, nh, wh, whs, stride), codegen
+
+
+@njit(**_INLINE)
+def matvec_segments(nseg, acc, bias, x, nx, wx, wxs, h, nh, wh, whs, stride, ncols):
+    """``single.matvec`` over columns [0, ncols) of ``nseg`` (1, 2 or 4) segments ``stride``
+    apart, up to 8 vector accumulators at a time, the last columns one by one."""
+    j = 0
+    if nseg == 4:
+        while j + 16 <= ncols:
+            _segspan(2, 4, _at(acc, j), _at(bias, j), x, nx, _at(wx, j), wxs, h, nh, _at(wh, j), whs, stride)
+            j += 16
+        if ncols - j >= 8:
+            _segspan(1, 4, _at(acc, j), _at(bias, j), x, nx, _at(wx, j), wxs, h, nh, _at(wh, j), whs, stride)
+            j += 8
+    elif nseg == 2:
+        while j + 32 <= ncols:
+            _segspan(4, 2, _at(acc, j), _at(bias, j), x, nx, _at(wx, j), wxs, h, nh, _at(wh, j), whs, stride)
+            j += 32
+        if ncols - j >= 16:
+            _segspan(2, 2, _at(acc, j), _at(bias, j), x, nx, _at(wx, j), wxs, h, nh, _at(wh, j), whs, stride)
+            j += 16
+        if ncols - j >= 8:
+            _segspan(1, 2, _at(acc, j), _at(bias, j), x, nx, _at(wx, j), wxs, h, nh, _at(wh, j), whs, stride)
+            j += 8
+    else:
+        while j + 64 <= ncols:
+            _segspan(8, 1, _at(acc, j), _at(bias, j), x, nx, _at(wx, j), wxs, h, nh, _at(wh, j), whs, stride)
+            j += 64
+        if ncols - j >= 32:
+            _segspan(4, 1, _at(acc, j), _at(bias, j), x, nx, _at(wx, j), wxs, h, nh, _at(wh, j), whs, stride)
+            j += 32
+        if ncols - j >= 16:
+            _segspan(2, 1, _at(acc, j), _at(bias, j), x, nx, _at(wx, j), wxs, h, nh, _at(wh, j), whs, stride)
+            j += 16
+        if ncols - j >= 8:
+            _segspan(1, 1, _at(acc, j), _at(bias, j), x, nx, _at(wx, j), wxs, h, nh, _at(wh, j), whs, stride)
+            j += 8
+    while j < ncols:
+        for s in range(nseg):
+            o = s * stride + j
+            _column(_at(acc, o), _at(bias, o), x, nx, _at(wx, o), wxs, h, nh, _at(wh, o), whs)
+        j += 1
+
+
+# --------------------------------------------------------------------------------- gates
+# ``single``'s gate updates over units [lo, hi): acc[g * H + j] holds gate g of unit j, hprev
+# and hnew the layer's whole h before and after, c the owner's c (in place).
+
+# An LSTM layer's block in the h buffers is the state row's: h, then c at +hsz, and the gate
+# loops take single's two pointers (hrow, acc): with h and c apart, LLVM's runtime overlap
+# checks exceeded its limit and the loops ran scalar (2.7x the time).
+
+@njit(**_INLINE)
+def _lstm_units(lo, hi, hsz, acc, hrow, peep):
+    for j in range(lo, hi):
+        c = hrow[hsz + j]
+        ig = sigmoid32(acc[j] + peep[j] * c)
+        fg = sigmoid32(acc[hsz + j] + peep[hsz + j] * c)
+        gg = tanh32(acc[2 * hsz + j])
+        cn = fg * c + ig * gg
+        og = sigmoid32(acc[3 * hsz + j] + peep[2 * hsz + j] * cn)
+        hrow[hsz + j] = cn
+        hrow[j] = og * tanh32(cn)
+
+
+@njit(**_INLINE)
+def _lstm_units_plain(lo, hi, hsz, acc, hrow):
+    # A loop of its own, not a branch in the one above: LLVM if-converts such a branch into
+    # code that rounds differently from single's loops.
+    for j in range(lo, hi):
+        c = hrow[hsz + j]
+        ig = sigmoid32(acc[j])
+        fg = sigmoid32(acc[hsz + j])
+        gg = tanh32(acc[2 * hsz + j])
+        cn = fg * c + ig * gg
+        og = sigmoid32(acc[3 * hsz + j])
+        hrow[hsz + j] = cn
+        hrow[j] = og * tanh32(cn)
+
+
+@njit(**_INLINE)
+def _gru_after_units(lo, hi, hsz, acc, accn, hprev, hnew):
+    for j in range(lo, hi):
+        acc[j] = sigmoid32(acc[j])
+    for j in range(hsz + lo, hsz + hi):
+        acc[j] = sigmoid32(acc[j])
+    for j in range(lo, hi):
+        ng = tanh32(acc[2 * hsz + j] + acc[j] * accn[j])
+        zg = acc[hsz + j]
+        h = hprev[j]
+        hnew[j] = (_ONE - zg) * ng + zg * h
+
+
+@njit(**_INLINE)
+def _gru_before_units(lo, hi, hsz, acc, accn, hprev, hnew):
+    for j in range(lo, hi):
+        zg = sigmoid32(acc[hsz + j])
+        ng = tanh32(acc[2 * hsz + j] + accn[j])
+        h = hprev[j]
+        hnew[j] = (_ONE - zg) * ng + zg * h
+
+
+@njit(**_INLINE)
+def _rnn_units(lo, hi, cell, acc, hnew):
+    for j in range(lo, hi):
+        if cell == RNN_RELU:
+            hnew[j] = relu32(acc[j])
+        else:
+            hnew[j] = tanh32(acc[j])
+
+
+@njit(**_INLINE)
+def _layer_units(sync, me, paired, epoch, cell, reset_after, plain, lo, hi, x, nx, hprev, hnew, hsz,
+                 wx, wh, b, bhn, peep, acc, accn, rh):
+    """Advance units [lo, hi) of one layer (``single.layer_row``'s products and gates for
+    those units), up to the barrier that publishes them (the caller's). GRU reset_before
+    meets the partner once inside (its n gate's recurrent product needs the whole r * h):
+    returns (epoch, cycles waited) after that."""
+    n = hi - lo
+    waited = 0
+    if cell == GRU:
+        ws = 3 * hsz
+        matvec_segments(2, _at(acc, lo), _at(b, lo), x, nx, _at(wx, lo), ws, hprev, hsz, _at(wh, lo), ws, hsz, n)
+        col = 2 * hsz + lo
+        matvec_segments(1, _at(acc, col), _at(b, col), x, nx, _at(wx, col), ws, hprev, 0, _at(wh, col), ws, hsz, n)
+        hv = hprev
+        if not reset_after:
+            for k in range(lo, hi):
+                rh[k] = sigmoid32(acc[k]) * hprev[k]
+            if paired:
+                epoch += 1
+                waited = _barrier(sync, me, epoch)
+            hv = rh
+        matvec_segments(1, _at(accn, lo), _at(bhn, lo), x, 0, _at(wx, col), ws, hv, hsz, _at(wh, col), ws, hsz, n)
+        if reset_after:
+            _gru_after_units(lo, hi, hsz, acc, accn, hprev, hnew)
+        else:
+            _gru_before_units(lo, hi, hsz, acc, accn, hprev, hnew)
+    elif cell == LSTM:
+        ws = 4 * hsz
+        matvec_segments(4, _at(acc, lo), _at(b, lo), x, nx, _at(wx, lo), ws, hprev, hsz, _at(wh, lo), ws, hsz, n)
+        # c carries over from the previous event's block (this worker's units only).
+        for j in range(hsz + lo, hsz + hi):
+            hnew[j] = hprev[j]
+        if plain:
+            _lstm_units_plain(lo, hi, hsz, acc, hnew)
+        else:
+            _lstm_units(lo, hi, hsz, acc, hnew, peep)
+    else:
+        matvec_segments(1, _at(acc, lo), _at(b, lo), x, nx, _at(wx, lo), hsz, hprev, hsz, _at(wh, lo), hsz, hsz, n)
+        _rnn_units(lo, hi, cell, acc, hnew)
+    return epoch, waited
+
+
+@njit(**_INLINE)
+def _units(me, paired, hsz):
+    """The units [lo, hi) worker ``me`` owns in a layer of hsz units (all when alone)."""
+    if not paired:
+        return 0, hsz
+    mid = hsz // 2
+    return (0, mid) if me == 0 else (mid, hsz)
+
+
+@njit(**_OPTS)
+def _worker(sync, info, join_cycles, ev, s, xs, xo, state, pred, out, mode, cell, reset_after, hidden, offsets,
+            wx, wh, b, bhn, peep, wo, bo, hbuf, hoff, priv, hmax, rh):
+    """One of the two workers of ``step_stream_split`` (see the module docstring).
+
+    hbuf (2, HS): the layers' h (an LSTM's h and c, as in the state row), double-buffered,
+    layer l at hoff[l], each unit written by its owner only; priv (2, P): each worker's acc
+    and accn; rh: a GRU's r * h. Worker 0 watches the barriers' cost (and worker 1's flag) and, when pairing
+    does not pay, goes on alone after the current event; worker 1 then leaves."""
+    role = _join(sync, join_cycles)
+    if role == _EXIT:
+        return
+    if role == _ALONE:
+        info[0] = _SOLO
+        step_stream(ev, np.full(1, s, np.int64), xs, xo, state, pred, out, mode, cell, reset_after, hidden, offsets,
+                    wx, wh, b, bhn, peep, wo, bo, priv[0, :4 * hmax], priv[0, 4 * hmax:], rh)
+        return
+    paired = role != _ALONE
+    me = role if paired else 0
+    n_layers = hidden.shape[0]
+    lstm = cell == LSTM
+    row = _at(_data(state), s * state.shape[1])
+    prow = _at(_data(pred), s * pred.shape[1])
+    n_out = pred.shape[1]
+    acc = _at(_data(priv), me * priv.shape[1])
+    accn = _at(acc, 4 * hmax)
+    hb = _data(hbuf)
+    hstride = hbuf.shape[1]
+    rhp = _data(rh)
+    plain = _plain_layers(cell, hidden, peep)
+    n_feat = wx[0].shape[0]
+    # The state's h (and c) go to buffer 1: step 0 reads it.
+    for layer in range(n_layers):
+        lo, hi = _units(me, paired, hidden[layer])
+        src = _at(row, offsets[layer])
+        h1 = _at(hb, hstride + hoff[layer])
+        for j in range(lo, hi):
+            h1[j] = src[j]
+            if lstm:
+                h1[hidden[layer] + j] = src[hidden[layer] + j]
+    epoch = 0
+    waited = 0
+    longest = 0
+    if paired:
+        epoch += 1
+        _barrier(sync, me, epoch)
+    began = _cycles()
+    xs0 = _data(xs)
+    out0 = _data(out)
+    n_ev = ev.shape[0]
+    for i in range(n_ev):
+        e = ev[i]
+        if me == 0 and mode == OUT_BEFORE:
+            for j in range(n_out):
+                out0[e * out.shape[1] + j] = prow[j]
+        cur = _at(hb, (i & 1) * hstride)
+        prev = _at(hb, (1 - (i & 1)) * hstride)
+        x = _at(xs0, e * xs.shape[1] + xo)
+        nx = n_feat
+        for layer in range(n_layers):
+            hsz = hidden[layer]
+            lo, hi = _units(me, paired, hsz)
+            hnew = _at(cur, hoff[layer])
+            epoch, w = _layer_units(sync, me, paired, epoch, cell, reset_after, (plain >> layer) & 1, lo, hi, x, nx,
+                                    _at(prev, hoff[layer]), hnew, hsz,
+                                    _item_data(wx, layer), _item_data(wh, layer), _item_data(b, layer),
+                                    _item_data(bhn, layer), _item_data(peep, layer), acc, accn, rhp)
+            waited += w
+            longest = max(longest, w)
+            if paired:
+                if layer == n_layers - 1 and i >= 2 and join_cycles >= 0:
+                    # Decided before this event's last barrier, so the partner reads it after.
+                    slow = _slow(i, waited, longest, _cycles() - began)
+                    if me == 1 and slow:
+                        _store_release(sync, _SLOW, 1)
+                    elif me == 0 and (slow or _load_acquire(sync, _SLOW) != 0):
+                        _store_release(sync, _STOP, epoch + 1)
+                epoch += 1
+                w = _barrier(sync, me, epoch)
+                waited += w
+                longest = max(longest, w)
+            x = hnew
+            nx = hsz
+        # The stop is tagged with its barrier: worker 0 may already have set a later one.
+        if paired and _load_acquire(sync, _STOP) == epoch:
+            if me == 1:
+                return  # worker 0 steps every unit from the next event on
+            paired = False
+        if me == 0:
+            matvec(prow, _data(bo), x, nx, _data(wo), wo.shape[1], x, 0, _data(wo), wo.shape[1], n_out)
+            if mode == OUT_AFTER:
+                for j in range(n_out):
+                    out0[e * out.shape[1] + j] = prow[j]
+    if me == 0:
+        info[0] = _load_acquire(sync, _MODE)
+        info[1] = _load_acquire(sync, _STOP)
+        info[2] = waited
+        info[3] = _cycles() - began
+    # Back to the state row: this worker's units of the last event's h (and c).
+    if n_ev > 0:
+        last = _at(hb, ((n_ev - 1) & 1) * hstride)
+        for layer in range(n_layers):
+            lo, hi = _units(me, paired, hidden[layer])
+            dst = _at(row, offsets[layer])
+            h = _at(last, hoff[layer])
+            for j in range(lo, hi):
+                dst[j] = h[j]
+                if lstm:
+                    dst[hidden[layer] + j] = h[hidden[layer] + j]
+
+
+@njit(**_OPTS)
+def _aligned(n):
+    """n float32 starting on a 64-byte line (the two workers' parts never share a line at
+    the start)."""
+    base = np.zeros(n + 16, np.float32)
+    skip = ((64 - _address(_data(base)) % 64) % 64) // 4
+    return base[skip:skip + n]
+
+
+@njit(**_PAR_OPTS)
+def step_stream_split(ev, rows, xs, xo, state, pred, out, mode, info, join_cycles, cell, reset_after, hidden, offsets,
+                      wx, wh, b, bhn, peep, wo, bo):
+    """``single.step_stream`` (same arguments and results, same bits, minus its scratch) with
+    each layer's units split between two threads; ``join_cycles`` bounds the start handshake
+    (negative: both workers wait for each other however long it takes and stay paired to
+    the end, for tests only: with one Numba thread that never returns).
+
+    info (int64, 4) receives how it went: the run mode (1 paired, 2 one worker from the
+    start), the barrier epoch after which worker 0 went on alone (0: never), the cycles
+    worker 0 waited at barriers and the cycles its run took. A run that did not pay pauses
+    ``split_worth`` for a while."""
+    n_layers = hidden.shape[0]
+    hmax = 1
+    hs = 0
+    hoff = np.empty(n_layers, np.int64)
+    for layer in range(n_layers):
+        hoff[layer] = hs
+        width = 2 * hidden[layer] if cell == LSTM else hidden[layer]
+        hs += (width + 15) // 16 * 16  # each layer's block from a line of its own
+        hmax = max(hmax, hidden[layer])
+    hmax = (hmax + 15) // 16 * 16
+    p = 5 * hmax  # acc (4 * hmax), accn (hmax)
+    hbuf = _aligned(2 * hs).reshape(2, hs)
+    priv = _aligned(2 * p).reshape(2, p)
+    rh = _aligned(hmax)
+    sync = np.zeros(SYNC_WORDS, np.int64)
+    s = rows[0]
+    began = _cycles()
+    for w in prange(2):
+        _worker(sync, info, join_cycles, ev, s, xs, xo, state, pred, out, mode, cell, reset_after, hidden, offsets,
+                wx, wh, b, bhn, peep, wo, bo, hbuf, hoff, priv, hmax, rh)
+    _remember(info, _cycles() - began)
+
+
+@njit(**_INLINE)
+def _remember(info, took):
+    """Pause splitting for a while (doubling while runs keep failing) after a run that did not
+    pay: the partner did not come or stopped keeping up, or starting and ending the parallel
+    region cost a quarter of the run (its threads were asleep or preempted)."""
+    health = _health()
+    health[2] += 1
+    ok = info[0] == _PAIRED and info[1] == 0 and 4 * (took - info[3]) < info[3]
+    if ok:
+        health[1] = 0
+        return
+    health[3] += 1
+    backoff = min(max(2 * health[1], BACKOFF_MIN), BACKOFF_MAX)
+    health[1] = backoff
+    health[0] = _cycles() + backoff
+
+
+@njit(**_OPTS)
+def split_worth(n_events, n_threads, hidden):
+    """Whether a run of ``n_events`` of one stream should take ``step_stream_split``;
+    ``n_threads`` is the caller's ``numba.get_num_threads()`` (calling it in here would make
+    the kernel uncacheable)."""
+    if n_threads < 2 or n_events < MIN_EVENTS:
+        return False
+    if _cycles() < _health()[0]:
+        return False  # a recent run did not pay
+    widest = 0
+    for h in hidden:
+        widest = max(widest, h)
+    return widest >= MIN_HIDDEN
+
+
+@njit(**_OPTS)
+def step_stream_run(ev, rows, xs, xo, state, pred, out, mode, n_threads, cell, reset_after, hidden, offsets,
+                    wx, wh, b, bhn, peep, wo, bo, acc, accn, rh):
+    """``single.step_stream`` for one stream's run of events ev: split between two threads
+    (``step_stream_split``) when ``split_worth`` says so, on the calling thread otherwise.
+    The same bits either way."""
+    if split_worth(ev.shape[0], n_threads, hidden):
+        step_stream_split(ev, rows, xs, xo, state, pred, out, mode, np.zeros(4, np.int64), JOIN_CYCLES, cell,
+                          reset_after, hidden, offsets, wx, wh, b, bhn, peep, wo, bo)
+    else:
+        step_stream(ev, rows, xs, xo, state, pred, out, mode, cell, reset_after, hidden, offsets, wx, wh, b, bhn,
+                    peep, wo, bo, acc, accn, rh)

@@ -1,0 +1,238 @@
+"""One stream's run with its hidden units split between two threads (streamrnn.kernels.split).
+
+Bit for bit against the one-thread path (single.step_stream) for every cell and variant,
+stacked layers and odd sizes (unequal halves), in whatever mode the run ended up (both
+workers, one from the start, worker 0 alone after a slow stretch); against the float64
+reference and PyTorch; the fallbacks when the partner never comes (one Numba thread) or is
+preempted (CPU hogs on both cores); and the call sites in kernels.stream.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numba
+import numpy as np
+import pytest
+import torch
+from numba import njit
+
+from streamrnn import Model
+from streamrnn.kernels import split
+from streamrnn.kernels.single import OUT_AFTER, OUT_BEFORE, step_stream
+from streamrnn.kernels.stream import forward_sequences, step_events
+from tests import naive
+
+VARIANTS = [
+    {"cell": "gru", "reset_after": True},
+    {"cell": "gru", "reset_after": False},
+    {"cell": "lstm"},
+    {"cell": "lstm", "peephole": True},
+    {"cell": "rnn"},
+    {"cell": "rnn", "nonlinearity": "relu"},
+]
+# Even and odd halves (33: 16 + 17 units), vector groups and single columns, 1-3 layers.
+SHAPES = [([64], 1), ([33], 3), ([40, 17], 2), ([33, 64, 9], 1)]
+#: Handshake bound for the tests: long enough that a busy partner still joins (a run that
+#: pairs is what most tests want), short enough not to matter when it does not.
+JOIN = 50_000_000
+#: Paired for the whole run whatever happens (the paired code itself under test).
+STRICT = -1
+
+
+def _inputs(model, length, seed):
+    rng = np.random.default_rng(seed)
+    xs = rng.standard_normal((length, model.n_features)).astype(np.float32)
+    # A state row in the middle of a table, with a non-zero starting state and prediction.
+    state = np.zeros((3, model.packed.state_width), np.float32)
+    state[1] = rng.standard_normal(model.packed.state_width).astype(np.float32) * 0.3
+    pred = np.full((3, model.n_outputs), np.nan, np.float32)
+    pred[1] = rng.standard_normal(model.n_outputs).astype(np.float32)
+    return xs, state, pred
+
+
+def _one_thread(model, xs, state, pred, mode):
+    state, pred = state.copy(), pred.copy()
+    out = np.full((xs.shape[0], model.n_outputs), np.nan, np.float32)
+    hmax = max(model.hidden)
+    step_stream(np.arange(xs.shape[0]), np.array([1]), xs, 0, state, pred, out, mode, *model.packed.kernel_args(),
+                np.empty(4 * hmax, np.float32), np.empty(hmax, np.float32), np.empty(hmax, np.float32))
+    return state, pred, out
+
+
+def _split(model, xs, state, pred, mode, join=STRICT):
+    state, pred = state.copy(), pred.copy()
+    out = np.full((xs.shape[0], model.n_outputs), np.nan, np.float32)
+    info = np.zeros(4, np.int64)
+    split.step_stream_split(np.arange(xs.shape[0]), np.array([1]), xs, 0, state, pred, out, mode, info, join,
+                            *model.packed.kernel_args())
+    return (state, pred, out), info
+
+
+def _assert_same_bits(a, b):
+    for x, y in zip(a, b):
+        assert np.array_equal(x, y, equal_nan=True)
+
+
+@pytest.mark.parametrize("options", VARIANTS)
+@pytest.mark.parametrize("hidden,d", SHAPES)
+def test_split_run_equals_one_thread_bit_for_bit(options, hidden, d):
+    model = Model.random(n_features=d, hidden=hidden, seed=len(hidden) + d, **options)
+    xs, state, pred = _inputs(model, 150, d)
+    for mode in (OUT_BEFORE, OUT_AFTER):
+        want = _one_thread(model, xs, state, pred, mode)
+        got, info = _split(model, xs, state, pred, mode)
+        _assert_same_bits(got, want)
+        assert info[0] == 1 and info[1] == 0  # paired to the end
+        # As the call sites run it: whatever mode the run ends in, the same bits.
+        got, info = _split(model, xs, state, pred, mode, join=JOIN)
+        _assert_same_bits(got, want)
+    # Every row but the stepped one is untouched.
+    assert np.array_equal(got[0][[0, 2]], state[[0, 2]])
+
+
+def test_a_run_pairs_when_both_threads_are_free():
+    """The paired path itself (not only the fallbacks) is what the bit-for-bit tests cover:
+    on an idle second core the partner joins and stays for the whole run. Retried, since
+    other processes on this machine may hold the second core for a while."""
+    model = Model.random(n_features=1, hidden=[64], seed=1, cell="lstm")
+    xs, state, pred = _inputs(model, 400, 0)
+    want = _one_thread(model, xs, state, pred, OUT_BEFORE)
+    for _ in range(50):
+        got, info = _split(model, xs, state, pred, OUT_BEFORE, join=JOIN)
+        _assert_same_bits(got, want)
+        if info[0] == 1 and info[1] == 0:
+            return
+    pytest.skip("the second core was never free for a whole run")
+
+
+@pytest.mark.parametrize("options", VARIANTS)
+def test_split_run_matches_float64_reference(options):
+    model = Model.random(n_features=2, hidden=[33, 20], seed=5, **options)
+    x = (np.random.default_rng(1).standard_normal((80, 2)) * 2).astype(np.float32)
+    scaled = ((x - model.scaler_mean) / model.scaler_scale).astype(np.float32)
+    state = np.zeros((1, model.packed.state_width), np.float32)
+    pred = np.zeros((1, 2), np.float32)
+    out = np.empty((80, 2), np.float32)
+    split.step_stream_split(np.arange(80), np.zeros(1, np.int64), scaled, 0, state, pred, out, OUT_AFTER,
+                            np.zeros(4, np.int64), JOIN, *model.packed.kernel_args())
+    np.testing.assert_allclose(out * model.scaler_scale + model.scaler_mean, naive.forward(model, x),
+                               atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_split_run_matches_pytorch(kind):
+    torch.manual_seed(0)
+    rnn = getattr(torch.nn, kind)(3, 48, num_layers=2)
+    head = torch.nn.Linear(48, 3)
+    model = Model.from_torch(rnn, head)
+    x = np.random.default_rng(2).standard_normal((120, 3)).astype(np.float32)
+    with torch.no_grad():
+        seq, _ = rnn(torch.from_numpy(x)[:, None])
+        want = head(seq[:, 0]).numpy()
+    state = np.zeros((1, model.packed.state_width), np.float32)
+    out = np.empty((120, 3), np.float32)
+    split.step_stream_split(np.arange(120), np.zeros(1, np.int64), x, 0, state, np.zeros((1, 3), np.float32), out,
+                            OUT_AFTER, np.zeros(4, np.int64), JOIN, *model.packed.kernel_args())
+    np.testing.assert_allclose(out, want, atol=1e-5, rtol=0)
+
+
+def test_one_numba_thread_runs_alone_after_the_bounded_wait():
+    """With one thread Numba runs the two workers one after the other: the first waits
+    join_cycles for a partner that cannot come, claims the run and steps it alone; the
+    second sees that and leaves (no deadlock)."""
+    model = Model.random(n_features=1, hidden=[64], seed=2, cell="gru")
+    xs, state, pred = _inputs(model, 300, 3)
+    want = _one_thread(model, xs, state, pred, OUT_BEFORE)
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        got, info = _split(model, xs, state, pred, OUT_BEFORE, join=200_000)
+    finally:
+        numba.set_num_threads(before)
+    _assert_same_bits(got, want)
+    assert info[0] == 2  # alone from the start
+
+
+@njit(nogil=True, cache=False)
+def _spin(seconds_of_work):
+    """A CPU hog that does not hold the GIL."""
+    s = 0.0
+    for i in range(int(seconds_of_work * 3e8)):
+        s += i * 1e-9
+    return s
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_busy_cores_still_give_the_same_bits(cell):
+    """Two hog threads share the cores with the workers: a worker is preempted between
+    barriers (the partner yields, then worker 0 goes on alone). Runs finish, same bits."""
+    model = Model.random(n_features=1, hidden=[64, 32], seed=4, cell=cell)
+    xs, state, pred = _inputs(model, 3000, 4)
+    want = _one_thread(model, xs, state, pred, OUT_BEFORE)
+    _spin(0.0)
+    hogs = [threading.Thread(target=_spin, args=(3.0,)) for _ in range(2)]
+    for hog in hogs:
+        hog.start()
+    modes = set()
+    try:
+        for _ in range(8):
+            got, info = _split(model, xs, state, pred, OUT_BEFORE, join=JOIN)
+            _assert_same_bits(got, want)
+            modes.add((int(info[0]), bool(info[1])))
+    finally:
+        for hog in hogs:
+            hog.join()
+    assert modes <= {(1, False), (1, True), (2, False)}
+
+
+def test_split_worth_takes_long_runs_of_wide_layers_with_two_threads():
+    hidden = np.array([64], np.int64)
+    split._HEALTH[0] = 0  # no back-off from earlier runs
+    assert split.split_worth(split.MIN_EVENTS, 2, hidden)
+    assert not split.split_worth(split.MIN_EVENTS - 1, 2, hidden)
+    assert not split.split_worth(10_000, 1, hidden)
+    assert not split.split_worth(10_000, 2, np.array([split.MIN_HIDDEN - 1, 8], np.int64))
+    assert split.split_worth(10_000, 2, np.array([8, split.MIN_HIDDEN], np.int64))
+
+
+def test_a_run_that_did_not_pay_pauses_splitting():
+    model = Model.random(n_features=1, hidden=[64], seed=2, cell="gru")
+    xs, state, pred = _inputs(model, 100, 3)
+    split._HEALTH[0] = 0
+    split._HEALTH[1] = 0
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        _split(model, xs, state, pred, OUT_BEFORE, join=1000)  # alone: did not pay
+    finally:
+        numba.set_num_threads(before)
+    assert split._HEALTH[1] >= split.BACKOFF_MIN
+    assert not split.split_worth(10_000, 2, np.array([64], np.int64))
+    split._HEALTH[0] = 0
+
+
+@pytest.mark.parametrize("options", [{"cell": "lstm"}, {"cell": "gru", "reset_after": False}])
+def test_call_sites_split_long_single_stream_runs_with_the_same_bits(options):
+    """kernels.stream's one-stream micro-batch and one-sequence forward take the split for a
+    long run with two threads (when no back-off is in force) and give the one-thread bits."""
+    model = Model.random(n_features=2, hidden=[48, 33], seed=6, **options)
+    args = model.packed.kernel_args()
+    rng = np.random.default_rng(7)
+    xs = rng.standard_normal((500, 2)).astype(np.float32)
+    slots = np.zeros(500, np.int64)
+    results = []
+    for threads in (1, 2):
+        split._HEALTH[0] = 0
+        runs = split.split_counts()[0]
+        state = np.zeros((1, model.packed.state_width), np.float32)
+        pred = np.full((1, 2), np.nan, np.float32)
+        prev = np.empty((500, 2), np.float32)
+        step_events(slots, xs, state, pred, prev, np.zeros(1, np.int32), threads, *args)
+        split._HEALTH[0] = 0
+        fwd = forward_sequences(xs[None], np.zeros((1, model.packed.state_width), np.float32), threads, *args)
+        assert split.split_counts()[0] - runs == (2 if threads == 2 else 0)
+        results.append((state, pred, prev, fwd))
+    _assert_same_bits(results[0], results[1])
+    assert np.array_equal(results[0][2][1:], results[0][3][0, :-1])
