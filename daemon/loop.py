@@ -326,6 +326,7 @@ class Daemon:
             self.store = LocalStore(cfg.state_dir)
         else:
             self.store = ChangelogStore(cfg.changelog, self.producer, self._changelog_reader(), self.inputs)
+        _skip_known_coordinator_round_trip(self.consumer)
         self.consumer.subscribe(cfg.input, listener=_Listener(self))
 
     def _producer(self):
@@ -777,6 +778,26 @@ class Daemon:
                 except Exception as exc:  # closing is best effort; the commit is done
                     log.warning("close failed", extra={"fields": {"client": name, "reason": str(exc)}})
             setattr(self, name, None)
+
+
+def _skip_known_coordinator_round_trip(consumer) -> None:
+    """Every kafka-python 3 group poll asks its I/O thread whether the group coordinator is
+    known (a blocking hand-off to that thread and back, on a socket wake-up) even when it is.
+    When the coordinator is known and connected, answer on the calling thread; otherwise (not
+    yet found, disconnected, or a kafka-python without these attributes) ask as before."""
+    coord = getattr(consumer, "_coordinator", None)
+    client = getattr(coord, "_client", None)
+    ensure = getattr(coord, "ensure_coordinator_ready", None)
+    if ensure is None or not hasattr(coord, "coordinator_id") or not hasattr(client, "is_disconnected"):
+        return
+
+    def ensure_coordinator_ready(timeout_ms=None):
+        node = coord.coordinator_id
+        if node is not None and not client.is_disconnected(node):
+            return True
+        return ensure(timeout_ms=timeout_ms)
+
+    coord.ensure_coordinator_ready = ensure_coordinator_ready
 
 
 def _offsets(commit: list) -> dict:
