@@ -139,9 +139,19 @@ def padded_weights(wx, wh, hidden, n_events):
     wxp = np.zeros((n_layers, nx, width), np.float32)
     whp = np.zeros((n_layers, nh, width), np.float32)
     for layer in range(n_layers):
-        wxp[layer, :wx[layer].shape[0], :wx[layer].shape[1]] = wx[layer]
-        whp[layer, :wh[layer].shape[0], :wh[layer].shape[1]] = wh[layer]
+        _copy_rows(wxp[layer], wx[layer])
+        _copy_rows(whp[layer], wh[layer])
     return wxp, whp
+
+
+@njit(**_OPTS)
+def _copy_rows(dst, src):
+    """dst[:rows, :cols] = src (plain loops: a slice assignment compiles Numba's broadcasting)."""
+    for i in range(src.shape[0]):
+        d = dst[i]
+        s = src[i]
+        for j in range(s.shape[0]):
+            d[j] = s[j]
 
 
 @njit(**_OPTS)
