@@ -55,10 +55,15 @@ def _inputs(model, length, seed):
 def _one_thread(model, xs, state, pred, mode):
     state, pred = state.copy(), pred.copy()
     out = np.full((xs.shape[0], model.n_outputs), np.nan, np.float32)
-    hmax = max(model.hidden)
     step_stream(np.arange(xs.shape[0]), np.array([1]), xs, 0, state, pred, out, mode, *model.packed.kernel_args(),
-                np.empty(4 * hmax, np.float32), np.empty(hmax, np.float32), np.empty(hmax, np.float32))
+                *_scratch(model))
     return state, pred, out
+
+
+def _scratch(model):
+    """step_stream's scratch as kernels.stream passes it (the same specialisation)."""
+    hmax = max(model.hidden)
+    return np.empty((1, 4 * hmax), np.float32), np.empty((1, hmax), np.float32), np.empty(hmax, np.float32)
 
 
 def _split(model, xs, state, pred, mode, join=STRICT):
@@ -66,7 +71,7 @@ def _split(model, xs, state, pred, mode, join=STRICT):
     out = np.full((xs.shape[0], model.n_outputs), np.nan, np.float32)
     info = np.zeros(4, np.int64)
     split.step_stream_split(np.arange(xs.shape[0]), np.array([1]), xs, 0, state, pred, out, mode, info, join,
-                            *model.packed.kernel_args())
+                            *model.packed.kernel_args(), *_scratch(model))
     return (state, pred, out), info
 
 
@@ -116,7 +121,7 @@ def test_split_run_matches_float64_reference(options):
     pred = np.zeros((1, 2), np.float32)
     out = np.empty((80, 2), np.float32)
     split.step_stream_split(np.arange(80), np.zeros(1, np.int64), scaled, 0, state, pred, out, OUT_AFTER,
-                            np.zeros(4, np.int64), JOIN, *model.packed.kernel_args())
+                            np.zeros(4, np.int64), JOIN, *model.packed.kernel_args(), *_scratch(model))
     np.testing.assert_allclose(out * model.scaler_scale + model.scaler_mean, naive.forward(model, x),
                                atol=1e-5, rtol=0)
 
@@ -134,7 +139,7 @@ def test_split_run_matches_pytorch(kind):
     state = np.zeros((1, model.packed.state_width), np.float32)
     out = np.empty((120, 3), np.float32)
     split.step_stream_split(np.arange(120), np.zeros(1, np.int64), x, 0, state, np.zeros((1, 3), np.float32), out,
-                            OUT_AFTER, np.zeros(4, np.int64), JOIN, *model.packed.kernel_args())
+                            OUT_AFTER, np.zeros(4, np.int64), JOIN, *model.packed.kernel_args(), *_scratch(model))
     np.testing.assert_allclose(out, want, atol=1e-5, rtol=0)
 
 
@@ -187,14 +192,21 @@ def test_busy_cores_still_give_the_same_bits(cell):
     assert modes <= {(1, False), (1, True), (2, False)}
 
 
-def test_split_worth_takes_long_runs_of_wide_layers_with_two_threads():
-    hidden = np.array([64], np.int64)
+def _weights(cell, hidden, d=1):
+    args = Model.random(n_features=d, hidden=hidden, seed=0, cell=cell).packed.kernel_args()
+    return args[2], args[4], args[5]  # hidden, wx, wh
+
+
+def test_split_worth_takes_long_runs_of_big_layers_with_two_threads():
     split._HEALTH[0] = 0  # no back-off from earlier runs
-    assert split.split_worth(split.MIN_EVENTS, 2, hidden)
-    assert not split.split_worth(split.MIN_EVENTS - 1, 2, hidden)
-    assert not split.split_worth(10_000, 1, hidden)
-    assert not split.split_worth(10_000, 2, np.array([split.MIN_HIDDEN - 1, 8], np.int64))
-    assert split.split_worth(10_000, 2, np.array([8, split.MIN_HIDDEN], np.int64))
+    assert split.split_worth(split.MIN_EVENTS, 2, *_weights("lstm", [64]))
+    assert split.split_worth(split.MIN_EVENTS, 2, *_weights("gru", [64]))
+    assert not split.split_worth(split.MIN_EVENTS - 1, 2, *_weights("lstm", [64]))
+    assert not split.split_worth(10_000, 1, *_weights("lstm", [64]))
+    # Small layers: a step is too short for a barrier per layer.
+    assert not split.split_worth(10_000, 2, *_weights("lstm", [32]))
+    assert not split.split_worth(10_000, 2, *_weights("gru", [64, 8]))
+    assert split.split_worth(10_000, 2, *_weights("gru", [64, 64]))
 
 
 def test_a_run_that_did_not_pay_pauses_splitting():
@@ -209,7 +221,7 @@ def test_a_run_that_did_not_pay_pauses_splitting():
     finally:
         numba.set_num_threads(before)
     assert split._HEALTH[1] >= split.BACKOFF_MIN
-    assert not split.split_worth(10_000, 2, np.array([64], np.int64))
+    assert not split.split_worth(10_000, 2, *_weights("lstm", [64]))
     split._HEALTH[0] = 0
 
 
@@ -217,7 +229,7 @@ def test_a_run_that_did_not_pay_pauses_splitting():
 def test_call_sites_split_long_single_stream_runs_with_the_same_bits(options):
     """kernels.stream's one-stream micro-batch and one-sequence forward take the split for a
     long run with two threads (when no back-off is in force) and give the one-thread bits."""
-    model = Model.random(n_features=2, hidden=[48, 33], seed=6, **options)
+    model = Model.random(n_features=2, hidden=[72, 65], seed=6, **options)
     args = model.packed.kernel_args()
     rng = np.random.default_rng(7)
     xs = rng.standard_normal((500, 2)).astype(np.float32)

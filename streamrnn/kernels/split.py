@@ -10,8 +10,15 @@ h and meets the partner at a spin barrier once per layer and event (both need th
 h). The h of every layer is double-buffered (step i writes buffer i % 2 and reads the
 other), so one barrier per layer-step suffices: a thread that passed the barrier of step i
 knows its partner has finished reading step i-1's buffer, the one step i+1 overwrites.
-An LSTM's c stays in the owner's private buffer. Worker 0 also runs the head and owns the
-stored prediction and the outputs, so they need no synchronisation.
+An LSTM's c travels with its h in the same double-buffered block, written by its owner
+only. Worker 0 also runs the head and owns the stored prediction and the outputs, so they
+need no synchronisation.
+
+What it costs: a barrier is two cache-line transfers between the cores (the writer takes
+the line back, the reader fetches it), measured 0.5-0.6 us on this VM's two vCPUs, so a
+split step is at least that long: only layers whose step takes a core about 1 us alone gain
+(``MIN_LAYER_WEIGHTS``). Measured, both cores free: LSTM64 0.7 us a step (1.1 alone), GRU64
+0.53-0.58 (0.8 alone).
 
 Numbers: each output column is summed exactly as ``single.matvec`` sums it (bias, input
 terms, recurrent terms, each in k order, one FMA per term), whatever vector group or scalar
@@ -21,9 +28,13 @@ same bits as ``single.step_stream`` however the units are split.
 Safety: the two workers are the two iterations of a ``prange``; Numba may run them one
 after the other (one thread, a busy pool). So they first meet with a bounded wait: the
 second to arrive joins ("paired"), but if it has not arrived within ``JOIN_CYCLES`` the
-first atomically claims the run ("solo") and steps all units alone; a late partner sees
-that and leaves. A barrier spins with ``pause``, and after ``SPIN_CYCLES`` yields the CPU
-(sched_yield) between polls, so a partner preempted on this core gets to run.
+first atomically claims the run ("solo") and leaves; a late partner sees that and leaves
+too, and the calling thread steps the run with ``single.step_stream``. A barrier spins with ``pause``, and after ``SPIN_CYCLES`` yields the CPU
+(sched_yield) between polls, so a partner preempted on this core gets to run; worker 0
+then goes on alone (the partner leaves at the next barrier). On a busy machine the
+parallel region itself may take milliseconds to start or end (its other thread asleep or
+preempted), so a run that did not pay pauses splitting in this process for a while
+(``_remember``: 1 ms, doubling up to 1 s while runs keep failing).
 """
 
 from __future__ import annotations
@@ -51,8 +62,12 @@ _INLINE = dict(_OPTS, inline="always")
 #: Shortest run (events) that takes the split: shorter ones cost more in the parallel
 #: region's start and the handshake than the split saves (measured, see split_worth).
 MIN_EVENTS = 64
-#: Smallest widest layer worth splitting: below it a step is too short for a barrier.
-MIN_HIDDEN = 32
+#: Fewest weights per layer (input and recurrent, summed over layers / layers) worth a
+#: split. A barrier costs ~0.5 us here (two cache-line transfers between the cores of this
+#: VM: /tmp/s8/K/pingpong.py measured 510-590 ns per barrier), so only steps that take a
+#: core ~1 us alone gain: GRU64 (12.5k weights, 0.8 us) and LSTM64 (16.6k, 1.1 us) do,
+#: LSTM32/GRU48 (4-7k) would lose.
+MIN_LAYER_WEIGHTS = 12_000
 #: Time-stamp-counter cycles the first worker waits for its partner before going solo.
 JOIN_CYCLES = 200_000
 #: Cycles a barrier spins (with pause) before it starts yielding the CPU between polls.
@@ -236,8 +251,8 @@ def _address(typingctx, ptr):
 @njit(**_INLINE)
 def _join(sync, join_cycles):
     """The start handshake: this worker's index (0 or 1) when both run together, _ALONE when
-    the partner did not come within join_cycles (this worker steps the whole run), _EXIT
-    when the partner already took the run alone."""
+    the partner did not come within join_cycles (the run goes to one thread), _EXIT when
+    the partner already decided so."""
     if _fetch_add(sync, _TICKET) == 1:
         return 1 if _swap_if(sync, _MODE, _UNDECIDED, _PAIRED) else _EXIT
     start = _cycles()
@@ -334,46 +349,51 @@ def _segspan(typingctx, groups, nseg, acc, bias, x, nx, wx, wxs, h, nh, wh, whs,
     return types.void(groups, nseg, acc, bias, x, nx, wx, wxs, h, nh, wh, whs, stride), codegen
 
 
+# ``single.matvec`` over columns [0, ncols) of nseg (4, 2 or 1) segments ``stride`` apart, up
+# to 8 vector accumulators at a time, the last columns one by one. Compiled functions, not
+# inlined ones, one per segment count: inlined into every caller (with every branch for
+# every count) they took most of a minute of cold compilation.
+
 @njit(**_INLINE)
-def matvec_segments(nseg, acc, bias, x, nx, wx, wxs, h, nh, wh, whs, stride, ncols):
-    """``single.matvec`` over columns [0, ncols) of ``nseg`` (1, 2 or 4) segments ``stride``
-    apart, up to 8 vector accumulators at a time, the last columns one by one."""
-    j = 0
-    if nseg == 4:
-        while j + 16 <= ncols:
-            _segspan(2, 4, _at(acc, j), _at(bias, j), x, nx, _at(wx, j), wxs, h, nh, _at(wh, j), whs, stride)
-            j += 16
-        if ncols - j >= 8:
-            _segspan(1, 4, _at(acc, j), _at(bias, j), x, nx, _at(wx, j), wxs, h, nh, _at(wh, j), whs, stride)
-            j += 8
-    elif nseg == 2:
-        while j + 32 <= ncols:
-            _segspan(4, 2, _at(acc, j), _at(bias, j), x, nx, _at(wx, j), wxs, h, nh, _at(wh, j), whs, stride)
-            j += 32
-        if ncols - j >= 16:
-            _segspan(2, 2, _at(acc, j), _at(bias, j), x, nx, _at(wx, j), wxs, h, nh, _at(wh, j), whs, stride)
-            j += 16
-        if ncols - j >= 8:
-            _segspan(1, 2, _at(acc, j), _at(bias, j), x, nx, _at(wx, j), wxs, h, nh, _at(wh, j), whs, stride)
-            j += 8
-    else:
-        while j + 64 <= ncols:
-            _segspan(8, 1, _at(acc, j), _at(bias, j), x, nx, _at(wx, j), wxs, h, nh, _at(wh, j), whs, stride)
-            j += 64
-        if ncols - j >= 32:
-            _segspan(4, 1, _at(acc, j), _at(bias, j), x, nx, _at(wx, j), wxs, h, nh, _at(wh, j), whs, stride)
-            j += 32
-        if ncols - j >= 16:
-            _segspan(2, 1, _at(acc, j), _at(bias, j), x, nx, _at(wx, j), wxs, h, nh, _at(wh, j), whs, stride)
-            j += 16
-        if ncols - j >= 8:
-            _segspan(1, 1, _at(acc, j), _at(bias, j), x, nx, _at(wx, j), wxs, h, nh, _at(wh, j), whs, stride)
-            j += 8
+def _columns(nseg, j, acc, bias, x, nx, wx, wxs, h, nh, wh, whs, stride, ncols):
     while j < ncols:
         for s in range(nseg):
             o = s * stride + j
             _column(_at(acc, o), _at(bias, o), x, nx, _at(wx, o), wxs, h, nh, _at(wh, o), whs)
         j += 1
+
+
+@njit(**_OPTS)
+def matvec4(acc, bias, x, nx, wx, wxs, h, nh, wh, whs, stride, ncols):
+    j = 0
+    while j + 16 <= ncols:
+        _segspan(2, 4, _at(acc, j), _at(bias, j), x, nx, _at(wx, j), wxs, h, nh, _at(wh, j), whs, stride)
+        j += 16
+    if ncols - j >= 8:
+        _segspan(1, 4, _at(acc, j), _at(bias, j), x, nx, _at(wx, j), wxs, h, nh, _at(wh, j), whs, stride)
+        j += 8
+    _columns(4, j, acc, bias, x, nx, wx, wxs, h, nh, wh, whs, stride, ncols)
+
+
+@njit(**_OPTS)
+def matvec2(acc, bias, x, nx, wx, wxs, h, nh, wh, whs, stride, ncols):
+    j = 0
+    while j + 32 <= ncols:
+        _segspan(4, 2, _at(acc, j), _at(bias, j), x, nx, _at(wx, j), wxs, h, nh, _at(wh, j), whs, stride)
+        j += 32
+    if ncols - j >= 16:
+        _segspan(2, 2, _at(acc, j), _at(bias, j), x, nx, _at(wx, j), wxs, h, nh, _at(wh, j), whs, stride)
+        j += 16
+    if ncols - j >= 8:
+        _segspan(1, 2, _at(acc, j), _at(bias, j), x, nx, _at(wx, j), wxs, h, nh, _at(wh, j), whs, stride)
+        j += 8
+    _columns(2, j, acc, bias, x, nx, wx, wxs, h, nh, wh, whs, stride, ncols)
+
+
+@njit(**_OPTS)
+def matvec1(acc, bias, x, nx, wx, wxs, h, nh, wh, whs, ncols):
+    """One segment: ``single.matvec`` itself."""
+    matvec(acc, bias, x, nx, wx, wxs, h, nh, wh, whs, ncols)
 
 
 # --------------------------------------------------------------------------------- gates
@@ -443,47 +463,66 @@ def _rnn_units(lo, hi, cell, acc, hnew):
             hnew[j] = tanh32(acc[j])
 
 
+@njit(**_OPTS)
+def _gru_layer(sync, me, paired, epoch, reset_after, lo, hi, x, nx, hprev, hnew, hsz, wx, wh, b, bhn, acc, accn,
+               rh):
+    """A GRU layer's units [lo, hi); reset_before meets the partner once inside (its n gate's
+    recurrent product needs the whole r * h). Returns (epoch, cycles waited)."""
+    n = hi - lo
+    waited = 0
+    ws = 3 * hsz
+    matvec2(_at(acc, lo), _at(b, lo), x, nx, _at(wx, lo), ws, hprev, hsz, _at(wh, lo), ws, hsz, n)
+    col = 2 * hsz + lo
+    matvec1(_at(acc, col), _at(b, col), x, nx, _at(wx, col), ws, hprev, 0, _at(wh, col), ws, n)
+    hv = hprev
+    if not reset_after:
+        for k in range(lo, hi):
+            rh[k] = sigmoid32(acc[k]) * hprev[k]
+        if paired:
+            epoch += 1
+            waited = _barrier(sync, me, epoch)
+        hv = rh
+    matvec1(_at(accn, lo), _at(bhn, lo), x, 0, _at(wx, col), ws, hv, hsz, _at(wh, col), ws, n)
+    if reset_after:
+        _gru_after_units(lo, hi, hsz, acc, accn, hprev, hnew)
+    else:
+        _gru_before_units(lo, hi, hsz, acc, accn, hprev, hnew)
+    return epoch, waited
+
+
+@njit(**_OPTS)
+def _lstm_layer(plain, lo, hi, x, nx, hprev, hnew, hsz, wx, wh, b, peep, acc):
+    ws = 4 * hsz
+    matvec4(_at(acc, lo), _at(b, lo), x, nx, _at(wx, lo), ws, hprev, hsz, _at(wh, lo), ws, hsz, hi - lo)
+    # c carries over from the previous event's block (this worker's units only).
+    for j in range(hsz + lo, hsz + hi):
+        hnew[j] = hprev[j]
+    if plain:
+        _lstm_units_plain(lo, hi, hsz, acc, hnew)
+    else:
+        _lstm_units(lo, hi, hsz, acc, hnew, peep)
+
+
+@njit(**_OPTS)
+def _rnn_layer(cell, lo, hi, x, nx, hprev, hnew, hsz, wx, wh, b, acc):
+    matvec1(_at(acc, lo), _at(b, lo), x, nx, _at(wx, lo), hsz, hprev, hsz, _at(wh, lo), hsz, hi - lo)
+    _rnn_units(lo, hi, cell, acc, hnew)
+
+
 @njit(**_INLINE)
 def _layer_units(sync, me, paired, epoch, cell, reset_after, plain, lo, hi, x, nx, hprev, hnew, hsz,
                  wx, wh, b, bhn, peep, acc, accn, rh):
     """Advance units [lo, hi) of one layer (``single.layer_row``'s products and gates for
-    those units), up to the barrier that publishes them (the caller's). GRU reset_before
-    meets the partner once inside (its n gate's recurrent product needs the whole r * h):
-    returns (epoch, cycles waited) after that."""
-    n = hi - lo
-    waited = 0
+    those units), up to the barrier that publishes them (the caller's). Returns (epoch,
+    cycles waited) after any barrier inside (GRU reset_before)."""
     if cell == GRU:
-        ws = 3 * hsz
-        matvec_segments(2, _at(acc, lo), _at(b, lo), x, nx, _at(wx, lo), ws, hprev, hsz, _at(wh, lo), ws, hsz, n)
-        col = 2 * hsz + lo
-        matvec_segments(1, _at(acc, col), _at(b, col), x, nx, _at(wx, col), ws, hprev, 0, _at(wh, col), ws, hsz, n)
-        hv = hprev
-        if not reset_after:
-            for k in range(lo, hi):
-                rh[k] = sigmoid32(acc[k]) * hprev[k]
-            if paired:
-                epoch += 1
-                waited = _barrier(sync, me, epoch)
-            hv = rh
-        matvec_segments(1, _at(accn, lo), _at(bhn, lo), x, 0, _at(wx, col), ws, hv, hsz, _at(wh, col), ws, hsz, n)
-        if reset_after:
-            _gru_after_units(lo, hi, hsz, acc, accn, hprev, hnew)
-        else:
-            _gru_before_units(lo, hi, hsz, acc, accn, hprev, hnew)
-    elif cell == LSTM:
-        ws = 4 * hsz
-        matvec_segments(4, _at(acc, lo), _at(b, lo), x, nx, _at(wx, lo), ws, hprev, hsz, _at(wh, lo), ws, hsz, n)
-        # c carries over from the previous event's block (this worker's units only).
-        for j in range(hsz + lo, hsz + hi):
-            hnew[j] = hprev[j]
-        if plain:
-            _lstm_units_plain(lo, hi, hsz, acc, hnew)
-        else:
-            _lstm_units(lo, hi, hsz, acc, hnew, peep)
+        return _gru_layer(sync, me, paired, epoch, reset_after, lo, hi, x, nx, hprev, hnew, hsz, wx, wh, b, bhn,
+                          acc, accn, rh)
+    if cell == LSTM:
+        _lstm_layer(plain, lo, hi, x, nx, hprev, hnew, hsz, wx, wh, b, peep, acc)
     else:
-        matvec_segments(1, _at(acc, lo), _at(b, lo), x, nx, _at(wx, lo), hsz, hprev, hsz, _at(wh, lo), hsz, hsz, n)
-        _rnn_units(lo, hi, cell, acc, hnew)
-    return epoch, waited
+        _rnn_layer(cell, lo, hi, x, nx, hprev, hnew, hsz, wx, wh, b, acc)
+    return epoch, 0
 
 
 @njit(**_INLINE)
@@ -508,12 +547,10 @@ def _worker(sync, info, join_cycles, ev, s, xs, xo, state, pred, out, mode, cell
     if role == _EXIT:
         return
     if role == _ALONE:
-        info[0] = _SOLO
-        step_stream(ev, np.full(1, s, np.int64), xs, xo, state, pred, out, mode, cell, reset_after, hidden, offsets,
-                    wx, wh, b, bhn, peep, wo, bo, priv[0, :4 * hmax], priv[0, 4 * hmax:], rh)
+        info[0] = _SOLO  # the caller steps the run (single.step_stream) once both have left
         return
-    paired = role != _ALONE
-    me = role if paired else 0
+    paired = True
+    me = role
     n_layers = hidden.shape[0]
     lstm = cell == LSTM
     row = _at(_data(state), s * state.shape[1])
@@ -616,10 +653,20 @@ def _aligned(n):
 
 
 @njit(**_PAR_OPTS)
+def _pair(sync, info, join_cycles, ev, s, xs, xo, state, pred, out, mode, cell, reset_after, hidden, offsets,
+          wx, wh, b, bhn, peep, wo, bo, hbuf, hoff, priv, hmax, rh):
+    """The two workers as a parallel region, and nothing else in it (Numba's parallel
+    passes take seconds per statement they analyse, cold)."""
+    for w in prange(2):
+        _worker(sync, info, join_cycles, ev, s, xs, xo, state, pred, out, mode, cell, reset_after, hidden, offsets,
+                wx, wh, b, bhn, peep, wo, bo, hbuf, hoff, priv, hmax, rh)
+
+
+@njit(**_OPTS)
 def step_stream_split(ev, rows, xs, xo, state, pred, out, mode, info, join_cycles, cell, reset_after, hidden, offsets,
-                      wx, wh, b, bhn, peep, wo, bo):
-    """``single.step_stream`` (same arguments and results, same bits, minus its scratch) with
-    each layer's units split between two threads; ``join_cycles`` bounds the start handshake
+                      wx, wh, b, bhn, peep, wo, bo, acc, accn, rh):
+    """``single.step_stream`` (same arguments, results and bits; acc, accn and rh are its
+    scratch, used when the run goes alone) with each layer's units split between two threads; ``join_cycles`` bounds the start handshake
     (negative: both workers wait for each other however long it takes and stay paired to
     the end, for tests only: with one Numba thread that never returns).
 
@@ -640,14 +687,15 @@ def step_stream_split(ev, rows, xs, xo, state, pred, out, mode, info, join_cycle
     p = 5 * hmax  # acc (4 * hmax), accn (hmax)
     hbuf = _aligned(2 * hs).reshape(2, hs)
     priv = _aligned(2 * p).reshape(2, p)
-    rh = _aligned(hmax)
+    rhs = _aligned(hmax)
     sync = np.zeros(SYNC_WORDS, np.int64)
-    s = rows[0]
     began = _cycles()
-    for w in prange(2):
-        _worker(sync, info, join_cycles, ev, s, xs, xo, state, pred, out, mode, cell, reset_after, hidden, offsets,
-                wx, wh, b, bhn, peep, wo, bo, hbuf, hoff, priv, hmax, rh)
+    _pair(sync, info, join_cycles, ev, rows[0], xs, xo, state, pred, out, mode, cell, reset_after, hidden, offsets,
+          wx, wh, b, bhn, peep, wo, bo, hbuf, hoff, priv, hmax, rhs)
     _remember(info, _cycles() - began)
+    if info[0] == _SOLO:
+        step_stream(ev, rows, xs, xo, state, pred, out, mode, cell, reset_after, hidden, offsets, wx, wh, b, bhn,
+                    peep, wo, bo, acc, accn, rh)
 
 
 @njit(**_INLINE)
@@ -668,7 +716,7 @@ def _remember(info, took):
 
 
 @njit(**_OPTS)
-def split_worth(n_events, n_threads, hidden):
+def split_worth(n_events, n_threads, hidden, wx, wh):
     """Whether a run of ``n_events`` of one stream should take ``step_stream_split``;
     ``n_threads`` is the caller's ``numba.get_num_threads()`` (calling it in here would make
     the kernel uncacheable)."""
@@ -676,10 +724,11 @@ def split_worth(n_events, n_threads, hidden):
         return False
     if _cycles() < _health()[0]:
         return False  # a recent run did not pay
-    widest = 0
-    for h in hidden:
-        widest = max(widest, h)
-    return widest >= MIN_HIDDEN
+    n_layers = hidden.shape[0]
+    weights = 0
+    for layer in range(n_layers):
+        weights += wx[layer].size + wh[layer].size
+    return weights >= MIN_LAYER_WEIGHTS * n_layers
 
 
 @njit(**_OPTS)
@@ -688,9 +737,9 @@ def step_stream_run(ev, rows, xs, xo, state, pred, out, mode, n_threads, cell, r
     """``single.step_stream`` for one stream's run of events ev: split between two threads
     (``step_stream_split``) when ``split_worth`` says so, on the calling thread otherwise.
     The same bits either way."""
-    if split_worth(ev.shape[0], n_threads, hidden):
+    if split_worth(ev.shape[0], n_threads, hidden, wx, wh):
         step_stream_split(ev, rows, xs, xo, state, pred, out, mode, np.zeros(4, np.int64), JOIN_CYCLES, cell,
-                          reset_after, hidden, offsets, wx, wh, b, bhn, peep, wo, bo)
+                          reset_after, hidden, offsets, wx, wh, b, bhn, peep, wo, bo, acc, accn, rh)
     else:
         step_stream(ev, rows, xs, xo, state, pred, out, mode, cell, reset_after, hidden, offsets, wx, wh, b, bhn,
                     peep, wo, bo, acc, accn, rh)
