@@ -44,7 +44,7 @@ TOP_FEATURES = 3
 _KERNEL_COLUMNS = ("state", "pred", "x_mean", "x_scale", "last_ts", "last_offset", "err_mean", "err_var",
                    "err_short", "err_vm", "err_cov", "n_scored", "warm", "in_alert", "below", "alert_len",
                    "open_ts", "drift_m", "drifted", "dyn_buf", "dyn_eps", "x_lo", "x_hi", "err_bias",
-                   "err_energy", "x_last", "rep", "x_fit")
+                   "err_energy", "x_last", "rep")
 
 
 @dataclass
@@ -143,6 +143,10 @@ class Detector:
         self._model_ref = ModelRef(str(model.name), str(model.version))
         self._stream_scaler = getattr(model, "stream_scaler", None) is not None
         self._params_cache: dict = {}
+        # Streams fit their own scalers only under a per-stream-scaled model (the table then
+        # has the x_fit column); otherwise the kernel gets an empty stand-in it never reads.
+        self._fits = "x_fit" in self.table.columns
+        self._no_fit = np.empty((0, 1 + 2 * model.n_features))
         self._kargs: tuple | None = None
 
     @property
@@ -167,7 +171,7 @@ class Detector:
         """The per-stream columns a detector keeps for ``model`` (and ``config``'s dynamic window)."""
         d = model.n_features
         window = config.dynamic_window if config is not None and config.dynamic else 1
-        return {
+        cols = {
             "state": Column((model.packed.state_width,), np.float32, 0.0),
             "pred": Column((model.n_outputs,), np.float32, np.nan),
             "x_mean": Column((d,), np.float64, np.asarray(model.scaler_mean, np.float64)),
@@ -194,10 +198,13 @@ class Detector:
             "err_energy": Column((), np.float64, 0.0),
             "x_last": Column((d,), np.float64, np.nan),
             "rep": Column((3,), np.float64, 0.0),
-            # A stream fitting its own scaler: events so far, then the running means and sums of
-            # squared deviations per feature; NaN when it is not fitting one.
-            "x_fit": Column((1 + 2 * d,), np.float64, np.nan),
         }
+        if getattr(model, "stream_scaler", None) is not None:
+            # A stream fitting its own scaler (a per-stream-scaled model that has none for it):
+            # events so far, then the running means and sums of squared deviations per
+            # feature; NaN when it is not fitting one. Other models never fit one.
+            cols["x_fit"] = Column((1 + 2 * d,), np.float64, np.nan)
+        return cols
 
     def _check_table(self, table: StreamTable) -> None:
         want = self.columns_for(self.model, self.config)
@@ -242,7 +249,8 @@ class Detector:
         contrib = np.empty((n, d), np.float32)
         fp, ip = self._kernel_params(off.shape[0] > 0)
         cols = t.column_arrays(_KERNEL_COLUMNS)
-        K.detect_batch(slots, x, ts, off, fp, ip, numba.get_num_threads(), self._scratch, *cols,
+        fit = t.column("x_fit") if self._fits else self._no_fit
+        K.detect_batch(slots, x, ts, off, fp, ip, numba.get_num_threads(), self._scratch, *cols, fit,
                        pred, error, score, rank, alert, applied, code, open_ts, contrib,
                        self._counters, *self._kernel_args())
         self._events += n
@@ -255,7 +263,10 @@ class Detector:
     def _kernel_params(self, has_offsets: bool) -> tuple[np.ndarray, np.ndarray]:
         cached = self._params_cache.get(has_offsets)
         if cached is None or cached[0] is not self.resolved:
-            cached = self._params_cache[has_offsets] = (self.resolved, self.resolved.kernel_params(has_offsets))
+            fp, ip = self.resolved.kernel_params(has_offsets)
+            if not self._fits:
+                ip[K.I_FIT_EVENTS] = 0
+            cached = self._params_cache[has_offsets] = (self.resolved, (fp, ip))
         return cached[1]
 
     def _kernel_args(self) -> tuple:

@@ -457,6 +457,7 @@ def test_scaler_fit_off_or_without_stream_scalers_uses_the_global_scaler():
                   scaler_mean=model.scaler_mean, scaler_scale=model.scaler_scale)
     det = Detector(plain, fit_scaler_events=10)
     assert det.process(ids, x, ts).applied.all() and det.counters["scaler_fitting"] == 0
+    assert "x_fit" not in det.table.columns  # nor pays a column's memory for it
     with pytest.raises(ScoringConfigError, match="fit_scaler_events"):
         Detector(model, fit_scaler_events=-1)
 

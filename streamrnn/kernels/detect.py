@@ -334,6 +334,7 @@ def _detect_list(lo, hi, ev, sl, x, ts, offsets, fp, ip, xs, state, pred, x_mean
         fast = max(fp[F_BIAS_ALPHA], fp[F_ENERGY_ALPHA])
         repeats = ip[I_REPEATS] != 0
     max_gap = fp[F_MAX_GAP]
+    n_fit = ip[I_FIT_EVENTS]  # 0: no stream fits a scaler, and x_fit may have no rows
     app_ev = blk[0]
     app_sl = blk[1]
     i = lo
@@ -393,7 +394,7 @@ def _detect_list(lo, hi, ev, sl, x, ts, offsets, fp, ip, xs, state, pred, x_mean
                     for d in range(n_feat):
                         out_pred[e, d] = np.nan
             last_ts[s] = max(prev_ts, ts[e])
-            if x_fit[s, 0] >= 0.0 and _fit_scaler(e, s, x, n_feat, ip[I_FIT_EVENTS], x_fit, x_mean, x_scale):
+            if n_fit > 0 and x_fit[s, 0] >= 0.0 and _fit_scaler(e, s, x, n_feat, n_fit, x_fit, x_mean, x_scale):
                 # A stream the model has no scaler for learns its own from its first events;
                 # the event after the fit is its first step, as a new stream's first event is.
                 cnt[C_FITTING] += 1
