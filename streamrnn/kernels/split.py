@@ -109,9 +109,12 @@ _HEALTH_WORDS = 8
 _HEALTH = (ctypes.c_int64 * _HEALTH_WORDS)()
 llvm_binding.add_symbol(_HEALTH_SYMBOL, ctypes.addressof(_HEALTH))
 #: Back-off after a run that did not pay (partner late or preempted, the parallel region
-#: slow to start or end: a busy machine), doubling while it lasts: cycles, about 1 ms and 1 s.
-BACKOFF_MIN = 2_000_000
-BACKOFF_MAX = 2_000_000_000
+#: slow to start or end: a busy machine), doubling while it lasts: cycles, about 10 ms and
+#: 10 s. Each failed try can cost milliseconds (the region's end waits for a preempted
+#: thread): with 1 ms doubling to 1 s the bench's LSTM64 D=1 row lost 15-70% on a machine
+#: with one core busy.
+BACKOFF_MIN = 25_000_000
+BACKOFF_MAX = 25_000_000_000
 
 _I64 = ir.IntType(64)
 
@@ -701,11 +704,13 @@ def step_stream_split(ev, rows, xs, xo, state, pred, out, mode, info, join_cycle
 @njit(**_INLINE)
 def _remember(info, took):
     """Pause splitting for a while (doubling while runs keep failing) after a run that did not
-    pay: the partner did not come or stopped keeping up, or starting and ending the parallel
-    region cost a quarter of the run (its threads were asleep or preempted)."""
+    pay: the partner did not come or stopped keeping up, worker 0 waited at the barriers for
+    3/10 of the run (a healthy split waits 3-15%: the partner ran slow), or starting and
+    ending the parallel region cost a tenth of the run (its threads asleep or preempted)."""
     health = _health()
     health[2] += 1
-    ok = info[0] == _PAIRED and info[1] == 0 and 4 * (took - info[3]) < info[3]
+    run = info[3]
+    ok = info[0] == _PAIRED and info[1] == 0 and 10 * info[2] < 3 * run and 10 * (took - run) < run
     if ok:
         health[1] = 0
         return
