@@ -209,7 +209,8 @@ def test_split_worth_takes_long_runs_of_big_layers_with_two_threads():
     assert split.split_worth(10_000, 2, *_weights("gru", [64, 64]))
 
 
-def test_a_run_that_did_not_pay_pauses_splitting():
+def _alone(join):
+    """One run with one Numba thread (the partner cannot come); returns split_worth after it."""
     model = Model.random(n_features=1, hidden=[64], seed=2, cell="gru")
     xs, state, pred = _inputs(model, 100, 3)
     split._HEALTH[0] = 0
@@ -217,12 +218,25 @@ def test_a_run_that_did_not_pay_pauses_splitting():
     before = numba.get_num_threads()
     numba.set_num_threads(1)
     try:
-        _split(model, xs, state, pred, OUT_BEFORE, join=1000)  # alone: did not pay
+        _, info = _split(model, xs, state, pred, OUT_BEFORE, join=join)
     finally:
         numba.set_num_threads(before)
+    assert info[0] == 2
+    return split.split_worth(10_000, 2, *_weights("lstm", [64]))
+
+
+def test_a_costly_run_that_did_not_pay_pauses_splitting():
+    # The handshake waited 4x CHEAP_FAILURE for nothing: back off.
+    assert not _alone(4 * split.CHEAP_FAILURE)
     assert split._HEALTH[1] >= split.BACKOFF_MIN
-    assert not split.split_worth(10_000, 2, *_weights("lstm", [64]))
     split._HEALTH[0] = 0
+
+
+def test_a_cheap_failure_tries_again_next_run():
+    # A partner that was merely asleep costs a short wait: no back-off, or a pool that
+    # idles between runs would never be split again.
+    assert _alone(1000)
+    assert split._HEALTH[1] == 0
 
 
 @pytest.mark.parametrize("options", [{"cell": "lstm"}, {"cell": "gru", "reset_after": False}])

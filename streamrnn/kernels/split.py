@@ -68,8 +68,9 @@ MIN_EVENTS = 64
 #: core ~1 us alone gain: GRU64 (12.5k weights, 0.8 us) and LSTM64 (16.6k, 1.1 us) do,
 #: LSTM32/GRU48 (4-7k) would lose.
 MIN_LAYER_WEIGHTS = 12_000
-#: Time-stamp-counter cycles the first worker waits for its partner before going solo.
-JOIN_CYCLES = 200_000
+#: Time-stamp-counter cycles the first worker waits for its partner before going solo
+#: (~100 us here: a pool thread asleep on an idle core wakes in tens of us).
+JOIN_CYCLES = 250_000
 #: Cycles a barrier spins (with pause) before it starts yielding the CPU between polls.
 SPIN_CYCLES = 50_000
 #: Events before the share of time spent at barriers is judged (the first waits include
@@ -115,6 +116,9 @@ llvm_binding.add_symbol(_HEALTH_SYMBOL, ctypes.addressof(_HEALTH))
 #: with one core busy.
 BACKOFF_MIN = 25_000_000
 BACKOFF_MAX = 25_000_000_000
+#: A run that did not pay but whose parallel region took less than this (cycles, ~0.2 ms
+#: here: a handshake that timed out and a partner that woke up soon after) backs nothing off.
+CHEAP_FAILURE = 500_000
 
 _I64 = ir.IntType(64)
 
@@ -709,12 +713,16 @@ def _remember(info, took):
     ending the parallel region cost a tenth of the run (its threads asleep or preempted)."""
     health = _health()
     health[2] += 1
-    run = info[3]
+    run = info[3] if info[0] == _PAIRED else 0
     ok = info[0] == _PAIRED and info[1] == 0 and 10 * info[2] < 3 * run and 10 * (took - run) < run
     if ok:
         health[1] = 0
         return
     health[3] += 1
+    if took - run < CHEAP_FAILURE:
+        # The partner was asleep (the pool idles between runs) or late, and the region cost
+        # little: try again next run, or every run after an idle spell would fail.
+        return
     backoff = min(max(2 * health[1], BACKOFF_MIN), BACKOFF_MAX)
     health[1] = backoff
     health[0] = _cycles() + backoff
