@@ -116,8 +116,9 @@ llvm_binding.add_symbol(_HEALTH_SYMBOL, ctypes.addressof(_HEALTH))
 #: with one core busy.
 BACKOFF_MIN = 25_000_000
 BACKOFF_MAX = 25_000_000_000
-#: A run that did not pay but whose parallel region took less than this (cycles, ~0.2 ms
-#: here: a handshake that timed out and a partner that woke up soon after) backs nothing off.
+#: A run that did not pay but lost less than this (cycles, ~0.2 ms here, in the parallel
+#: region's start and end and at barriers: a handshake that timed out on a partner that woke
+#: up soon after) backs nothing off.
 CHEAP_FAILURE = 500_000
 
 _I64 = ir.IntType(64)
@@ -719,7 +720,8 @@ def _remember(info, took):
         health[1] = 0
         return
     health[3] += 1
-    if took - run < CHEAP_FAILURE:
+    waste = took - run + (info[2] if info[0] == _PAIRED else 0)  # region overhead and barrier waits
+    if waste < CHEAP_FAILURE:
         # The partner was asleep (the pool idles between runs) or late, and the region cost
         # little: try again next run, or every run after an idle spell would fail.
         return
