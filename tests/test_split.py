@@ -41,6 +41,23 @@ JOIN = 50_000_000
 STRICT = -1
 
 
+@pytest.fixture(autouse=True)
+def _splitting_on():
+    """Splitting is opt-in (split.enable); these tests want it on."""
+    was = split._HEALTH[4]
+    split.enable(True)
+    yield
+    split._HEALTH[4] = was
+
+
+def test_splitting_is_off_unless_enabled():
+    split._HEALTH[0] = 0
+    split.enable(False)
+    assert not split.split_worth(10_000, 2, *_weights("lstm", [64]))
+    split.enable(True)
+    assert split.split_worth(10_000, 2, *_weights("lstm", [64]))
+
+
 def _inputs(model, length, seed):
     rng = np.random.default_rng(seed)
     xs = rng.standard_normal((length, model.n_features)).astype(np.float32)

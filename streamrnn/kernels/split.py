@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 
 import numpy as np
 from llvmlite import binding as llvm_binding
@@ -88,6 +89,16 @@ _UNDECIDED, _PAIRED, _SOLO = 0, 1, 2
 _EXIT, _ALONE = -1, 2
 
 
+def enable(on: bool = True) -> None:
+    """Turn splitting of long single-stream runs on or off for this process. Off unless the
+    environment says STREAMRNN_SPLIT=1: on this 2-vCPU VM a barrier costs ~0.5 us and
+    any other process on the second core (the bench's own PyTorch threads spin there after
+    each call) makes pairs fail, so the bench's N=1 rows came out from 12% lower (LSTM64
+    D=8) to 28% higher (GRU64 D=1) run to run; the kernel alone gains 18-31% when both
+    cores are free."""
+    _HEALTH[4] = 1 if on else 0
+
+
 def split_counts() -> tuple[int, int]:
     """(runs split, runs among them that did not pay) in this process so far."""
     return int(_HEALTH[2]), int(_HEALTH[3])
@@ -104,11 +115,13 @@ _bind_sched_yield()
 #: The process's memory of how splitting went (int64 words, shared by every kernel call and
 #: thread): [0] the time-stamp counter until which runs are not split, [1] the current
 #: back-off, [2] runs split, [3] of which did not pay (counts for diagnostics, not exact
-#: when threads race). Compiled code reaches it by symbol name, so cached kernels find it.
+#: when threads race), [4] 1 when splitting is on (``enable``). Compiled code reaches it by
+#: symbol name, so cached kernels find it (and a switch needs no recompilation).
 _HEALTH_SYMBOL = "streamrnn_split_health"
 _HEALTH_WORDS = 8
 _HEALTH = (ctypes.c_int64 * _HEALTH_WORDS)()
 llvm_binding.add_symbol(_HEALTH_SYMBOL, ctypes.addressof(_HEALTH))
+_HEALTH[4] = 1 if os.environ.get("STREAMRNN_SPLIT", "0").strip().lower() in {"1", "true", "yes", "on"} else 0
 #: Back-off after a run that did not pay (partner late or preempted, the parallel region
 #: slow to start or end: a busy machine), doubling while it lasts: cycles, about 10 ms and
 #: 10 s. Each failed try can cost milliseconds (the region's end waits for a preempted
@@ -735,7 +748,7 @@ def split_worth(n_events, n_threads, hidden, wx, wh):
     """Whether a run of ``n_events`` of one stream should take ``step_stream_split``;
     ``n_threads`` is the caller's ``numba.get_num_threads()`` (calling it in here would make
     the kernel uncacheable)."""
-    if n_threads < 2 or n_events < MIN_EVENTS:
+    if n_threads < 2 or n_events < MIN_EVENTS or _health()[4] == 0:
         return False
     if _cycles() < _health()[0]:
         return False  # a recent run did not pay
