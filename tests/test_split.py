@@ -43,14 +43,14 @@ STRICT = -1
 
 @pytest.fixture(autouse=True)
 def _splitting_on():
-    """Splitting is opt-in (split.enable); these tests want it on."""
+    """Splitting can be switched off (split.enable); these tests want it on."""
     was = split._HEALTH[4]
     split.enable(True)
     yield
     split._HEALTH[4] = was
 
 
-def test_splitting_is_off_unless_enabled():
+def test_splitting_can_be_switched_off():
     split._HEALTH[0] = 0
     split.enable(False)
     assert not split.split_worth(10_000, 2, *_weights("lstm", [64]))

@@ -15,10 +15,10 @@ only. Worker 0 also runs the head and owns the stored prediction and the outputs
 need no synchronisation.
 
 What it costs: a barrier is two cache-line transfers between the cores (the writer takes
-the line back, the reader fetches it), measured 0.5-0.6 us on this VM's two vCPUs, so a
-split step is at least that long: only layers whose step takes a core about 1 us alone gain
-(``MIN_LAYER_WEIGHTS``). Measured, both cores free: LSTM64 0.7 us a step (1.1 alone), GRU64
-0.53-0.58 (0.8 alone).
+the line back, the reader fetches it): 48-58 ns on this VM's two vCPUs when the machine is
+quiet, 0.5-0.6 us (and much worse) while other processes run (/tmp/s8/K/pingpong.py), so
+only layers whose step takes a core about 1 us alone gain (``MIN_LAYER_WEIGHTS``).
+Measured, quiet, 1000-event runs: LSTM64 0.93 us an event (1.17 alone), GRU64 0.62 (0.81).
 
 Numbers: each output column is summed exactly as ``single.matvec`` sums it (bias, input
 terms, recurrent terms, each in k order, one FMA per term), whatever vector group or scalar
@@ -60,14 +60,15 @@ _OPTS = jit_options()
 _PAR_OPTS = jit_options(parallel=True)
 _INLINE = dict(_OPTS, inline="always")
 
-#: Shortest run (events) that takes the split: shorter ones cost more in the parallel
-#: region's start and the handshake than the split saves (measured, see split_worth).
+#: Shortest run (events) that takes the split: a parallel region starts in ~2 us with its
+#: threads awake (and the handshake adds little), a split event saves 0.2-0.4 us at H=64:
+#: an estimate with margin, not a measured break-even.
 MIN_EVENTS = 64
 #: Fewest weights per layer (input and recurrent, summed over layers / layers) worth a
-#: split. A barrier costs ~0.5 us here (two cache-line transfers between the cores of this
-#: VM: /tmp/s8/K/pingpong.py measured 510-590 ns per barrier), so only steps that take a
-#: core ~1 us alone gain: GRU64 (12.5k weights, 0.8 us) and LSTM64 (16.6k, 1.1 us) do,
-#: LSTM32/GRU48 (4-7k) would lose.
+#: split: GRU64 (12.5k weights, 0.8 us a step alone) and LSTM64 (16.6k, 1.2 us) gain. A
+#: barrier costs 50 ns on a quiet machine but ~0.5 us while other processes run here
+#: (/tmp/s8/K/pingpong.py), so smaller layers (LSTM32, GRU48: 4-7k) stay on one thread;
+#: whether they would gain when quiet was not measured.
 MIN_LAYER_WEIGHTS = 12_000
 #: Time-stamp-counter cycles the first worker waits for its partner before going solo
 #: (~100 us here: a pool thread asleep on an idle core wakes in tens of us).
@@ -90,12 +91,8 @@ _EXIT, _ALONE = -1, 2
 
 
 def enable(on: bool = True) -> None:
-    """Turn splitting of long single-stream runs on or off for this process. Off unless the
-    environment says STREAMRNN_SPLIT=1: on this 2-vCPU VM a barrier costs ~0.5 us and
-    any other process on the second core (the bench's own PyTorch threads spin there after
-    each call) makes pairs fail, so the bench's N=1 rows came out from 12% lower (LSTM64
-    D=8) to 28% higher (GRU64 D=1) run to run; the kernel alone gains 18-31% when both
-    cores are free."""
+    """Turn splitting of long single-stream runs on or off for this process (on unless the
+    environment says STREAMRNN_SPLIT=0)."""
     _HEALTH[4] = 1 if on else 0
 
 
@@ -121,14 +118,15 @@ _HEALTH_SYMBOL = "streamrnn_split_health"
 _HEALTH_WORDS = 8
 _HEALTH = (ctypes.c_int64 * _HEALTH_WORDS)()
 llvm_binding.add_symbol(_HEALTH_SYMBOL, ctypes.addressof(_HEALTH))
-_HEALTH[4] = 1 if os.environ.get("STREAMRNN_SPLIT", "0").strip().lower() in {"1", "true", "yes", "on"} else 0
+_HEALTH[4] = 0 if os.environ.get("STREAMRNN_SPLIT", "1").strip().lower() in {"0", "false", "no", "off", ""} else 1
 #: Back-off after a run that did not pay (partner late or preempted, the parallel region
 #: slow to start or end: a busy machine), doubling while it lasts: cycles, about 10 ms and
-#: 10 s. Each failed try can cost milliseconds (the region's end waits for a preempted
-#: thread): with 1 ms doubling to 1 s the bench's LSTM64 D=1 row lost 15-70% on a machine
-#: with one core busy.
+#: 100 ms. Each failed try can cost milliseconds (the region's end waits for a preempted
+#: thread): 1 ms doubling to 1 s cost the bench's LSTM64 D=1 row 15-70% with one core busy;
+#: up to 10 s kept the split off for whole bench configs after the PyTorch peers' threads
+#: had spun on the second core for a moment.
 BACKOFF_MIN = 25_000_000
-BACKOFF_MAX = 25_000_000_000
+BACKOFF_MAX = 250_000_000
 #: A run that did not pay but lost less than this (cycles, ~0.2 ms here, in the parallel
 #: region's start and end and at barriers: a handshake that timed out on a partner that woke
 #: up soon after) backs nothing off.
