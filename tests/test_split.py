@@ -114,19 +114,16 @@ def test_split_run_equals_one_thread_bit_for_bit(options, hidden, d):
     assert np.array_equal(got[0][[0, 2]], state[[0, 2]])
 
 
-def test_a_run_pairs_when_both_threads_are_free():
-    """The paired path itself (not only the fallbacks) is what the bit-for-bit tests cover:
-    on an idle second core the partner joins and stays for the whole run. Retried, since
-    other processes on this machine may hold the second core for a while."""
+def test_runs_as_the_call_sites_take_them_give_the_same_bits_paired_or_not():
+    """As step_events takes a run (bounded handshake, back-off): whether the partner joins,
+    leaves half-way or never comes (another process may hold the second core), the same
+    bits. That the paired path itself is exact is forced and asserted above (join=-1)."""
     model = Model.random(n_features=1, hidden=[64], seed=1, cell="lstm")
     xs, state, pred = _inputs(model, 400, 0)
     want = _one_thread(model, xs, state, pred, OUT_BEFORE)
-    for _ in range(50):
-        got, info = _split(model, xs, state, pred, OUT_BEFORE, join=JOIN)
+    for _ in range(20):
+        got, _info = _split(model, xs, state, pred, OUT_BEFORE, join=JOIN)
         _assert_same_bits(got, want)
-        if info[0] == 1 and info[1] == 0:
-            return
-    pytest.skip("the second core was never free for a whole run")
 
 
 @pytest.mark.parametrize("options", VARIANTS)
