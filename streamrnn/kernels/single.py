@@ -223,8 +223,10 @@ def _gru_gates_before(hrow, hsz, acc, accn):
 
 
 @njit(**_INLINE)
-def _lstm_gates(hrow, hsz, acc, peep):
-    for j in range(hsz):
+def lstm_units(lo, hi, hsz, acc, hrow, peep):
+    """LSTM update of units [lo, hi) (all of them here; a half in kernels.split): acc[g * H + j]
+    holds gate g of unit j, hrow the layer's h then c (in place)."""
+    for j in range(lo, hi):
         c = hrow[hsz + j]
         ig = sigmoid32(acc[j] + peep[j] * c)
         fg = sigmoid32(acc[hsz + j] + peep[hsz + j] * c)
@@ -236,8 +238,10 @@ def _lstm_gates(hrow, hsz, acc, peep):
 
 
 @njit(**_INLINE)
-def _lstm_gates_plain(hrow, hsz, acc):
-    for j in range(hsz):
+def lstm_units_plain(lo, hi, hsz, acc, hrow):
+    """``lstm_units`` without peepholes. A loop of its own, not a branch in the one above: LLVM
+    if-converts such a branch into code that rounds differently."""
+    for j in range(lo, hi):
         c = hrow[hsz + j]
         ig = sigmoid32(acc[j])
         fg = sigmoid32(acc[hsz + j])
@@ -317,9 +321,9 @@ def layer_row(cell, reset_after, plain, x, nx, hrow, hsz, wx, wh, b, bhn, peep, 
             _gru_gates_before(hrow, hsz, acc, accn)
     elif cell == LSTM:
         if plain:
-            _lstm_gates_plain(hrow, hsz, acc)
+            lstm_units_plain(0, hsz, hsz, acc, hrow)
         else:
-            _lstm_gates(hrow, hsz, acc, peep)
+            lstm_units(0, hsz, hsz, acc, hrow, peep)
     else:
         _rnn_gates(cell, hrow, hsz, acc)
 

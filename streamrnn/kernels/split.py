@@ -54,7 +54,8 @@ from streamrnn.config import jit_options
 from streamrnn.kernels.activations import relu32, sigmoid32, tanh32
 from streamrnn.kernels.cells import GRU, LSTM, RNN_RELU
 from streamrnn.kernels.single import (LANES, OUT_AFTER, OUT_BEFORE, _F32P, _ONE, _at, _column, _data,
-                                      _item_data, _plain_layers, matvec, step_stream)
+                                      _item_data, _plain_layers, lstm_units, lstm_units_plain, matvec,
+                                      step_stream)
 
 _OPTS = jit_options()
 _PAR_OPTS = jit_options(parallel=True)
@@ -419,37 +420,9 @@ def matvec1(acc, bias, x, nx, wx, wxs, h, nh, wh, whs, ncols):
 # ``single``'s gate updates over units [lo, hi): acc[g * H + j] holds gate g of unit j, hprev
 # and hnew the layer's whole h before and after, c the owner's c (in place).
 
-# An LSTM layer's block in the h buffers is the state row's: h, then c at +hsz, and the gate
-# loops take single's two pointers (hrow, acc): with h and c apart, LLVM's runtime overlap
-# checks exceeded its limit and the loops ran scalar (2.7x the time).
-
-@njit(**_INLINE)
-def _lstm_units(lo, hi, hsz, acc, hrow, peep):
-    for j in range(lo, hi):
-        c = hrow[hsz + j]
-        ig = sigmoid32(acc[j] + peep[j] * c)
-        fg = sigmoid32(acc[hsz + j] + peep[hsz + j] * c)
-        gg = tanh32(acc[2 * hsz + j])
-        cn = fg * c + ig * gg
-        og = sigmoid32(acc[3 * hsz + j] + peep[2 * hsz + j] * cn)
-        hrow[hsz + j] = cn
-        hrow[j] = og * tanh32(cn)
-
-
-@njit(**_INLINE)
-def _lstm_units_plain(lo, hi, hsz, acc, hrow):
-    # A loop of its own, not a branch in the one above: LLVM if-converts such a branch into
-    # code that rounds differently from single's loops.
-    for j in range(lo, hi):
-        c = hrow[hsz + j]
-        ig = sigmoid32(acc[j])
-        fg = sigmoid32(acc[hsz + j])
-        gg = tanh32(acc[2 * hsz + j])
-        cn = fg * c + ig * gg
-        og = sigmoid32(acc[3 * hsz + j])
-        hrow[hsz + j] = cn
-        hrow[j] = og * tanh32(cn)
-
+# An LSTM layer's block in the h buffers is the state row's: h, then c at +hsz, so its units go
+# through single.lstm_units on two pointers (hrow, acc): with h and c apart, LLVM's runtime
+# overlap checks exceeded its limit and the loops ran scalar (2.7x the time).
 
 @njit(**_INLINE)
 def _gru_after_units(lo, hi, hsz, acc, accn, hprev, hnew):
@@ -517,9 +490,9 @@ def _lstm_layer(plain, lo, hi, x, nx, hprev, hnew, hsz, wx, wh, b, peep, acc):
     for j in range(hsz + lo, hsz + hi):
         hnew[j] = hprev[j]
     if plain:
-        _lstm_units_plain(lo, hi, hsz, acc, hnew)
+        lstm_units_plain(lo, hi, hsz, acc, hnew)
     else:
-        _lstm_units(lo, hi, hsz, acc, hnew, peep)
+        lstm_units(lo, hi, hsz, acc, hnew, peep)
 
 
 @njit(**_OPTS)
