@@ -140,6 +140,8 @@ def _install_cache_locator():
         def __init__(self, inner, module_name):
             self._inner = inner
             self._module = module_name
+            # Numba names the file when it warns that a kernel cannot be cached.
+            self._py_file = getattr(inner, "_py_file", module_name)
 
         @classmethod
         def from_function(cls, py_func, py_file):

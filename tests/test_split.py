@@ -32,6 +32,18 @@ VARIANTS = [
     {"cell": "rnn"},
     {"cell": "rnn", "nonlinearity": "relu"},
 ]
+
+
+@pytest.fixture(autouse=True)
+def _all_numba_threads():
+    """Every Numba thread for this module's tests: the number is per calling thread and
+    sticks, and tests run earlier in the session (a daemon, a training run) may leave it 1."""
+    before = numba.get_num_threads()
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    yield
+    numba.set_num_threads(before)
+
+
 # Even and odd halves (33: 16 + 17 units), vector groups and single columns, 1-3 layers.
 SHAPES = [([64], 1), ([33], 3), ([40, 17], 2), ([33, 64, 9], 1)]
 #: Handshake bound for the tests: long enough that a busy partner still joins (a run that
@@ -84,6 +96,8 @@ def _scratch(model):
 
 
 def _split(model, xs, state, pred, mode, join=STRICT):
+    # STRICT with one Numba thread would wait for ever: prange runs the two workers in turn.
+    assert join >= 0 or numba.get_num_threads() >= 2, "forced pairing needs two Numba threads"
     state, pred = state.copy(), pred.copy()
     out = np.full((xs.shape[0], model.n_outputs), np.nan, np.float32)
     info = np.zeros(4, np.int64)
@@ -172,6 +186,7 @@ def test_one_numba_thread_runs_alone_after_the_bounded_wait():
         numba.set_num_threads(before)
     _assert_same_bits(got, want)
     assert info[0] == 2  # alone from the start
+
 
 
 @njit(nogil=True, cache=False)
