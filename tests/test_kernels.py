@@ -255,13 +255,7 @@ def test_step_events_any_interleaving_and_batching_equals_forward_bit_for_bit(i,
     rng = np.random.default_rng(seed)
     d = model.n_features
     seqs = rng.standard_normal((n_streams, length, d)).astype(np.float32)
-    slots = np.repeat(np.arange(n_streams, dtype=np.int64), length)
-    rng.shuffle(slots)
-    pos = np.zeros(n_streams, np.int64)
-    xs = np.empty((slots.shape[0], d), np.float32)
-    for e, s in enumerate(slots):
-        xs[e] = seqs[s, pos[s]]
-        pos[s] += 1
+    slots, xs = _events_of(seqs, rng)
     cuts = sorted(rng.integers(0, slots.shape[0], n_cuts))
     prev, pred = step_in_batches(model, slots, xs, [0, *cuts, slots.shape[0]], n_streams)
     p = model.packed

@@ -23,15 +23,8 @@ from streamrnn.kernels import split
 from streamrnn.kernels.single import OUT_AFTER, OUT_BEFORE, step_stream
 from streamrnn.kernels.stream import forward_sequences, step_events
 from tests import naive
+from tests.test_single import VARIANTS  # every cell and variant, as the one-thread tests
 
-VARIANTS = [
-    {"cell": "gru", "reset_after": True},
-    {"cell": "gru", "reset_after": False},
-    {"cell": "lstm"},
-    {"cell": "lstm", "peephole": True},
-    {"cell": "rnn"},
-    {"cell": "rnn", "nonlinearity": "relu"},
-]
 
 
 @pytest.fixture(autouse=True)
