@@ -14,6 +14,7 @@ import functools
 import json
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -651,43 +652,56 @@ def train(paths: Sequence[str | Path] | str | Path, out: str | Path, *, cell: st
     if not out.parent.exists():
         raise TrainError(f"--out {out}: directory {out.parent} does not exist")
     log = log or (lambda msg: None)
-    if threads is not None:
-        numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
-    t_start = time.perf_counter()
-    prep = prepare(paths, cfg, stream_col, time_col, features)
-    warnings = _check_windows(prep, cfg)
-    for w in warnings:
-        log(w)
-    net = cfg.net(len(prep.features))
-    init = Model.random(cell, n_features=net.n_features, hidden=list(net.hidden), seed=cfg.seed,
-                        reset_after=reset_after, peephole=peephole, nonlinearity=nonlinearity,
-                        head=net.head)
-    # calibration does not change the fit, so a checkpoint resumes under either estimator
-    untracked = ("epochs", "patience", "calibration")
-    fingerprint = {"config": {k: v for k, v in cfg.as_dict().items() if k not in untracked},
-                   "features": prep.features, "n_train_windows": int(len(prep.train_windows)),
-                   "n_params": int(net.layout[2])}
-    ckpt = Path(checkpoint) if checkpoint is not None else out.with_name(out.name + ".ckpt.npz")
-    state = fit(net, net.theta(init, np.float64), prep.train_windows, prep.valid_windows, cfg,
-                checkpoint=ckpt, resume=resume, fingerprint=fingerprint, progress=progress)
-    theta = state.best_theta if cfg.restore_best and state.best_epoch >= 0 else state.theta
-    train_seconds = sum(e["seconds"] for e in state.history)
-    summary = _summary(prep, cfg, state, paths, train_seconds)
-    fields = dict(feature_names=list(prep.features), name=name or out.name.split(".")[0],
-                  training=summary, **prep.scaler.model_fields())
-    model = net.model(theta.astype(np.float32), **fields)
-    model.thresholds = _calibrate(model, prep, cfg)
-    model.save(out)
-    log(f"wrote {out}")
-    windows_per_s = (len(prep.train_windows) * len(state.history) / train_seconds) if train_seconds else 0.0
-    rep = {"model": str(out), "training": summary, "thresholds": model.thresholds,
-           "epochs": state.history, "warnings": warnings,
-           "seconds_total": time.perf_counter() - t_start}
-    report_path = png_path = None
-    if report is not None:
-        report_path, png_path = write_report(Path(report), rep)
-    return TrainResult(model, out, state.history, state.best_epoch + 1, state.best_valid,
-                       windows_per_s, rep, report_path, png_path, warnings)
+    with numba_threads(threads):  # the caller's thread count comes back, even on an error
+        t_start = time.perf_counter()
+        prep = prepare(paths, cfg, stream_col, time_col, features)
+        warnings = _check_windows(prep, cfg)
+        for w in warnings:
+            log(w)
+        net = cfg.net(len(prep.features))
+        init = Model.random(cell, n_features=net.n_features, hidden=list(net.hidden), seed=cfg.seed,
+                            reset_after=reset_after, peephole=peephole, nonlinearity=nonlinearity,
+                            head=net.head)
+        # calibration does not change the fit, so a checkpoint resumes under either estimator
+        untracked = ("epochs", "patience", "calibration")
+        fingerprint = {"config": {k: v for k, v in cfg.as_dict().items() if k not in untracked},
+                       "features": prep.features, "n_train_windows": int(len(prep.train_windows)),
+                       "n_params": int(net.layout[2])}
+        ckpt = Path(checkpoint) if checkpoint is not None else out.with_name(out.name + ".ckpt.npz")
+        state = fit(net, net.theta(init, np.float64), prep.train_windows, prep.valid_windows, cfg,
+                    checkpoint=ckpt, resume=resume, fingerprint=fingerprint, progress=progress)
+        theta = state.best_theta if cfg.restore_best and state.best_epoch >= 0 else state.theta
+        train_seconds = sum(e["seconds"] for e in state.history)
+        summary = _summary(prep, cfg, state, paths, train_seconds)
+        fields = dict(feature_names=list(prep.features), name=name or out.name.split(".")[0],
+                      training=summary, **prep.scaler.model_fields())
+        model = net.model(theta.astype(np.float32), **fields)
+        model.thresholds = _calibrate(model, prep, cfg)
+        model.save(out)
+        log(f"wrote {out}")
+        windows_per_s = (len(prep.train_windows) * len(state.history) / train_seconds) if train_seconds else 0.0
+        rep = {"model": str(out), "training": summary, "thresholds": model.thresholds,
+               "epochs": state.history, "warnings": warnings,
+               "seconds_total": time.perf_counter() - t_start}
+        report_path = png_path = None
+        if report is not None:
+            report_path, png_path = write_report(Path(report), rep)
+        return TrainResult(model, out, state.history, state.best_epoch + 1, state.best_valid,
+                           windows_per_s, rep, report_path, png_path, warnings)
+
+
+@contextmanager
+def numba_threads(threads: int | None):
+    """Run the block with ``threads`` Numba threads (None: unchanged), then restore the count."""
+    if threads is None:
+        yield
+        return
+    before = numba.get_num_threads()
+    numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
 
 
 def _check_windows(prep: Prepared, cfg: TrainConfig) -> list[str]:

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import numba
 import torch
 from typer.testing import CliRunner
 
@@ -152,6 +153,21 @@ def test_same_seed_same_model_bit_for_bit(tmp_path):
     assert not same_weights(a.model, c.model)
     loaded = Model.load(tmp_path / "a.safetensors")
     assert same_weights(loaded, a.model)
+
+
+def test_threads_option_gives_back_the_callers_thread_count(tmp_path):
+    data = tmp_path / "sines.parquet"
+    sines(data, n_rows=120)
+    before = numba.get_num_threads()
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    try:
+        train([data], tmp_path / "a.safetensors", **{**SMALL, "epochs": 1}, threads=1)
+        assert numba.get_num_threads() == numba.config.NUMBA_NUM_THREADS
+        with pytest.raises(TrainError):  # an error inside the run restores it too
+            train([data], tmp_path / "b.safetensors", **{**SMALL, "window": 10_000}, threads=1)
+        assert numba.get_num_threads() == numba.config.NUMBA_NUM_THREADS
+    finally:
+        numba.set_num_threads(before)
 
 
 def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
