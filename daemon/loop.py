@@ -47,6 +47,7 @@ from daemon.checkpoint import ChangelogStore, LocalStore, confluent_records, kaf
 from daemon.codec import EVENT_OFFSET_SHIFT, Decoder, Format, Rejected
 from daemon.config import DaemonConfig
 from daemon.errors import DaemonError
+from daemon.fastpoll import FetchState, send_fetches_without_waiting, skip_known_coordinator_round_trip
 from daemon.metrics import HealthServer, Metrics, setup_logging
 from streamrnn.alerts import encode_alert
 from streamrnn.detector import Detector
@@ -180,6 +181,7 @@ class Daemon:
         self._out: list[tuple] = []  # output records of the current poll, not yet sent
         self._pending: _Checkpoint | None = None  # the checkpoint in flight
         self._serve_outputs = None  # runs the delivery reports of a producer that has them
+        self._fetch_state: FetchState | None = None  # the consumer's fetcher, when patched
         self._assign_error: Exception | None = None  # a partition whose state could not be restored
         self._writer: ThreadPoolExecutor | None = None  # writes local snapshots (fsync)
         self._last_ckpt = time.monotonic()
@@ -326,7 +328,8 @@ class Daemon:
             self.store = LocalStore(cfg.state_dir)
         else:
             self.store = ChangelogStore(cfg.changelog, self.producer, self._changelog_reader(), self.inputs)
-        _skip_known_coordinator_round_trip(self.consumer)
+        skip_known_coordinator_round_trip(self.consumer)
+        self._fetch_state = send_fetches_without_waiting(self.consumer)
         self.consumer.subscribe(cfg.input, listener=_Listener(self))
 
     def _producer(self):
@@ -444,6 +447,8 @@ class Daemon:
         fetcher skips partitions that already have a fetch in flight, so the next poll never
         sends a second one. Records a poll would have added to ``batch`` are returned by the
         next poll at once."""
+        if self._fetch_state is not None and self._fetch_state.sent_after_drain:
+            return  # the poll queued it already (daemon.fastpoll)
         fetcher = getattr(self.consumer, "_fetcher", None)
         manager = getattr(fetcher, "_manager", None)
         if hasattr(manager, "call_soon") and hasattr(fetcher, "_send_fetches_async"):  # kafka-python 3 (pinned)
@@ -778,26 +783,6 @@ class Daemon:
                 except Exception as exc:  # closing is best effort; the commit is done
                     log.warning("close failed", extra={"fields": {"client": name, "reason": str(exc)}})
             setattr(self, name, None)
-
-
-def _skip_known_coordinator_round_trip(consumer) -> None:
-    """Every kafka-python 3 group poll asks its I/O thread whether the group coordinator is
-    known (a blocking hand-off to that thread and back, on a socket wake-up) even when it is.
-    When the coordinator is known and connected, answer on the calling thread; otherwise (not
-    yet found, disconnected, or a kafka-python without these attributes) ask as before."""
-    coord = getattr(consumer, "_coordinator", None)
-    client = getattr(coord, "_client", None)
-    ensure = getattr(coord, "ensure_coordinator_ready", None)
-    if ensure is None or not hasattr(coord, "coordinator_id") or not hasattr(client, "is_disconnected"):
-        return
-
-    def ensure_coordinator_ready(timeout_ms=None):
-        node = coord.coordinator_id
-        if node is not None and not client.is_disconnected(node):
-            return True
-        return ensure(timeout_ms=timeout_ms)
-
-    coord.ensure_coordinator_ready = ensure_coordinator_ready
 
 
 def _offsets(commit: list) -> dict:
