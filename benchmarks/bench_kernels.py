@@ -24,7 +24,8 @@ All three compute the same network: the model is ``Model.from_torch(nn.LSTM(D, H
 nn.Linear(H, D))`` and the peers' cells carry the LSTM's weights; a parity line checks their
 predictions agree to 1e-4 for every configuration (peer 3: the final per-stream predictions). Our FLOP rate (events/s x
 ``Model.flops_per_event()``) is compared with NumPy's float32 GEMM rate (2048 x 2048 x 2048)
-measured in the same run with the same thread count.
+measured with the same thread count beside each row: GEMM repeats alternate with ours, and
+both sides' rates are the medians of their repeats.
 
 Targets (printed as PASS/FAIL beside the numbers; this script reports, it never asserts):
 ours/peer1 >= 100, ours/peer2 >= 2, and FLOP fraction >= 0.5 at H=64 for N >= 10000.
@@ -109,19 +110,37 @@ def set_threads(n: int | None) -> dict:
 
 
 # ------------------------------------------------------------------------------ GEMM
-def gemm_rate(n: int = 2048, repeats: int = 7) -> float:
-    """Best float32 GEMM rate of np.dot on two n x n matrices, FLOP/s."""
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((n, n), dtype=np.float32)
-    b = rng.standard_normal((n, n), dtype=np.float32)
-    c = np.empty((n, n), np.float32)
-    np.dot(a, b, out=c)
+GEMM_N = 2048
+#: Idle time before every timed repeat (ours and the GEMM beside it alike): a thread pool
+#: that just finished (OpenBLAS's spins ~0.1 s, OpenMP's a little) must not share the
+#: cores with the next timing.
+PAUSE_S = 0.15
+
+
+class Gemm:
+    """numpy's float32 GEMM on two GEMM_N x GEMM_N matrices: the FLOP-rate reference."""
+
+    def __init__(self, n: int = GEMM_N):
+        rng = np.random.default_rng(0)
+        self.a = rng.standard_normal((n, n), dtype=np.float32)
+        self.b = rng.standard_normal((n, n), dtype=np.float32)
+        self.c = np.empty((n, n), np.float32)
+        self.flops = 2.0 * n ** 3
+
+    def run(self, _i: int = 0) -> None:
+        np.dot(self.a, self.b, out=self.c)
+
+
+def gemm_rate(repeats: int = 7) -> float:
+    """Best float32 GEMM rate of one np.dot over ``repeats`` calls, FLOP/s (the header line)."""
+    g = Gemm()
+    g.run()
     best = math.inf
     for _ in range(repeats):
         t0 = time.perf_counter()
-        np.dot(a, b, out=c)
+        g.run()
         best = min(best, time.perf_counter() - t0)
-    return 2.0 * n ** 3 / best
+    return g.flops / best
 
 
 # --------------------------------------------------------------------------- batches
@@ -147,22 +166,46 @@ def make_batches(n_streams: int, n_features: int, seed: int) -> list[tuple[np.nd
     return out
 
 
-def timed_rate(run, events_per_call: int, repeat_s: float, repeats: int) -> tuple[float, int]:
-    """Median events/s over ``repeats`` repeats of k calls, k chosen so a repeat lasts repeat_s."""
+def _calls_per_repeat(run, repeat_s: float) -> int:
+    """Calls of ``run`` that make a repeat last about repeat_s, after a warm-up call."""
     run(0)  # warm-up (compilation, allocations, caches)
     t0 = time.perf_counter()
     run(1)
-    one = time.perf_counter() - t0
-    k = max(1, math.ceil(repeat_s / max(one, 1e-9)))
-    rates = []
-    i = 2
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(k):
-            run(i)
-            i += 1
-        rates.append(k * events_per_call / (time.perf_counter() - t0))
+    return max(1, math.ceil(repeat_s / max(time.perf_counter() - t0, 1e-9)))
+
+
+def _repeat(run, k: int, first: int) -> float:
+    """Seconds for calls first..first+k-1 of ``run``."""
+    t0 = time.perf_counter()
+    for i in range(first, first + k):
+        run(i)
+    return time.perf_counter() - t0
+
+
+def timed_rate(run, events_per_call: int, repeat_s: float, repeats: int) -> tuple[float, int]:
+    """Median events/s over ``repeats`` repeats of k calls, k chosen so a repeat lasts repeat_s."""
+    k = _calls_per_repeat(run, repeat_s)
+    rates = [k * events_per_call / _repeat(run, k, 2 + j * k) for j in range(repeats)]
     return statistics.median(rates), k * events_per_call * repeats
+
+
+def paired_rates(run, events_per_call: int, gemm: Gemm, repeat_s: float,
+                 repeats: int) -> tuple[float, float, int]:
+    """(median events/s of ``run``, median FLOP/s of the GEMM, events timed).
+
+    The two alternate, a GEMM repeat right before each repeat of ours, each as long, each
+    after PAUSE_S idle, and each side's rate is the median of its repeats: both see the
+    same moments of a shared machine and get the same statistic (the fraction of GEMM
+    was ours' median against a best-of-7 GEMM taken once at the start)."""
+    k = _calls_per_repeat(run, repeat_s)
+    kg = _calls_per_repeat(gemm.run, repeat_s)
+    ours, ref = [], []
+    for j in range(repeats):
+        time.sleep(PAUSE_S)
+        ref.append(kg * gemm.flops / _repeat(gemm.run, kg, 0))
+        time.sleep(PAUSE_S)
+        ours.append(k * events_per_call / _repeat(run, k, 2 + j * k))
+    return statistics.median(ours), statistics.median(ref), k * events_per_call * repeats
 
 
 # ----------------------------------------------------------------------------- ours
@@ -390,7 +433,7 @@ def wait_quiet(max_wait: float, idle_s: float = 2.0) -> float:
 
 
 # ------------------------------------------------------------------------------ run
-def run_config(cell: str, h: int, d: int, n: int, gemm: float, seed: int) -> dict:
+def run_config(cell: str, h: int, d: int, n: int, gemm: Gemm, seed: int) -> dict:
     rnn, head, step = torch_pair(cell, d, h, seed)
     model = Model.from_torch(rnn, head)
     flops = model.flops_per_event()
@@ -400,8 +443,8 @@ def run_config(cell: str, h: int, d: int, n: int, gemm: float, seed: int) -> dic
     ev_batch = batches[0][0].shape[0]
 
     ours = Ours(model, n)
-    r_ours, n_ours = timed_rate(lambda i: ours.step(*batches[i % N_BATCHES]), ev_batch,
-                                OURS_REPEAT_S, OURS_REPEATS)
+    r_ours, r_gemm, n_ours = paired_rates(lambda i: ours.step(*batches[i % N_BATCHES]), ev_batch, gemm,
+                                          OURS_REPEAT_S, OURS_REPEATS)
     del ours
 
     p2 = PeerBatched(cell, step, head, h, model.n_outputs, n)
@@ -428,14 +471,14 @@ def run_config(cell: str, h: int, d: int, n: int, gemm: float, seed: int) -> dic
     r_p1 = statistics.median(rates)
     del p1
 
-    frac = r_ours * flops / gemm
+    frac = r_ours * flops / r_gemm
     return {
         "cell": cell, "hidden": h, "features": d, "streams": n, "events_per_batch": ev_batch,
         "flops_per_event": flops,
         "ours_events_per_s": r_ours, "peer1_events_per_s": r_p1, "peer2_events_per_s": r_p2,
         "peer3_events_per_s": r_p3,
         "ours_over_peer1": r_ours / r_p1, "ours_over_peer2": r_ours / r_p2, "ours_over_peer3": r_ours / r_p3,
-        "ours_gflops": r_ours * flops / 1e9, "gemm_fraction": frac,
+        "ours_gflops": r_ours * flops / 1e9, "gemm_flops_per_s": r_gemm, "gemm_fraction": frac,
         "events_timed": {"ours": n_ours, "peer1": PEER1_EVENTS * PEER1_REPEATS, "peer2": n_p2, "peer3": n_p3},
         "parity_max_abs_diff": diff, "parity_ok": diff <= PARITY_TOL,
         "pass_peer1": r_ours / r_p1 >= TARGET_PEER1,
@@ -461,7 +504,7 @@ def _pf(flag) -> str:
 
 COLUMNS = [("cell", 4), ("H", 3), ("D", 2), ("N", 6), ("ours ev/s", 9), ("peer1 ev/s", 10),
            ("peer2 ev/s", 10), ("peer3 ev/s", 10), ("ours/peer1", 15), ("ours/peer2", 13),
-           ("ours/peer3", 10), ("GFLOP/s", 7),
+           ("ours/peer3", 10), ("GFLOP/s", 7), ("GEMM", 5),
            ("of GEMM", 12), ("parity", 14), ("bg", 4)]
 
 
@@ -479,6 +522,7 @@ def format_row(r: dict) -> str:
         f"{r['ours_over_peer2']:.2f}x {_pf(r['pass_peer2'])}",
         f"{r['ours_over_peer3']:.2f}x",
         f"{r['ours_gflops']:.1f}",
+        f"{r['gemm_flops_per_s'] / 1e9:.0f}",
         f"{r['gemm_fraction']:.3f} {_pf(r['pass_fraction'])}",
         f"{r['parity_max_abs_diff']:.1e} {'ok' if r['parity_ok'] else 'FAIL'}",
         _bg(r.get("other_load_cores")),
@@ -536,15 +580,19 @@ def main(argv=None) -> int:
     wait_quiet(args.settle)
     with OtherLoad() as gemm_load:
         gemm = gemm_rate()
+    gemm_ref = Gemm()
     print(f"streamrnn {__version__} step_events vs PyTorch {torch.__version__} | numba {numba.__version__}, "
           f"numpy {np.__version__}, Python {platform.python_version()}")
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs | threads: numba {threads['numba']} "
           f"({layer}), torch {threads['torch']}, BLAS {threads['blas']}")
-    print(f"numpy float32 GEMM 2048^3 (best of 7): {gemm / 1e9:.1f} GFLOP/s | "
+    print(f"numpy float32 GEMM 2048^3 (best of 7, at the start): {gemm / 1e9:.1f} GFLOP/s | "
           f"kernel compile/load: {compile_s:.1f} s | bg {_bg(gemm_load.cores)}")
     print(f"targets: ours/peer1 >= {TARGET_PEER1:g}, ours/peer2 >= {TARGET_PEER2:g}, "
           f"FLOP fraction of GEMM >= {TARGET_FRACTION:g} at H>={FRACTION_MIN_H}, N>={FRACTION_MIN_N} "
           f"(- = no target); parity = max |pred diff| of ours vs both peers, tolerance {PARITY_TOL:g}")
+    print(f"of GEMM = ours' median events/s x FLOP/event over the median GEMM rate (GFLOP/s column 'GEMM') of "
+          f"{OURS_REPEATS} GEMM repeats interleaved with ours' {OURS_REPEATS} (each >= {OURS_REPEAT_S} s, "
+          f"{PAUSE_S} s idle before each)")
     print("bg = CPU cores used by other processes while the row ran (should be ~0.0; if not, rerun)")
     print("peer1 = torch cell + head per event, state in a dict; peer2 = torch batched per wave "
           "(index_select / cell / head / index_copy_);")
@@ -566,7 +614,7 @@ def main(argv=None) -> int:
                     for _ in range(1 + max(0, args.retries)):
                         wait_quiet(args.settle)
                         with OtherLoad() as load:
-                            r = run_config(cell, h, d, n, gemm, args.seed + 1000 * h + 10 * d)
+                            r = run_config(cell, h, d, n, gemm_ref, args.seed + 1000 * h + 10 * d)
                         r["other_load_cores"] = load.cores
                         if best is None or (load.cores or 0) < (best["other_load_cores"] or 0):
                             best = r
