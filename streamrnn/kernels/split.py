@@ -54,7 +54,7 @@ from streamrnn.config import jit_options
 from streamrnn.kernels.activations import relu32, sigmoid32, tanh32
 from streamrnn.kernels.cells import GRU, LSTM, RNN_RELU
 from streamrnn.kernels.single import (LANES, OUT_AFTER, OUT_BEFORE, _F32P, _ONE, _at, _column, _data,
-                                      _item_data, _plain_layers, lstm_units, lstm_units_plain, matvec,
+                                      _item_data, _n_gates, _plain_layers, lstm_units, lstm_units_plain, matvec,
                                       step_stream)
 
 _OPTS = jit_options()
@@ -312,10 +312,11 @@ def _slow(steps, waited, longest, elapsed):
 
 
 # ----------------------------------------------------------------------------- products
-def _emit_segments(builder, groups, nseg, acc, bias, x, nx, wx, wxs, h, nh, wh, whs, stride):
+def _emit_segments(builder, groups, nseg, acc, bias, x, nx, wx, wxs, h, nh, wh, whs, stride, wstride):
     """LLVM IR of ``_segspan``: ``single._emit_span`` over ``nseg`` column segments
-    ``stride`` elements apart (acc, bias and weight columns alike), ``groups`` vectors each:
-    every term acc + v * w on whole vectors, so the same FMAs as ``_span``."""
+    ``stride`` elements apart in acc and bias, ``wstride`` apart in the weight rows,
+    ``groups`` vectors each: every term acc + v * w on whole vectors, so the same FMAs as
+    ``_span``."""
     f32 = ir.FloatType()
     vec = ir.VectorType(f32, LANES)
     i32 = ir.IntType(32)
@@ -323,8 +324,8 @@ def _emit_segments(builder, groups, nseg, acc, bias, x, nx, wx, wxs, h, nh, wh, 
     def vptr(base, offset):
         return builder.bitcast(builder.gep(base, [offset]), vec.as_pointer())
 
-    def col(s, g):
-        return builder.add(builder.mul(ir.Constant(stride.type, s), stride), ir.Constant(stride.type, LANES * g))
+    def col(s, g, step=stride):
+        return builder.add(builder.mul(ir.Constant(step.type, s), step), ir.Constant(step.type, LANES * g))
 
     cols = [(s, g) for s in range(nseg) for g in range(groups)]
     regs = [cgutils.alloca_once(builder, vec) for _ in cols]
@@ -338,76 +339,80 @@ def _emit_segments(builder, groups, nseg, acc, bias, x, nx, wx, wxs, h, nh, wh, 
                                           ir.Constant(vec, ir.Undefined), ir.Constant(ir.VectorType(i32, LANES), [0] * LANES))
             row = builder.mul(k, ws)
             for (s, g), reg in zip(cols, regs):
-                wv = builder.load(vptr(w, builder.add(row, col(s, g))), align=4)
+                wv = builder.load(vptr(w, builder.add(row, col(s, g, wstride))), align=4)
                 builder.store(builder.fadd(builder.load(reg), builder.fmul(splat, wv)), reg)
     for (s, g), reg in zip(cols, regs):
         builder.store(builder.load(reg), vptr(acc, col(s, g)), align=4)
 
 
 @intrinsic
-def _segspan(typingctx, groups, nseg, acc, bias, x, nx, wx, wxs, h, nh, wh, whs, stride):
-    """For s < nseg and c < LANES * groups (literals), with o = s * stride + c:
-    acc[o] = bias[o] + x[:nx] @ wx[:nx, o] + h[:nh] @ wh[:nh, o] (pointers; weights
-    wxs/whs elements per row), in registers: a thread's columns of every gate at once."""
+def _segspan(typingctx, groups, nseg, acc, bias, x, nx, wx, wxs, h, nh, wh, whs, stride, wstride):
+    """For s < nseg and c < LANES * groups (literals), with o = s * stride + c and
+    q = s * wstride + c: acc[o] = bias[o] + x[:nx] @ wx[:nx, q] + h[:nh] @ wh[:nh, q]
+    (pointers; weights wxs/whs elements per row), in registers: a thread's columns of every
+    gate at once."""
     ptrs = (acc, bias, x, wx, h, wh)
-    ints = (nx, wxs, nh, whs, stride)
+    ints = (nx, wxs, nh, whs, stride, wstride)
     if not (isinstance(groups, types.IntegerLiteral) and isinstance(nseg, types.IntegerLiteral)
             and all(p == _F32P for p in ptrs) and all(isinstance(n, types.Integer) for n in ints)):
         return None
 
     def codegen(context, builder, signature, args):
-        _, _, acc_, bias_, x_, nx_, wx_, wxs_, h_, nh_, wh_, whs_, stride_ = args
+        _, _, acc_, bias_, x_, nx_, wx_, wxs_, h_, nh_, wh_, whs_, stride_, wstride_ = args
         tys = signature.args
 
         def intp(value, ty):
             return context.cast(builder, value, ty, types.intp)
 
         _emit_segments(builder, groups.literal_value, nseg.literal_value, acc_, bias_, x_, intp(nx_, tys[5]), wx_,
-                       intp(wxs_, tys[7]), h_, intp(nh_, tys[9]), wh_, intp(whs_, tys[11]), intp(stride_, tys[12]))
+                       intp(wxs_, tys[7]), h_, intp(nh_, tys[9]), wh_, intp(whs_, tys[11]), intp(stride_, tys[12]),
+                       intp(wstride_, tys[13]))
         return context.get_dummy_value()
 
-    return types.void(groups, nseg, acc, bias, x, nx, wx, wxs, h, nh, wh, whs, stride), codegen
+    return types.void(groups, nseg, acc, bias, x, nx, wx, wxs, h, nh, wh, whs, stride, wstride), codegen
 
 
-# ``single.matvec`` over columns [0, ncols) of nseg (4, 2 or 1) segments ``stride`` apart, up
-# to 8 vector accumulators at a time, the last columns one by one. Compiled functions, not
+# ``single.matvec`` over columns [0, ncols) of nseg (4, 2 or 1) segments ``stride`` apart in
+# acc and bias and ``wstride`` apart in the weight rows (a worker's packed panel, or the
+# model's weights), up to 8 vector accumulators at a time, the last columns one by one. Compiled functions, not
 # inlined ones, one per segment count: inlined into every caller (with every branch for
 # every count) they took most of a minute of cold compilation.
 
 @njit(**_INLINE)
-def _columns(nseg, j, acc, bias, x, nx, wx, wxs, h, nh, wh, whs, stride, ncols):
+def _columns(nseg, j, acc, bias, x, nx, wx, wxs, h, nh, wh, whs, stride, wstride, ncols):
     while j < ncols:
         for s in range(nseg):
             o = s * stride + j
-            _column(_at(acc, o), _at(bias, o), x, nx, _at(wx, o), wxs, h, nh, _at(wh, o), whs)
+            q = s * wstride + j
+            _column(_at(acc, o), _at(bias, o), x, nx, _at(wx, q), wxs, h, nh, _at(wh, q), whs)
         j += 1
 
 
 @njit(**_OPTS)
-def matvec4(acc, bias, x, nx, wx, wxs, h, nh, wh, whs, stride, ncols):
+def matvec4(acc, bias, x, nx, wx, wxs, h, nh, wh, whs, stride, wstride, ncols):
     j = 0
     while j + 16 <= ncols:
-        _segspan(2, 4, _at(acc, j), _at(bias, j), x, nx, _at(wx, j), wxs, h, nh, _at(wh, j), whs, stride)
+        _segspan(2, 4, _at(acc, j), _at(bias, j), x, nx, _at(wx, j), wxs, h, nh, _at(wh, j), whs, stride, wstride)
         j += 16
     if ncols - j >= 8:
-        _segspan(1, 4, _at(acc, j), _at(bias, j), x, nx, _at(wx, j), wxs, h, nh, _at(wh, j), whs, stride)
+        _segspan(1, 4, _at(acc, j), _at(bias, j), x, nx, _at(wx, j), wxs, h, nh, _at(wh, j), whs, stride, wstride)
         j += 8
-    _columns(4, j, acc, bias, x, nx, wx, wxs, h, nh, wh, whs, stride, ncols)
+    _columns(4, j, acc, bias, x, nx, wx, wxs, h, nh, wh, whs, stride, wstride, ncols)
 
 
 @njit(**_OPTS)
-def matvec2(acc, bias, x, nx, wx, wxs, h, nh, wh, whs, stride, ncols):
+def matvec2(acc, bias, x, nx, wx, wxs, h, nh, wh, whs, stride, wstride, ncols):
     j = 0
     while j + 32 <= ncols:
-        _segspan(4, 2, _at(acc, j), _at(bias, j), x, nx, _at(wx, j), wxs, h, nh, _at(wh, j), whs, stride)
+        _segspan(4, 2, _at(acc, j), _at(bias, j), x, nx, _at(wx, j), wxs, h, nh, _at(wh, j), whs, stride, wstride)
         j += 32
     if ncols - j >= 16:
-        _segspan(2, 2, _at(acc, j), _at(bias, j), x, nx, _at(wx, j), wxs, h, nh, _at(wh, j), whs, stride)
+        _segspan(2, 2, _at(acc, j), _at(bias, j), x, nx, _at(wx, j), wxs, h, nh, _at(wh, j), whs, stride, wstride)
         j += 16
     if ncols - j >= 8:
-        _segspan(1, 2, _at(acc, j), _at(bias, j), x, nx, _at(wx, j), wxs, h, nh, _at(wh, j), whs, stride)
+        _segspan(1, 2, _at(acc, j), _at(bias, j), x, nx, _at(wx, j), wxs, h, nh, _at(wh, j), whs, stride, wstride)
         j += 8
-    _columns(2, j, acc, bias, x, nx, wx, wxs, h, nh, wh, whs, stride, ncols)
+    _columns(2, j, acc, bias, x, nx, wx, wxs, h, nh, wh, whs, stride, wstride, ncols)
 
 
 @njit(**_OPTS)
@@ -456,16 +461,18 @@ def _rnn_units(lo, hi, cell, acc, hnew):
 
 
 @njit(**_OPTS)
-def _gru_layer(sync, me, paired, epoch, reset_after, lo, hi, x, nx, hprev, hnew, hsz, wx, wh, b, bhn, acc, accn,
-               rh):
-    """A GRU layer's units [lo, hi); reset_before meets the partner once inside (its n gate's
-    recurrent product needs the whole r * h). Returns (epoch, cycles waited)."""
+def _gru_layer(sync, me, paired, epoch, reset_after, lo, hi, x, nx, hprev, hnew, hsz, px, ph, wrow, wseg, b, bhn,
+               acc, accn, rh):
+    """A GRU layer's units [lo, hi) (weights px/ph: see ``_layer_units``); reset_before meets
+    the partner once inside (its n gate's recurrent product needs the whole r * h). Returns
+    (epoch, cycles waited)."""
     n = hi - lo
     waited = 0
-    ws = 3 * hsz
-    matvec2(_at(acc, lo), _at(b, lo), x, nx, _at(wx, lo), ws, hprev, hsz, _at(wh, lo), ws, hsz, n)
+    matvec2(_at(acc, lo), _at(b, lo), x, nx, px, wrow, hprev, hsz, ph, wrow, hsz, wseg, n)
     col = 2 * hsz + lo
-    matvec1(_at(acc, col), _at(b, col), x, nx, _at(wx, col), ws, hprev, 0, _at(wh, col), ws, n)
+    pxn = _at(px, 2 * wseg)
+    phn = _at(ph, 2 * wseg)
+    matvec1(_at(acc, col), _at(b, col), x, nx, pxn, wrow, hprev, 0, phn, wrow, n)
     hv = hprev
     if not reset_after:
         for k in range(lo, hi):
@@ -474,7 +481,7 @@ def _gru_layer(sync, me, paired, epoch, reset_after, lo, hi, x, nx, hprev, hnew,
             epoch += 1
             waited = _barrier(sync, me, epoch)
         hv = rh
-    matvec1(_at(accn, lo), _at(bhn, lo), x, 0, _at(wx, col), ws, hv, hsz, _at(wh, col), ws, n)
+    matvec1(_at(accn, lo), _at(bhn, lo), x, 0, pxn, wrow, hv, hsz, phn, wrow, n)
     if reset_after:
         _gru_after_units(lo, hi, hsz, acc, accn, hprev, hnew)
     else:
@@ -483,9 +490,8 @@ def _gru_layer(sync, me, paired, epoch, reset_after, lo, hi, x, nx, hprev, hnew,
 
 
 @njit(**_OPTS)
-def _lstm_layer(plain, lo, hi, x, nx, hprev, hnew, hsz, wx, wh, b, peep, acc):
-    ws = 4 * hsz
-    matvec4(_at(acc, lo), _at(b, lo), x, nx, _at(wx, lo), ws, hprev, hsz, _at(wh, lo), ws, hsz, hi - lo)
+def _lstm_layer(plain, lo, hi, x, nx, hprev, hnew, hsz, px, ph, wrow, wseg, b, peep, acc):
+    matvec4(_at(acc, lo), _at(b, lo), x, nx, px, wrow, hprev, hsz, ph, wrow, hsz, wseg, hi - lo)
     # c carries over from the previous event's block (this worker's units only).
     for j in range(hsz + lo, hsz + hi):
         hnew[j] = hprev[j]
@@ -496,25 +502,43 @@ def _lstm_layer(plain, lo, hi, x, nx, hprev, hnew, hsz, wx, wh, b, peep, acc):
 
 
 @njit(**_OPTS)
-def _rnn_layer(cell, lo, hi, x, nx, hprev, hnew, hsz, wx, wh, b, acc):
-    matvec1(_at(acc, lo), _at(b, lo), x, nx, _at(wx, lo), hsz, hprev, hsz, _at(wh, lo), hsz, hi - lo)
+def _rnn_layer(cell, lo, hi, x, nx, hprev, hnew, hsz, px, ph, wrow, b, acc):
+    matvec1(_at(acc, lo), _at(b, lo), x, nx, px, wrow, hprev, hsz, ph, wrow, hi - lo)
     _rnn_units(lo, hi, cell, acc, hnew)
 
 
 @njit(**_INLINE)
 def _layer_units(sync, me, paired, epoch, cell, reset_after, plain, lo, hi, x, nx, hprev, hnew, hsz,
-                 wx, wh, b, bhn, peep, acc, accn, rh):
+                 px, ph, wrow, wseg, b, bhn, peep, acc, accn, rh):
     """Advance units [lo, hi) of one layer (``single.layer_row``'s products and gates for
     those units), up to the barrier that publishes them (the caller's). Returns (epoch,
-    cycles waited) after any barrier inside (GRU reset_before)."""
+    cycles waited) after any barrier inside (GRU reset_before).
+
+    px and ph point at the input and recurrent weights of gate 0's column lo, rows ``wrow``
+    elements apart, gate g's columns ``g * wseg`` after gate 0's: the worker's packed panel
+    (``_pack``) or the model's own weights."""
     if cell == GRU:
-        return _gru_layer(sync, me, paired, epoch, reset_after, lo, hi, x, nx, hprev, hnew, hsz, wx, wh, b, bhn,
-                          acc, accn, rh)
+        return _gru_layer(sync, me, paired, epoch, reset_after, lo, hi, x, nx, hprev, hnew, hsz, px, ph, wrow, wseg,
+                          b, bhn, acc, accn, rh)
     if cell == LSTM:
-        _lstm_layer(plain, lo, hi, x, nx, hprev, hnew, hsz, wx, wh, b, peep, acc)
+        _lstm_layer(plain, lo, hi, x, nx, hprev, hnew, hsz, px, ph, wrow, wseg, b, peep, acc)
     else:
-        _rnn_layer(cell, lo, hi, x, nx, hprev, hnew, hsz, wx, wh, b, acc)
+        _rnn_layer(cell, lo, hi, x, nx, hprev, hnew, hsz, px, ph, wrow, b, acc)
     return epoch, 0
+
+
+@njit(**_INLINE)
+def _pack(dst, src, rows, n_gates, hsz, lo, n):
+    """dst[k, g * n + c] = src[k, g * hsz + lo + c] for k < rows, g < n_gates, c < n: the
+    worker's columns of a layer's weights, contiguous, so its whole share sits in its own L1
+    (read in place, rows G * H apart, they fell in a quarter of the cache's sets per worker
+    and missed every event)."""
+    for k in range(rows):
+        for g in range(n_gates):
+            d = _at(dst, k * n_gates * n + g * n)
+            s = _at(src, k * n_gates * hsz + g * hsz + lo)
+            for c in range(n):
+                d[c] = s[c]
 
 
 @njit(**_INLINE)
@@ -528,12 +552,13 @@ def _units(me, paired, hsz):
 
 @njit(**_OPTS)
 def _worker(sync, info, join_cycles, ev, s, xs, xo, state, pred, out, mode, cell, reset_after, hidden, offsets,
-            wx, wh, b, bhn, peep, wo, bo, hbuf, hoff, priv, hmax, rh):
+            wx, wh, b, bhn, peep, wo, bo, hbuf, hoff, priv, hmax, rh, panel, poff):
     """One of the two workers of ``step_stream_split`` (see the module docstring).
 
     hbuf (2, HS): the layers' h (an LSTM's h and c, as in the state row), double-buffered,
     layer l at hoff[l], each unit written by its owner only; priv (2, P): each worker's acc
-    and accn; rh: a GRU's r * h. Worker 0 watches the barriers' cost (and worker 1's flag) and, when pairing
+    and accn; rh: a GRU's r * h; panel (2, P): each worker's packed weights (``_pack``), layer
+    l's input weights at poff[2 l], its recurrent ones at poff[2 l + 1]. Worker 0 watches the barriers' cost (and worker 1's flag) and, when pairing
     does not pay, goes on alone after the current event; worker 1 then leaves."""
     role = _join(sync, join_cycles)
     if role == _EXIT:
@@ -555,9 +580,14 @@ def _worker(sync, info, join_cycles, ev, s, xs, xo, state, pred, out, mode, cell
     rhp = _data(rh)
     plain = _plain_layers(cell, hidden, peep)
     n_feat = wx[0].shape[0]
+    n_gates = _n_gates(cell)
+    pan = _at(_data(panel), me * panel.shape[1])
     # The state's h (and c) go to buffer 1: step 0 reads it.
     for layer in range(n_layers):
         lo, hi = _units(me, paired, hidden[layer])
+        n_in = n_feat if layer == 0 else hidden[layer - 1]
+        _pack(_at(pan, poff[2 * layer]), _item_data(wx, layer), n_in, n_gates, hidden[layer], lo, hi - lo)
+        _pack(_at(pan, poff[2 * layer + 1]), _item_data(wh, layer), hidden[layer], n_gates, hidden[layer], lo, hi - lo)
         src = _at(row, offsets[layer])
         h1 = _at(hb, hstride + hoff[layer])
         for j in range(lo, hi):
@@ -587,10 +617,14 @@ def _worker(sync, info, join_cycles, ev, s, xs, xo, state, pred, out, mode, cell
             hsz = hidden[layer]
             lo, hi = _units(me, paired, hsz)
             hnew = _at(cur, hoff[layer])
+            if paired:  # this worker's panel
+                px, ph, wseg = _at(pan, poff[2 * layer]), _at(pan, poff[2 * layer + 1]), hi - lo
+            else:  # worker 0 alone: every unit, from the model's weights
+                px, ph, wseg = _item_data(wx, layer), _item_data(wh, layer), hsz
             epoch, w = _layer_units(sync, me, paired, epoch, cell, reset_after, (plain >> layer) & 1, lo, hi, x, nx,
-                                    _at(prev, hoff[layer]), hnew, hsz,
-                                    _item_data(wx, layer), _item_data(wh, layer), _item_data(b, layer),
-                                    _item_data(bhn, layer), _item_data(peep, layer), acc, accn, rhp)
+                                    _at(prev, hoff[layer]), hnew, hsz, px, ph, n_gates * wseg, wseg,
+                                    _item_data(b, layer), _item_data(bhn, layer), _item_data(peep, layer), acc, accn,
+                                    rhp)
             waited += w
             longest = max(longest, w)
             if paired:
@@ -646,12 +680,12 @@ def _aligned(n):
 
 @njit(**_PAR_OPTS)
 def _pair(sync, info, join_cycles, ev, s, xs, xo, state, pred, out, mode, cell, reset_after, hidden, offsets,
-          wx, wh, b, bhn, peep, wo, bo, hbuf, hoff, priv, hmax, rh):
+          wx, wh, b, bhn, peep, wo, bo, hbuf, hoff, priv, hmax, rh, panel, poff):
     """The two workers as a parallel region, and nothing else in it (Numba's parallel
     passes take seconds per statement they analyse, cold)."""
     for w in prange(2):
         _worker(sync, info, join_cycles, ev, s, xs, xo, state, pred, out, mode, cell, reset_after, hidden, offsets,
-                wx, wh, b, bhn, peep, wo, bo, hbuf, hoff, priv, hmax, rh)
+                wx, wh, b, bhn, peep, wo, bo, hbuf, hoff, priv, hmax, rh, panel, poff)
 
 
 @njit(**_OPTS)
@@ -677,13 +711,26 @@ def step_stream_split(ev, rows, xs, xo, state, pred, out, mode, info, join_cycle
         hmax = max(hmax, hidden[layer])
     hmax = (hmax + 15) // 16 * 16
     p = 5 * hmax  # acc (4 * hmax), accn (hmax)
+    # Each worker's panel: every layer's input and recurrent weights for the larger half's
+    # units, each block from a line of its own.
+    n_gates = _n_gates(cell)
+    poff = np.empty(2 * n_layers, np.int64)
+    ps = 0
+    for layer in range(n_layers):
+        half = (hidden[layer] + 1) // 2
+        n_in = wx[0].shape[0] if layer == 0 else hidden[layer - 1]
+        poff[2 * layer] = ps
+        ps += (n_in * n_gates * half + 15) // 16 * 16
+        poff[2 * layer + 1] = ps
+        ps += (hidden[layer] * n_gates * half + 15) // 16 * 16
+    panel = _aligned(2 * ps).reshape(2, ps)
     hbuf = _aligned(2 * hs).reshape(2, hs)
     priv = _aligned(2 * p).reshape(2, p)
     rhs = _aligned(hmax)
     sync = np.zeros(SYNC_WORDS, np.int64)
     began = _cycles()
     _pair(sync, info, join_cycles, ev, rows[0], xs, xo, state, pred, out, mode, cell, reset_after, hidden, offsets,
-          wx, wh, b, bhn, peep, wo, bo, hbuf, hoff, priv, hmax, rhs)
+          wx, wh, b, bhn, peep, wo, bo, hbuf, hoff, priv, hmax, rhs, panel, poff)
     _remember(info, _cycles() - began)
     if info[0] == _SOLO:
         step_stream(ev, rows, xs, xo, state, pred, out, mode, cell, reset_after, hidden, offsets, wx, wh, b, bhn,
