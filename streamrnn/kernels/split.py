@@ -312,11 +312,13 @@ def _slow(steps, waited, longest, elapsed):
 
 
 # ----------------------------------------------------------------------------- products
-def _emit_segments(builder, groups, nseg, acc, bias, x, nx, wx, wxs, h, nh, wh, whs, stride, wstride):
+def _emit_segments(builder, groups, nseg, acc, bias, x, nx, wx, wxs, h, nh, wh, whs, stride, wstride,
+                   accn=None, bhn=None):
     """LLVM IR of ``_segspan``: ``single._emit_span`` over ``nseg`` column segments
     ``stride`` elements apart in acc and bias, ``wstride`` apart in the weight rows,
     ``groups`` vectors each: every term acc + v * w on whole vectors, so the same FMAs as
-    ``_span``."""
+    ``_span``. With accn and bhn, one more segment (weight segment nseg) of recurrent terms
+    only, from bias bhn into accn, in the same pass over h (``_gruspan``)."""
     f32 = ir.FloatType()
     vec = ir.VectorType(f32, LANES)
     i32 = ir.IntType(32)
@@ -331,18 +333,27 @@ def _emit_segments(builder, groups, nseg, acc, bias, x, nx, wx, wxs, h, nh, wh, 
     regs = [cgutils.alloca_once(builder, vec) for _ in cols]
     for (s, g), reg in zip(cols, regs):
         builder.store(builder.load(vptr(bias, col(s, g)), align=4), reg)
-    for src, n, w, ws in ((x, nx, wx, wxs), (h, nh, wh, whs)):
+    hcols, hregs = cols, regs
+    if accn is not None:
+        nregs = [cgutils.alloca_once(builder, vec) for _ in range(groups)]
+        for g, reg in enumerate(nregs):
+            builder.store(builder.load(vptr(bhn, col(0, g)), align=4), reg)
+        hcols, hregs = cols + [(nseg, g) for g in range(groups)], regs + nregs
+    for src, n, w, ws, cols_, regs_ in ((x, nx, wx, wxs, cols, regs), (h, nh, wh, whs, hcols, hregs)):
         with cgutils.for_range(builder, n) as loop:
             k = loop.index
             v = builder.load(builder.gep(src, [k]))
             splat = builder.shuffle_vector(builder.insert_element(ir.Constant(vec, ir.Undefined), v, ir.Constant(i32, 0)),
                                           ir.Constant(vec, ir.Undefined), ir.Constant(ir.VectorType(i32, LANES), [0] * LANES))
             row = builder.mul(k, ws)
-            for (s, g), reg in zip(cols, regs):
+            for (s, g), reg in zip(cols_, regs_):
                 wv = builder.load(vptr(w, builder.add(row, col(s, g, wstride))), align=4)
                 builder.store(builder.fadd(builder.load(reg), builder.fmul(splat, wv)), reg)
     for (s, g), reg in zip(cols, regs):
         builder.store(builder.load(reg), vptr(acc, col(s, g)), align=4)
+    if accn is not None:
+        for g, reg in enumerate(nregs):
+            builder.store(builder.load(reg), vptr(accn, col(0, g)), align=4)
 
 
 @intrinsic
@@ -370,6 +381,33 @@ def _segspan(typingctx, groups, nseg, acc, bias, x, nx, wx, wxs, h, nh, wh, whs,
         return context.get_dummy_value()
 
     return types.void(groups, nseg, acc, bias, x, nx, wx, wxs, h, nh, wh, whs, stride, wstride), codegen
+
+
+@intrinsic
+def _gruspan(typingctx, groups, acc, bias, accn, bhn, x, nx, wx, wxs, h, nh, wh, whs, stride, wstride):
+    """A GRU's (reset_after) r and z columns as ``_segspan`` with nseg 2, and in the same pass
+    over h its n gate's recurrent columns: accn[c] = bhn[c] + h[:nh] @ wh[:nh, 2 * wstride + c].
+    One pass with 3 * groups accumulators instead of two: the n product alone had only
+    ``groups`` (4) dependent FMA chains, bound by the FMA latency."""
+    ptrs = (acc, bias, accn, bhn, x, wx, h, wh)
+    ints = (nx, wxs, nh, whs, stride, wstride)
+    if not (isinstance(groups, types.IntegerLiteral) and all(p == _F32P for p in ptrs)
+            and all(isinstance(n, types.Integer) for n in ints)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        _, acc_, bias_, accn_, bhn_, x_, nx_, wx_, wxs_, h_, nh_, wh_, whs_, stride_, wstride_ = args
+        tys = signature.args
+
+        def intp(value, ty):
+            return context.cast(builder, value, ty, types.intp)
+
+        _emit_segments(builder, groups.literal_value, 2, acc_, bias_, x_, intp(nx_, tys[6]), wx_, intp(wxs_, tys[8]),
+                       h_, intp(nh_, tys[10]), wh_, intp(whs_, tys[12]), intp(stride_, tys[13]),
+                       intp(wstride_, tys[14]), accn_, bhn_)
+        return context.get_dummy_value()
+
+    return types.void(groups, acc, bias, accn, bhn, x, nx, wx, wxs, h, nh, wh, whs, stride, wstride), codegen
 
 
 # ``single.matvec`` over columns [0, ncols) of nseg (4, 2 or 1) segments ``stride`` apart in
@@ -413,6 +451,30 @@ def matvec2(acc, bias, x, nx, wx, wxs, h, nh, wh, whs, stride, wstride, ncols):
         _segspan(1, 2, _at(acc, j), _at(bias, j), x, nx, _at(wx, j), wxs, h, nh, _at(wh, j), whs, stride, wstride)
         j += 8
     _columns(2, j, acc, bias, x, nx, wx, wxs, h, nh, wh, whs, stride, wstride, ncols)
+
+
+@njit(**_OPTS)
+def matvec_gru(acc, bias, accn, bhn, x, nx, wx, wxs, h, nh, wh, whs, stride, wstride, ncols):
+    """``matvec2`` of a GRU's r and z columns and, in the same passes, its n gate's recurrent
+    product into accn (``_gruspan``): each column summed as before."""
+    j = 0
+    while j + 32 <= ncols:
+        _gruspan(4, _at(acc, j), _at(bias, j), _at(accn, j), _at(bhn, j), x, nx, _at(wx, j), wxs, h, nh, _at(wh, j),
+                 whs, stride, wstride)
+        j += 32
+    if ncols - j >= 16:
+        _gruspan(2, _at(acc, j), _at(bias, j), _at(accn, j), _at(bhn, j), x, nx, _at(wx, j), wxs, h, nh, _at(wh, j),
+                 whs, stride, wstride)
+        j += 16
+    if ncols - j >= 8:
+        _gruspan(1, _at(acc, j), _at(bias, j), _at(accn, j), _at(bhn, j), x, nx, _at(wx, j), wxs, h, nh, _at(wh, j),
+                 whs, stride, wstride)
+        j += 8
+    _columns(2, j, acc, bias, x, nx, wx, wxs, h, nh, wh, whs, stride, wstride, ncols)
+    n_w = _at(wh, 2 * wstride)
+    while j < ncols:
+        _column(_at(accn, j), _at(bhn, j), x, 0, n_w, whs, h, nh, _at(n_w, j), whs)
+        j += 1
 
 
 @njit(**_OPTS)
@@ -468,24 +530,24 @@ def _gru_layer(sync, me, paired, epoch, reset_after, lo, hi, x, nx, hprev, hnew,
     (epoch, cycles waited)."""
     n = hi - lo
     waited = 0
-    matvec2(_at(acc, lo), _at(b, lo), x, nx, px, wrow, hprev, hsz, ph, wrow, hsz, wseg, n)
     col = 2 * hsz + lo
     pxn = _at(px, 2 * wseg)
     phn = _at(ph, 2 * wseg)
     matvec1(_at(acc, col), _at(b, col), x, nx, pxn, wrow, hprev, 0, phn, wrow, n)
-    hv = hprev
-    if not reset_after:
-        for k in range(lo, hi):
-            rh[k] = sigmoid32(acc[k]) * hprev[k]
-        if paired:
-            epoch += 1
-            waited = _barrier(sync, me, epoch)
-        hv = rh
-    matvec1(_at(accn, lo), _at(bhn, lo), x, 0, pxn, wrow, hv, hsz, phn, wrow, n)
     if reset_after:
+        matvec_gru(_at(acc, lo), _at(b, lo), _at(accn, lo), _at(bhn, lo), x, nx, px, wrow, hprev, hsz, ph, wrow, hsz,
+                   wseg, n)
         _gru_after_units(lo, hi, hsz, acc, accn, hprev, hnew)
-    else:
-        _gru_before_units(lo, hi, hsz, acc, accn, hprev, hnew)
+        return epoch, waited
+    matvec2(_at(acc, lo), _at(b, lo), x, nx, px, wrow, hprev, hsz, ph, wrow, hsz, wseg, n)
+    for k in range(lo, hi):
+        rh[k] = sigmoid32(acc[k]) * hprev[k]
+    if paired:
+        epoch += 1
+        waited = _barrier(sync, me, epoch)
+    # Cho et al.: the n gate's recurrent product sees r * h, whole only after the barrier.
+    matvec1(_at(accn, lo), _at(bhn, lo), x, 0, pxn, wrow, rh, hsz, phn, wrow, n)
+    _gru_before_units(lo, hi, hsz, acc, accn, hprev, hnew)
     return epoch, waited
 
 
