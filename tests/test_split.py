@@ -37,8 +37,9 @@ def _all_numba_threads():
     numba.set_num_threads(before)
 
 
-# Even and odd halves (33: 16 + 17 units), vector groups and single columns, 1-3 layers.
-SHAPES = [([64], 1), ([33], 3), ([40, 17], 2), ([33, 64, 9], 1)]
+# Even and odd halves (33: 16 + 17 units), vector groups and single columns, 1-3 layers, 1-9
+# features (a head of one vector and more).
+SHAPES = [([64], 1), ([33], 3), ([40, 17], 2), ([33, 64, 9], 1), ([17, 64], 8), ([64], 9)]
 #: Handshake bound for the tests: long enough that a busy partner still joins (a run that
 #: pairs is what most tests want), short enough not to matter when it does not.
 JOIN = 50_000_000
