@@ -43,8 +43,8 @@ from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import CommitFailedError, KafkaError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
 
-from daemon.checkpoint import ChangelogStore, LocalStore, confluent_records, kafka_python_records
-from daemon.codec import EVENT_OFFSET_SHIFT, Decoder, Format, Rejected
+from daemon.checkpoint import ChangelogStore, LocalStore, RowCodec, confluent_records, kafka_python_records
+from daemon.codec import EVENT_OFFSET_SHIFT, Decoder, Format, Rejected, encode_events
 from daemon.config import DaemonConfig
 from daemon.errors import DaemonError
 from daemon.fastpoll import FetchState, send_fetches_without_waiting, skip_known_coordinator_round_trip
@@ -209,10 +209,10 @@ class Daemon:
         self.model = self._load_model()
         self._model_stamp = self._stamp()
         self._set_threads()
-        self._warm_up()
-        gc.freeze()  # start-up objects (model, kernels, clients) leave the GC's scans
         self.decoder = Decoder(self.model.feature_names,
                                Format(cfg.stream_field, cfg.ts_field, cfg.value_field, cfg.values_field))
+        self._warm_up()
+        gc.freeze()  # start-up objects (model, kernels, clients) leave the GC's scans
         if cfg.metrics_port:
             self.health = HealthServer(self.metrics, cfg.metrics_host, cfg.metrics_port)
             _info("serving metrics", url=f"http://{cfg.metrics_host}:{self.health.port}/metrics")
@@ -268,19 +268,27 @@ class Daemon:
         numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
 
     def _warm_up(self) -> None:
-        """Compile (or load from Numba's cache) every kernel before the first event."""
+        """Compile (or load from Numba's cache) every kernel before the first event: the
+        first records take the loop's own path (decode, score), then large batches (parallel
+        id lookup, many waves), then both checkpoint stores' serialisers. A kernel loaded later
+        would stop the loop (or a checkpoint) for milliseconds while it holds the GIL."""
         t0 = time.perf_counter()
         det = self.new_detector()
-        d = self.model.n_features
-        det.process(["warm-up", "warm-up"], np.zeros((2, d)), np.array([0, 1000], np.int64),
-                    offsets=np.array([0, 1], np.int64))
-        # Large batches take other code paths (parallel id lookup, many waves): new streams
-        # first, then known ones.
+        names, fmt = self.model.feature_names, self.decoder.fmt
+        d = len(names)
+        messages = [encode_events(["decode-a"], [1000 * k], np.zeros((1, d)), names, fmt=fmt) for k in range(2)]
+        messages += [encode_events(["decode-a", "decode-b"], [2000, 2000], np.zeros((2, d)), names, fmt=fmt),
+                     encode_events(["decode-c"], [2000], np.zeros((1, d)), names, fmt=fmt, arrow=True)]
+        for lo, hi in ((0, 2), (2, 4)):  # single-event messages alone, then arrays and Arrow
+            offs = list(range(lo, hi))
+            score_batch(det, self.decoder.decode(messages[lo:hi], [None] * (hi - lo), offs), offs)
         n = 16384
         ids = [f"warm-up-{i}" for i in range(n // 2)] * 2
-        ts = np.repeat(np.array([2000, 3000], np.int64), n // 2)
+        ts = np.repeat(np.array([3000, 4000], np.int64), n // 2)
         for k in range(2):
-            det.process(ids, np.zeros((n, d)), ts + 2000 * k, offsets=np.arange(n, dtype=np.int64) + n * k + 2)
+            det.process(ids, np.zeros((n, d)), ts + 2000 * k, offsets=np.arange(n, dtype=np.int64) + n * k + 8)
+        det.table.copy().snapshot()  # the local store's snapshot
+        RowCodec(det.table).export(det.table, ["warm-up-0", "decode-a"])  # deltas and changelog rows
         _info("kernels ready", seconds=round(time.perf_counter() - t0, 3))
 
     def _connect(self) -> None:

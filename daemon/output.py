@@ -56,9 +56,10 @@ def confluent_settings(cfg: DaemonConfig) -> dict[str, Any]:
 
 def confluent_connection(cfg: DaemonConfig) -> dict[str, Any]:
     """The connection and security part of :func:`confluent_settings`, for other librdkafka
-    clients (the changelog reader)."""
+    clients (the changelog reader: a consumer, which warns on every start about producer
+    properties such as ``request.timeout.ms``)."""
     return {k: v for k, v in confluent_settings(cfg).items()
-            if k in ("bootstrap.servers", "security.protocol", "request.timeout.ms") or k.startswith(("sasl.", "ssl."))}
+            if k in ("bootstrap.servers", "security.protocol") or k.startswith(("sasl.", "ssl."))}
 
 
 class _Delivery:

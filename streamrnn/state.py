@@ -842,7 +842,7 @@ def _encode_ids(stream_ids) -> tuple[np.ndarray, np.ndarray]:
     if pa.types.is_string_view(arr.type):
         arr = arr.cast(pa.string())
     if len(arr) == 0:
-        return np.empty(0, np.uint8), np.zeros(1, np.int32)
+        return _id_bytes(None), np.zeros(1, np.int32)
     if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
         raise StreamTableError(_bad_id_message(stream_ids, None, arr))
     if arr.null_count:
@@ -851,7 +851,7 @@ def _encode_ids(stream_ids) -> tuple[np.ndarray, np.ndarray]:
     kind = np.int64 if pa.types.is_large_string(arr.type) else np.int32
     bufs = arr.buffers()
     offsets = np.frombuffer(bufs[1], kind, count=len(arr) + 1, offset=arr.offset * np.dtype(kind).itemsize)
-    data = np.frombuffer(bufs[2], np.uint8) if bufs[2] is not None else np.empty(0, np.uint8)
+    data = _id_bytes(bufs[2])
     lengths = np.diff(offsets)
     bad = np.flatnonzero((lengths <= 0) | (lengths > idmap.MAX_ID_BYTES))
     if bad.size:
@@ -875,13 +875,22 @@ def _encode_str_list(ids: list | tuple) -> tuple[np.ndarray, np.ndarray] | None:
     if len(ids) > _SMALL_ID_BATCH:  # pyarrow's C loop wins on long lists
         arr = pa.array(ids, type=pa.string())  # raises UnicodeEncodeError for a lone surrogate
         bufs = arr.buffers()
-        return np.frombuffer(bufs[2], np.uint8), np.frombuffer(bufs[1], np.int32, count=len(ids) + 1)
+        return _id_bytes(bufs[2]), np.frombuffer(bufs[1], np.int32, count=len(ids) + 1)
     encoded = list(map(str.encode, ids))  # raises UnicodeEncodeError for a lone surrogate
     offsets = np.fromiter(accumulate(map(len, encoded), initial=0), np.int32, len(ids) + 1)
     return np.frombuffer(b"".join(encoded), np.uint8), offsets
 
 
 _SMALL_ID_BATCH = 4096
+
+
+def _id_bytes(buf) -> np.ndarray:
+    """The ids' utf-8 bytes as a read-only array, whichever path encoded them (bytes are
+    read-only, pyarrow's buffers writable): one Numba signature for the id kernels, so a
+    batch size the daemon's warm-up did not take loads no kernel mid-stream."""
+    data = np.frombuffer(buf, np.uint8) if buf is not None else np.empty(0, np.uint8)
+    data.flags.writeable = False
+    return data
 
 
 def _bad_id_message(stream_ids, exc, arr=None) -> str:

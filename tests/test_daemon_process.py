@@ -3,13 +3,16 @@ random points with restarts, and two daemons in one group with a changelog takeo
 
 from __future__ import annotations
 
+import json
 import random
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
-from tests.daemon_support import (alert_records, committed, confluent_produce, create_topic, daemon_process,
+from tests.daemon_support import (ROOT, alert_records, committed, confluent_produce, create_topic, daemon_process,
                                   end_offsets, event_messages, log_lines, persistence_model, read_alerts,
                                   reference_alerts, scenario, stop, unique, wait_committed, wait_log)
 
@@ -132,3 +135,16 @@ def test_two_daemons_split_partitions_and_survivor_takes_over_from_changelog(kaf
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+@pytest.mark.parametrize("store", ["local", "changelog"])
+def test_no_kernel_is_compiled_or_loaded_after_the_warm_up(kafka_broker, tmp_path, store):
+    """Issue 5: kernels compiled at start-up, before the first event. A kernel loaded later
+    holds the GIL for milliseconds mid-stream (a poll of 5000 ids took another encoding path
+    than the warm-up's; the first checkpoint loaded the snapshot's id kernels)."""
+    out = subprocess.run([sys.executable, "-m", "tests.late_compile_probe", kafka_broker.bootstrap, store,
+                          str(tmp_path / "state")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["counts"]["consumed"] == 6600 and report["counts"]["checkpoints"] >= 2
+    assert report["late"] == []
