@@ -8,9 +8,9 @@ gate columns of its units only (so it reads about half of the weights, from its 
 caches), applies the gates and the c/h update of its units, publishes its part of the new
 h and meets the partner at a spin barrier once per layer and event (both need the whole
 h). Each worker first copies its columns of every layer's weights into a panel of its own,
-contiguous (``_pack``): read in place, rows G * H floats apart, its columns fell in a quarter
-of L1's sets and missed every event; packed, a GRU64 half (24 KB) stays in L1 and an LSTM64
-half (32 KB) mostly does. The h of every layer is double-buffered (step i writes buffer i % 2 and reads the
+contiguous (``_pack``): read in place, rows G * H floats apart, its columns map to a quarter
+of L1's sets only (12-16 lines for 8 ways at H=64); packed, they spread over all of them.
+The h of every layer is double-buffered (step i writes buffer i % 2 and reads the
 other), so one barrier per layer-step suffices: a thread that passed the barrier of step i
 knows its partner has finished reading step i-1's buffer, the one step i+1 overwrites.
 An LSTM's c travels with its h in the same double-buffered block, written by its owner
@@ -22,10 +22,12 @@ the line back, the reader fetches it): 48-58 ns on this VM's two vCPUs when the 
 quiet, 0.5-0.6 us (and much worse) while other processes run (/tmp/s8/K/pingpong.py), so
 only layers whose step takes a core about 1 us alone gain (``MIN_LAYER_WEIGHTS``).
 Measured, quiet, 1000-event runs, before the panels: LSTM64 0.93 us an event (1.17 alone),
-GRU64 0.62 (0.81); with them, on a loaded machine (load 3.3-3.5, best tenth of runs), worker
-0's run: LSTM64 0.57-0.62 us, GRU64 0.39-0.41 (/tmp/s9/A/mb2.py). One worker's GRU64 half
-layer alone takes ~530-570 cycles (FMA bound ~400), an LSTM64 half ~740 (its 32 KB panel
-and the h, c and acc lines do not all fit L1).
+GRU64 0.62 (0.81). Panels and the fused GRU pass against that code, interleaved run by run
+in one process (/tmp/s9/A/ab1.py, load 0.4-3, tenth percentile of paired runs, wall):
+GRU64 D=1 0.56-0.61 -> 0.42-0.44 us, LSTM64 D=1 0.93 -> 0.61-0.62, GRU64 D=8 0.52-0.53 ->
+0.44-0.46, LSTM64 D=8 0.72-1.0 -> 0.70. A worker's half layer run alone (no partner)
+gained nothing from the panel in one probe and ~300 cycles in another: where the gain
+comes from in the paired run is not pinned down.
 
 Numbers: each output column is summed exactly as ``single.matvec`` sums it (bias, input
 terms, recurrent terms, each in k order, one FMA per term), whatever vector group or scalar
