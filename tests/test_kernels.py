@@ -298,6 +298,33 @@ def test_step_events_split_across_threads_equals_forward_bit_for_bit(i):
         assert np.isnan(got[0]).all() and np.array_equal(got[1:], ref[:-1])
 
 
+def test_step_events_any_chunk_count_same_bits_and_scratch_left_zero():
+    # 400 streams, 1-4 events each: every chunk count step_events picks (1 thread: one
+    # list; 2, 3, 5 threads: 8, 12 and 17 chunks, the last bounded by the 17 blocks of 24
+    # streams) gives the same bits, and the slot scratch is all zero again afterwards.
+    model = _tile_model(1)
+    rng = np.random.default_rng(7)
+    lengths = rng.integers(1, 5, 400)
+    slots = np.repeat(np.arange(400, dtype=np.int64), lengths)
+    rng.shuffle(slots)
+    xs = rng.standard_normal((slots.shape[0], model.n_features)).astype(np.float32)
+    p = model.packed
+    outs = []
+    for n_threads in (1, 2, 3, 5):
+        state = np.zeros((400, p.state_width), np.float32)
+        pred = np.full((400, model.n_outputs), np.nan, np.float32)
+        prev = np.empty((slots.shape[0], model.n_outputs), np.float32)
+        scratch = np.zeros(400, np.int32)
+        step_events(slots, xs, state, pred, prev, scratch, n_threads, *p.kernel_args())
+        assert not scratch.any()
+        outs.append((prev, state))
+    for prev, state in outs[1:]:
+        assert np.array_equal(prev, outs[0][0], equal_nan=True)
+        assert np.array_equal(state, outs[0][1])
+    first = np.unique(slots, return_index=True)[1]
+    assert np.isnan(outs[0][0][first]).all() and not np.isnan(np.delete(outs[0][0], first, 0)).any()
+
+
 def _events_of(seqs, rng):
     """Every stream's events interleaved at random, each stream's in order: (slots, xs)."""
     n_streams, length, d = seqs.shape
