@@ -31,6 +31,7 @@ import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -206,6 +207,15 @@ class Daemon:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self.stop())
         _info("starting", config=cfg.redacted(), pid=os.getpid())
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(cfg.switch_interval_ms / 1000)  # see DaemonConfig.switch_interval_ms
+        try:
+            return self._run()
+        finally:
+            sys.setswitchinterval(switch)
+
+    def _run(self) -> int:
+        cfg = self.cfg
         self.model = self._load_model()
         self._model_stamp = self._stamp()
         self._set_threads()

@@ -68,10 +68,10 @@ def test_secrets_reach_the_confluent_producer_by_librdkafka_names(tmp_path, mode
 def test_every_problem_is_reported_at_once():
     with pytest.raises(ConfigError) as err:
         load_config(env={}, overrides={"bootstrap": "nohost", "state_store": "s3", "batch_max_events": 0,
-                                       "producer_client": "librdkafka"})
+                                       "producer_client": "librdkafka", "switch_interval_ms": 0})
     msg = str(err.value)
     for part in ("alerts is required", "model is required", "must be HOST:PORT", "state_store must be",
-                 "batch_max_events must be > 0", "input is required",
+                 "batch_max_events must be > 0", "input is required", "switch_interval_ms must be > 0",
                  "producer_client must be 'kafka-python' or 'confluent-kafka', got 'librdkafka'"):
         assert part in msg
 

@@ -4,6 +4,7 @@ an independent client, dead letters, the changelog store, Arrow and array messag
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 import urllib.request
@@ -92,13 +93,16 @@ def test_daemon_on_json_batches_and_arrow_raises_exactly_replays_alerts(kafka_br
                        arrow=True)
     run = Running(kafka_broker.bootstrap, model_path, tmp_path, topic=topic, alerts=alerts, metrics_port=-1,
                   producer_client=producer_client)
+    switch = sys.getswitchinterval()
     run.wait_consumed(a.messages + b.messages)
+    assert sys.getswitchinterval() == pytest.approx(run.cfg.switch_interval_ms / 1000)  # while it runs
     health = run.daemon.health
     base = f"http://127.0.0.1:{health.port}"
     assert urllib.request.urlopen(base + "/healthz").status == 200
     assert urllib.request.urlopen(base + "/readyz").status == 200
     metrics = urllib.request.urlopen(base + "/metrics").read().decode()
     counts = run.stop()
+    assert sys.getswitchinterval() == switch  # the process's own again
     assert counts["events"] == len(ids) and counts["dead_lettered"] == 0
     got = read_alerts(kafka_broker.bootstrap, alerts)
     assert alert_records(got) == reference  # same ids, kinds, scores, values, predictions
