@@ -878,7 +878,7 @@ def _encode_str_list(ids: list | tuple) -> tuple[np.ndarray, np.ndarray] | None:
         return _id_bytes(bufs[2]), np.frombuffer(bufs[1], np.int32, count=len(ids) + 1)
     encoded = list(map(str.encode, ids))  # raises UnicodeEncodeError for a lone surrogate
     offsets = np.fromiter(accumulate(map(len, encoded), initial=0), np.int32, len(ids) + 1)
-    return np.frombuffer(b"".join(encoded), np.uint8), offsets
+    return _id_bytes(b"".join(encoded)), offsets
 
 
 _SMALL_ID_BATCH = 4096
