@@ -204,3 +204,51 @@ def _install_unliteral_calls():
 
 
 _install_unliteral_calls()
+
+
+#: Threading-layer entry points that compiled parallel regions call; ``_launch_threads``
+#: binds them. Object code naming one needs the threading layer started before it runs.
+_THREADING_SYMBOLS = (b"numba_parallel_for", b"do_scheduling_signed", b"do_scheduling_unsigned")
+
+
+def _calls_threading_layer(libdata) -> bool:
+    """Whether a cached library's code (object code and linking bitcode) runs a parallel region."""
+    _name, _kind, data = libdata
+    blobs = data if isinstance(data, tuple) else (data,)
+    return any(isinstance(b, bytes) and any(s in b for s in _THREADING_SYMBOLS) for b in blobs)
+
+
+def _install_parallel_reload():
+    """Start Numba's threading layer when a cached kernel that runs a parallel region loads.
+
+    A kernel compiled with ``parallel=True`` records "start the threading layer" among its
+    reload actions, and a kernel that calls it inherits them: but only from a callee compiled
+    in the same process. When the callee came from the on-disk cache (Numba keeps no reload
+    actions in a cached library), the caller is cached without them; a later process that
+    loads that caller and runs it before any other parallel kernel enters the parallel
+    region with no threading layer and segfaults (numba#8578, #9938; reproduced here with
+    split.step_stream_split, a plain kernel calling the parallel split._pair, compiled in
+    a process that had loaded _pair from the cache). So a cached library whose code calls the
+    threading layer gets Numba's reload action whatever was recorded, and the actions a
+    cached kernel carries are kept on its library, so that kernels compiled on top of it
+    inherit them again (numba PR #9950's fix).
+    """
+    from numba.core import compiler
+    from numba.core.typed_passes import _reload_parfors
+
+    plain_rebuild = compiler.CompileResult._rebuild.__func__
+
+    def _rebuild(cls, target_context, libdata, fndesc, env, signature, objectmode, lifted, typeann,
+                 reload_init, referenced_envs):
+        reload_init = list(reload_init or ())
+        if _reload_parfors not in reload_init and _calls_threading_layer(libdata):
+            reload_init.append(_reload_parfors)
+        result = plain_rebuild(cls, target_context, libdata, fndesc, env, signature, objectmode, lifted, typeann,
+                               reload_init, referenced_envs)
+        result.library._reload_init.update(reload_init)
+        return result
+
+    compiler.CompileResult._rebuild = classmethod(_rebuild)
+
+
+_install_parallel_reload()
