@@ -94,6 +94,14 @@ ADDED_COLUMNS = {"x_lo": -np.inf, "x_hi": np.inf, "err_bias": 0.0, "err_energy":
                  "rep": 0.0, "x_fit": np.nan}
 
 
+def _kernel_array(a: np.ndarray, dtype) -> np.ndarray:
+    """``a`` as the one array type detect_batch is compiled for: C-contiguous, writable, dtype.
+    A read-only input (Arrow's zero-copy views, memmaps) would compile a second
+    specialisation of the detect kernels (a minute or more, cold); it is copied instead."""
+    a = np.ascontiguousarray(a, dtype)
+    return a if a.flags.writeable else a.copy()
+
+
 class Detector:
     """Score events from many interleaved streams against one-step-ahead predictions.
 
@@ -318,7 +326,7 @@ class Detector:
             raise StreamrnnError(f"values must have shape (events, {self.model.n_features}); got {x.shape}")
         if x.dtype.kind not in "biufc":  # dtype kinds, not np.issubdtype: this runs per batch
             raise StreamrnnError(f"values must be numeric, not {x.dtype}")
-        x = np.ascontiguousarray(x, np.float64)
+        x = _kernel_array(x, np.float64)
         ts = np.asarray(timestamps)
         if ts.shape != (x.shape[0],) or len(stream_ids) != x.shape[0]:
             raise StreamrnnError(f"stream_ids ({len(stream_ids)}), values ({x.shape[0]}) and "
@@ -327,14 +335,14 @@ class Detector:
             ts = ts.astype("datetime64[ms]").astype(np.int64)
         elif ts.dtype.kind not in "iu" and ts.size:
             raise StreamrnnError(f"timestamps must be integer epoch milliseconds, not {ts.dtype}")
-        ts = np.ascontiguousarray(ts, np.int64)
+        ts = _kernel_array(ts, np.int64)
         if offsets is None:
             off = np.empty(0, np.int64)
         else:
             off = np.asarray(offsets)
             if off.shape != (x.shape[0],) or not (off.dtype.kind in "iu" or off.size == 0):
                 raise StreamrnnError(f"offsets must be one integer per event; got shape {off.shape}, dtype {off.dtype}")
-            off = np.ascontiguousarray(off, np.int64)
+            off = _kernel_array(off, np.int64)
         return x, ts, off
 
     # ---------------------------------------------------------------- state

@@ -79,3 +79,39 @@ def test_cached_caller_of_a_parallel_kernel_starts_the_threading_layer(tmp_path,
         assert done.stdout.strip() == expected
     # The third process loaded the caller from the cache rather than compiling it again.
     assert len(list((tmp_path / "cache").rglob("kernels_probe.outer-*.nbc"))) == 1
+
+
+def _input_kinds(vals: np.ndarray, ts: np.ndarray):
+    """The same events as callers hand them over: dtypes, layouts and read-only buffers."""
+    import pyarrow as pa
+
+    n = len(ts)
+    wide = np.repeat(vals, 2, axis=1)
+    yield "float32 values, int32 timestamps", vals.astype(np.float32), ts.astype(np.int32), None
+    yield "Fortran-order values", np.asfortranarray(vals), ts, None
+    yield "strided views", wide[:, ::2], np.repeat(ts, 2)[::2], np.arange(1, n + 1, dtype=np.int32)
+    yield ("read-only Arrow buffers", pa.array(vals.ravel()).to_numpy().reshape(vals.shape),
+           pa.array(ts).to_numpy(), pa.array(np.arange(1, n + 1)).to_numpy())
+
+
+def test_detector_inputs_of_every_kind_share_one_kernel_specialisation():
+    # Each input kind the detect kernels saw would compile another specialisation of them
+    # (a minute or more, cold, and one more cache entry); Detector.process converts at the
+    # boundary instead, so every kind scores with the same compiled kernels and numbers.
+    import streamrnn.kernels.detect as K
+    from streamrnn import Detector, Model
+
+    model = Model.random("gru", n_features=2, hidden=[8], seed=3)
+    rng = np.random.default_rng(3)
+    ids = [f"s{i % 4}" for i in range(64)]
+    vals = rng.standard_normal((64, 2)).astype(np.float32).astype(np.float64)  # float32 loses nothing
+    ts = 1_700_000_000_000 + 1000 * np.arange(64, dtype=np.int64)
+    reference = Detector(model).process(ids, vals, ts, np.arange(1, 65))
+    kernels = (K.detect_batch, K._detect_chunks_parallel)
+    before = [list(k.signatures) for k in kernels]
+    for kind, v, t, off in _input_kinds(vals, ts):
+        assert not (kind.startswith("read-only") and v.flags.writeable)
+        got = Detector(model).process(ids, v, t, off)
+        np.testing.assert_array_equal(got.score, reference.score, err_msg=kind)
+        np.testing.assert_array_equal(got.prediction, reference.prediction, err_msg=kind)
+        assert [list(k.signatures) for k in kernels] == before, kind
