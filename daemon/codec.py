@@ -132,7 +132,21 @@ class Decoder:
         one = self._event | list[self._event]
         self._one = msgspec.json.Decoder(one)
         self._many = msgspec.json.Decoder(list[one])
-        self._many_single = msgspec.json.Decoder(list[self._event])
+        self._plain = self._plain_decoder(fields, rename) if self.d == 1 else None
+
+    @staticmethod
+    def _plain_decoder(fields: list, rename: dict):
+        """A decoder of the common batch, for one-feature models: every message one event
+        with a non-empty stream id of plainly valid length (a str of n code points is at most
+        4n utf-8 bytes), a value (null: missing) and no values field. Its types check what a
+        Python pass per event checked before; any other batch fails it and takes the general
+        path, which names what is wrong. The other fields keep the event type's types, so a
+        message is refused exactly when the event type refuses it."""
+        plain = [("t", _TS), ("s", Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_BYTES // 4)]),
+                 ("v", float | None), ("vs", msgspec.UnsetType, msgspec.UNSET)]
+        plain += [f for f in fields if f[0].startswith("f")]
+        struct = msgspec.defstruct("PlainEvent", plain, rename=rename, forbid_unknown_fields=False, gc=False)
+        return msgspec.json.Decoder(list[struct])
 
     # ------------------------------------------------------------------ public
     def decode(self, values: list[bytes | None], keys: list[bytes | None], offsets: list[int]) -> DecodedBatch:
@@ -142,10 +156,11 @@ class Decoder:
         vals: list[list[float]] = []
         eoffs: list[int] = []
         rejected: list[Rejected] = []
-        parsed = self._parse_all(values)
-        fast = self._fast_single(parsed, offsets)
+        joined = _join(values)
+        fast = self._decode_plain(joined, len(values), offsets)
         if fast is not None:
             return fast
+        parsed = self._parse_all(values, joined)
         for i, msg in enumerate(parsed):
             if isinstance(msg, Rejected):
                 rejected.append(msg)
@@ -162,43 +177,37 @@ class Decoder:
         return DecodedBatch(ids, np.array(ts, np.int64), x, np.array(eoffs, np.int64),
                             len(values) - len(rejected), rejected)
 
-    def _fast_single(self, parsed, offsets) -> DecodedBatch | None:
-        """The common case, without a Python call per event: every message one valid
-        single-feature event with its stream id (None: take the general path)."""
-        n = len(parsed)
-        if self.d != 1 or not n or set(map(type, parsed)) != {self._event}:
+    def _decode_plain(self, joined: bytes | None, n: int, offsets) -> DecodedBatch | None:
+        """The common batch (see :meth:`_plain_decoder`) in one msgspec call and three
+        C-level passes, without Python work per event (None: take the general path)."""
+        if self._plain is None or joined is None or not n:
             return None
-        ids = list(map(_GET_S, parsed))
-        vals = list(map(_GET_V, parsed))
-        if (None in ids or msgspec.UNSET in ids or "" in ids or msgspec.UNSET in vals
-                or list(map(_GET_VS, parsed)).count(msgspec.UNSET) != n
-                or 4 * max(map(len, ids)) > MAX_ID_BYTES):  # may be too long: checked there
+        try:
+            parsed = self._plain.decode(joined)
+        except msgspec.DecodeError:  # also msgspec.ValidationError
             return None
-        x = np.array(vals, dtype=np.float64).reshape(n, 1)  # None (JSON null) -> NaN
-        ts = np.array(list(map(_GET_T, parsed)), np.int64)
-        return DecodedBatch(ids, ts, x, np.array(offsets, np.int64) << EVENT_OFFSET_SHIFT, n)
+        if len(parsed) != n:  # see _parse_all
+            return None
+        x = np.array(list(map(_GET_V, parsed)), dtype=np.float64).reshape(n, 1)  # None (JSON null) -> NaN
+        ts = np.fromiter(map(_GET_T, parsed), np.int64, n)
+        return DecodedBatch(list(map(_GET_S, parsed)), ts, x, np.array(offsets, np.int64) << EVENT_OFFSET_SHIFT, n)
 
     # ------------------------------------------------------------------ parsing
-    def _parse_all(self, values):
-        """One msgspec call for all JSON messages of the batch; per message only when the
-        batch holds a bad one (to find it) or Arrow messages.
+    def _parse_all(self, values, joined: bytes | None):
+        """One msgspec call for all JSON messages of the batch (``joined``, see
+        :func:`_join`); per message only when the batch holds a bad one (to find it) or
+        Arrow messages.
 
         The joined array must hold exactly one item per message: a message such as
         ``{...},{...}`` (not JSON on its own) would otherwise join into two items and shift
         every later event onto another message's offset and key."""
-        try:
-            joined = b"[" + b",".join(values) + b"]"  # TypeError for a None value (tombstone)
-        except TypeError:
-            joined = None
         if values and joined is not None:
-            for decoder in (self._many_single, self._many):  # single events only: the faster one first
-                try:
-                    parsed = decoder.decode(joined)
-                except msgspec.DecodeError:
-                    continue
-                if len(parsed) == len(values):
-                    return parsed
-                break
+            try:
+                parsed = self._many.decode(joined)
+            except msgspec.DecodeError:
+                parsed = None
+            if parsed is not None and len(parsed) == len(values):
+                return parsed
         return [self._parse_one(i, v) for i, v in enumerate(values)]
 
     def _parse_one(self, i: int, value: bytes | None):
@@ -315,7 +324,15 @@ def _check_id_length(sid: str) -> None:
         raise _Invalid(f"stream id of {len(sid.encode('utf-8'))} utf-8 bytes; the limit is {MAX_ID_BYTES}")
 
 
-_GET_S, _GET_T, _GET_V, _GET_VS = (operator.attrgetter(a) for a in ("s", "t", "v", "vs"))
+def _join(values: list) -> bytes | None:
+    """The message values as one JSON array (None when one is None: a tombstone)."""
+    try:
+        return b"[" + b",".join(values) + b"]"
+    except TypeError:
+        return None
+
+
+_GET_S, _GET_T, _GET_V = (operator.attrgetter(a) for a in ("s", "t", "v"))
 _JSON = msgspec.json.Encoder()
 
 

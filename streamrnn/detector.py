@@ -37,6 +37,7 @@ from streamrnn.state import Column, StreamTable
 #: - ``alerts_opened`` / ``alerts_closed``: alert episodes opened and closed.
 COUNTERS = ("events", "scored", "missing", "late_dropped", "replay_skipped", "gap_resets",
             "cold_starts", "scale_drift", "alerts_opened", "alerts_closed", "scaler_fitting")
+_COUNTER_INDEX = {name: i for i, name in enumerate(COUNTERS[1:])}
 _TS_NONE = np.iinfo(np.int64).min
 #: Alerts name at most this many contributing features.
 TOP_FEATURES = 3
@@ -174,6 +175,15 @@ class Detector:
         """Event counts since this detector was created; keys in :data:`COUNTERS`."""
         return {"events": self._events, **dict(zip(COUNTERS[1:], (int(c) for c in self._counters)))}
 
+    def count(self, name: str) -> int:
+        """``counters[name]`` without building the dict (the daemon reads one per call)."""
+        if name == "events":
+            return self._events
+        try:
+            return int(self._counters[_COUNTER_INDEX[name]])
+        except KeyError:
+            raise StreamrnnError(f"no counter {name!r}; the counters are {list(COUNTERS)}") from None
+
     @staticmethod
     def columns_for(model: Model, config: ScoringConfig | None = None) -> dict[str, Column]:
         """The per-stream columns a detector keeps for ``model`` (and ``config``'s dynamic window)."""
@@ -307,10 +317,13 @@ class Detector:
         names = list(self.model.feature_names)
         ids = _ids_at(stream_ids, hits)
         # Gather and convert per column once: per-alert NumPy calls dominated busy batches.
-        top = np.argsort(-contrib[hits], axis=1, kind="stable")[:, :TOP_FEATURES].tolist()
+        if contrib.shape[1] == 1:  # one feature: it is the top one (the sort costs more than the rest)
+            top = [[0]] * hits.size
+        else:
+            top = np.argsort(-contrib[hits], axis=1, kind="stable")[:, :TOP_FEATURES].tolist()
         values = x[hits].tolist()
         predicted = pred[hits].astype(np.float64).tolist()
-        kinds = np.where(code[hits] == K.OPENED, "open", "close").tolist()
+        kinds = ["open" if c == K.OPENED else "close" for c in code[hits].tolist()]
         threshold = self.threshold
         return [Alert(alert_id=alert_id(sid, o), stream=sid, ts=t, kind=k, score=sc, threshold=threshold,
                       values=dict(zip(names, v)), predicted=dict(zip(names, p)),

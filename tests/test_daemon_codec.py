@@ -170,3 +170,64 @@ def test_stream_ids_the_detector_cannot_hold_are_rejected_not_raised():
     assert b.stream_ids == ["a", "a"]
     ok = "é" * (MAX_ID_BYTES // 2)  # exactly at the limit: accepted
     assert _decode(["value"], [json.dumps({"stream": ok, "ts": 1, "value": 1.0}).encode()]).stream_ids == [ok]
+
+
+def _general_only(features) -> Decoder:
+    """A decoder without the one-call path for plain batches (the reference)."""
+    dec = Decoder(features)
+    dec._plain = None
+    return dec
+
+
+_PLAIN = {"stream": "a", "ts": 1, "value": 1.0}
+#: One change to a plain event each: the batch may still be plain, or not any more.
+_CHANGES = [{}, {}, {"value": None}, {"stream": "é"}, {"stream": ""}, {"stream": None}, {"stream": ...}, {"values": [2.5]}, {"values": None},
+            {"cpu": "bad"}, {"cpu": 3.0}, {"value": "high"}, {"value": ...}, {"ts": "noon"}, {"other": [1]}]
+
+
+def _changed(change: dict) -> bytes:
+    e = {**_PLAIN, **change}
+    return json.dumps({k: v for k, v in e.items() if v is not ...}).encode()
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(range(len(_CHANGES))), min_size=1, max_size=4), st.sampled_from([["value"], ["cpu"]]))
+def test_one_call_path_of_plain_batches_equals_the_general_path(changes, features):
+    """One-feature batches of plain events take one msgspec call; whatever the events hold
+    (nulls, a values field, a feature field of the wrong type, no stream field but a key),
+    the result equals the general path's, rejections included."""
+    messages = [_changed(_CHANGES[c]) for c in changes]
+    keys = [b"k"] * len(messages)
+    offsets = list(range(7, 7 + len(messages)))
+    got = Decoder(features).decode(messages, keys, offsets)
+    want = _general_only(features).decode(messages, keys, offsets)
+    assert got.stream_ids == want.stream_ids and got.timestamps.tolist() == want.timestamps.tolist()
+    assert got.offsets.tolist() == want.offsets.tolist() and got.values.shape == want.values.shape
+    np.testing.assert_array_equal(got.values, want.values)
+    assert [(r.index, r.reason) for r in got.rejected] == [(r.index, r.reason) for r in want.rejected]
+    assert got.messages_ok == want.messages_ok
+
+
+def test_plain_batch_takes_the_one_call_path(monkeypatch):
+    dec = Decoder(["value"])
+    monkeypatch.setattr(dec, "_parse_all", lambda *a: pytest.fail("took the general path"))
+    msgs = [b'{"stream": "a", "ts": 1, "value": 1.5}', b'{"stream": "b", "ts": 2, "value": null, "x": 0}']
+    b = dec.decode(msgs, [None, None], [3, 4])
+    assert b.stream_ids == ["a", "b"] and b.timestamps.tolist() == [1, 2] and b.messages_ok == 2
+    np.testing.assert_array_equal(b.values[:, 0], [1.5, np.nan])
+    assert b.offsets.tolist() == [3 << EVENT_OFFSET_SHIFT, 4 << EVENT_OFFSET_SHIFT]
+
+
+def test_long_ids_in_an_otherwise_plain_batch():
+    """Where the one-call path stops trusting an id's length (over a quarter of the byte
+    limit in code points) the general path decides: an id within the limit is kept, one
+    over it rejected."""
+    from streamrnn.kernels.idmap import MAX_ID_BYTES
+
+    fits = "x" * (MAX_ID_BYTES // 4 + 1)  # 1 byte per code point
+    over = "é" * (MAX_ID_BYTES // 2 + 1)  # 2 bytes per code point
+    good = b'{"stream": "a", "ts": 1, "value": 1.0}'
+    b = _decode(["value"], [good, json.dumps({"stream": fits, "ts": 2, "value": 2.0}).encode(),
+                            json.dumps({"stream": over, "ts": 3, "value": 3.0}, ensure_ascii=False).encode()])
+    assert b.stream_ids == ["a", fits] and b.timestamps.tolist() == [1, 2]
+    assert [r.index for r in b.rejected] == [2] and "limit is" in b.rejected[0].reason

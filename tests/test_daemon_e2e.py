@@ -91,9 +91,9 @@ def test_daemon_on_json_batches_and_arrow_raises_exactly_replays_alerts(kafka_br
     a = produce_events(kafka_broker.bootstrap, topic, [(ids[:half], ts[:half], x[:half])], events_per_message=4)
     b = produce_events(kafka_broker.bootstrap, topic, [(ids[half:], ts[half:], x[half:])], events_per_message=8,
                        arrow=True)
+    switch = sys.getswitchinterval()  # before the daemon's thread starts: it sets its own at once
     run = Running(kafka_broker.bootstrap, model_path, tmp_path, topic=topic, alerts=alerts, metrics_port=-1,
                   producer_client=producer_client)
-    switch = sys.getswitchinterval()
     run.wait_consumed(a.messages + b.messages)
     assert sys.getswitchinterval() == pytest.approx(run.cfg.switch_interval_ms / 1000)  # while it runs
     health = run.daemon.health

@@ -45,3 +45,22 @@ def test_accepted_batch_is_one_call():
 
 def _cols(b):
     return b.stream_ids, b.values, b.timestamps, b.offsets
+
+
+def test_count_reads_each_counter_as_the_counters_dict_does():
+    """The loop reads ``replay_skipped`` per call through ``Detector.count``: every counter
+    must read as in ``counters`` after batches that move them (cold starts, missing values,
+    replayed offsets, late events), and an unknown name is an error, not a zero."""
+    import pytest
+
+    from streamrnn.detector import COUNTERS
+    from streamrnn.errors import StreamrnnError
+
+    det = Detector(Model.random("gru", n_features=1, hidden=[8], seed=3))
+    det.process(["a", "b", "a"], np.array([1.0, 2.0, np.nan]), np.array([1000, 1000, 2000]), offsets=np.array([5, 6, 7]))
+    det.process(["a", "b", "b"], np.array([1.0, 2.0, 3.0]), np.array([3000, 500, 4000]), offsets=np.array([5, 8, 9]))
+    counters = det.counters
+    assert counters["replay_skipped"] == 1 and counters["missing"] == 1 and counters["cold_starts"] == 2
+    assert {k: det.count(k) for k in COUNTERS} == counters
+    with pytest.raises(StreamrnnError, match="no counter"):
+        det.count("replayed")
