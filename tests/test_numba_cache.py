@@ -115,3 +115,25 @@ def test_detector_inputs_of_every_kind_share_one_kernel_specialisation():
         np.testing.assert_array_equal(got.score, reference.score, err_msg=kind)
         np.testing.assert_array_equal(got.prediction, reference.prediction, err_msg=kind)
         assert [list(k.signatures) for k in kernels] == before, kind
+
+
+def test_predict_inputs_of_every_kind_share_one_kernel_specialisation():
+    import pyarrow as pa
+
+    import streamrnn.kernels.stream as S
+    from streamrnn import Model
+
+    model = Model.random("lstm", n_features=2, hidden=[8], seed=4)
+    x = np.random.default_rng(4).standard_normal((2, 30, 2)).astype(np.float32).astype(np.float64)
+    reference = model.predict(x)
+    kernels = (S.forward_sequences, S._forward_parallel)
+    before = [list(k.signatures) for k in kernels]
+    kinds = {
+        "float32": x.astype(np.float32),
+        "Fortran order": np.asfortranarray(x),
+        "strided view": np.repeat(x, 2, axis=2)[..., ::2],
+        "read-only Arrow buffer": pa.array(x.ravel()).to_numpy().reshape(x.shape),
+    }
+    for kind, arr in kinds.items():
+        np.testing.assert_array_equal(model.predict(arr), reference, err_msg=kind)
+        assert [list(k.signatures) for k in kernels] == before, kind
