@@ -50,6 +50,7 @@ from daemon.codec import EVENT_OFFSET_SHIFT, Decoder, Format, Rejected, encode_e
 from daemon.config import DaemonConfig
 from daemon.errors import DaemonError
 from daemon.fastpoll import FetchState, send_fetches_without_waiting, skip_known_coordinator_round_trip
+from daemon.fastrecords import parse_records_fast
 from daemon.metrics import HealthServer, Metrics, setup_logging
 from streamrnn.alerts import encode_alert
 from streamrnn.detector import Detector
@@ -349,6 +350,7 @@ class Daemon:
             self.store = ChangelogStore(cfg.changelog, self.producer, self._changelog_reader(), self.inputs)
         skip_known_coordinator_round_trip(self.consumer)
         self._fetch_state = send_fetches_without_waiting(self.consumer)
+        parse_records_fast(self.consumer)
         self.consumer.subscribe(cfg.input, listener=_Listener(self))
 
     def _producer(self):

@@ -181,7 +181,8 @@ def _general_only(features) -> Decoder:
 
 _PLAIN = {"stream": "a", "ts": 1, "value": 1.0}
 #: One change to a plain event each: the batch may still be plain, or not any more.
-_CHANGES = [{}, {}, {"value": None}, {"stream": "é"}, {"stream": ""}, {"stream": None}, {"stream": ...}, {"values": [2.5]}, {"values": None},
+_CHANGES = [{}, {}, {"value": None}, {"stream": "é"}, {"stream": ""}, {"stream": None}, {"stream": ...},
+            {"values": [2.5]}, {"values": None},
             {"cpu": "bad"}, {"cpu": 3.0}, {"value": "high"}, {"value": ...}, {"ts": "noon"}, {"other": [1]}]
 
 

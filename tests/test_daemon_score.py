@@ -57,7 +57,8 @@ def test_count_reads_each_counter_as_the_counters_dict_does():
     from streamrnn.errors import StreamrnnError
 
     det = Detector(Model.random("gru", n_features=1, hidden=[8], seed=3))
-    det.process(["a", "b", "a"], np.array([1.0, 2.0, np.nan]), np.array([1000, 1000, 2000]), offsets=np.array([5, 6, 7]))
+    det.process(["a", "b", "a"], np.array([1.0, 2.0, np.nan]), np.array([1000, 1000, 2000]),
+                offsets=np.array([5, 6, 7]))
     det.process(["a", "b", "b"], np.array([1.0, 2.0, 3.0]), np.array([3000, 500, 4000]), offsets=np.array([5, 8, 9]))
     counters = det.counters
     assert counters["replay_skipped"] == 1 and counters["missing"] == 1 and counters["cold_starts"] == 2
