@@ -375,8 +375,10 @@ class Daemon:
         return kafka_python_records(self._plain_consumer)
 
     def _plain_consumer(self):
-        return KafkaConsumer(**self.cfg.kafka_common(), enable_auto_commit=False, group_id=None,
-                             fetch_max_wait_ms=self.cfg.fetch_max_wait_ms)
+        consumer = KafkaConsumer(**self.cfg.kafka_common(), enable_auto_commit=False, group_id=None,
+                                 fetch_max_wait_ms=self.cfg.fetch_max_wait_ms)
+        parse_records_fast(consumer)  # a restore reads every row of the partition's changelog
+        return consumer
 
     def _input_partitions(self) -> list[tuple[str, int]]:
         existing = set(self.admin.list_topics())

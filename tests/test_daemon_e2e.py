@@ -96,6 +96,9 @@ def test_daemon_on_json_batches_and_arrow_raises_exactly_replays_alerts(kafka_br
                   producer_client=producer_client)
     run.wait_consumed(a.messages + b.messages)
     assert sys.getswitchinterval() == pytest.approx(run.cfg.switch_interval_ms / 1000)  # while it runs
+    from daemon.fastrecords import FastPartitionRecords
+
+    assert run.daemon.consumer._fetcher.PartitionRecords is FastPartitionRecords  # the records below went through it
     health = run.daemon.health
     base = f"http://127.0.0.1:{health.port}"
     assert urllib.request.urlopen(base + "/healthz").status == 200

@@ -157,3 +157,17 @@ def test_records_from_the_broker_equal_kafka_pythons_and_librdkafkas(kafka_broke
     want = sorted((part, off, key, value, headers) for key, value, headers, part, off in
                   read_topic(kafka_broker.bootstrap, topic, expect=n))
     assert [(r[0], r[1], r[3], r[4], dict(r[5])) for r in fast] == want
+
+
+def test_the_changelog_reader_of_the_kafka_python_client_parses_fast(kafka_broker, tmp_path):
+    from daemon.config import load_config
+    from daemon.loop import Daemon
+
+    cfg = load_config(env={}, validate=False, overrides=dict(
+        bootstrap=kafka_broker.bootstrap, input="in", alerts="alerts", group="g", state_dir=str(tmp_path),
+        producer_client="kafka-python", state_store="changelog"))
+    consumer = Daemon(cfg)._plain_consumer()
+    try:
+        assert consumer._fetcher.PartitionRecords is FastPartitionRecords
+    finally:
+        consumer.close()
