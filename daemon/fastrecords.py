@@ -54,8 +54,9 @@ def batch_records(tp, batch, leader_epoch: int) -> tuple[list, list]:
     kafka-python builds them without deserializers, and the bytes it counts as read for each.
 
     Mirrors ``DefaultRecordBatch._read_msg``: a varint of one byte (and the lengths and
-    deltas of two) is decoded inline, longer ones by kafka-python's ``decode_varint``; a record whose fields do not add up to its
-    length, a negative header count or key size, and bytes left after the last record raise
+    deltas of two) is decoded inline, longer ones by kafka-python's ``decode_varint``; a
+    record whose fields do not add up to its length, a negative header count or key size,
+    and bytes left after the last record raise
     ``CorruptRecordError`` as kafka-python does (before any record of the batch is returned;
     kafka-python returns those before the bad one first)."""
     buf, pos = batch._buffer, batch._pos
