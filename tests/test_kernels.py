@@ -34,11 +34,17 @@ def _apply(fn_code, x):
     return out
 
 
-def test_activations_on_dense_grid_within_5e7_of_exact():
+# The kernels evaluate the activations with fused multiply-adds (fastmath "contract"), callers
+# compiled without fastmath (such as _apply) without: two roundings of the same polynomials.
+_apply_fused = njit(fastmath={"contract"})(_apply.py_func)
+
+
+@pytest.mark.parametrize("apply", [_apply, _apply_fused], ids=["plain", "fused"])
+def test_activations_on_dense_grid_within_5e7_of_exact(apply):
     x = np.concatenate([np.linspace(-30, 30, 200_001), [0.0, 1e-8, -1e-8, 1e4, -1e4]]).astype(np.float32)
     x64 = x.astype(np.float64)
-    assert np.abs(_apply(0, x) - np.tanh(x64)).max() < 5e-7
-    assert np.abs(_apply(1, x) - expit(x64)).max() < 5e-7
+    assert np.abs(apply(0, x) - np.tanh(x64)).max() < 5e-7
+    assert np.abs(apply(1, x) - expit(x64)).max() < 5e-7
 
 
 def _torch_pair(kind, n_layers, d, h, batch_first, seed):
