@@ -218,6 +218,11 @@ def _calls_threading_layer(libdata) -> bool:
     return any(isinstance(b, bytes) and any(s in b for s in _THREADING_SYMBOLS) for b in blobs)
 
 
+#: ``CompileResult._rebuild``'s parameters in the pinned Numba (0.68.1), which the hook wraps.
+_REBUILD_PARAMETERS = ("cls", "target_context", "libdata", "fndesc", "env", "signature", "objectmode", "lifted",
+                       "typeann", "reload_init", "referenced_envs")
+
+
 def _install_parallel_reload():
     """Start Numba's threading layer when a cached kernel that runs a parallel region loads.
 
@@ -233,10 +238,22 @@ def _install_parallel_reload():
     cached kernel carries are kept on its library, so that kernels compiled on top of it
     inherit them again (numba PR #9950's fix).
     """
-    from numba.core import compiler
-    from numba.core.typed_passes import _reload_parfors
+    import inspect
 
-    plain_rebuild = compiler.CompileResult._rebuild.__func__
+    import numba
+    from numba.core import compiler
+
+    try:
+        from numba.core.typed_passes import _reload_parfors
+        plain_rebuild = compiler.CompileResult._rebuild.__func__
+        known = list(inspect.signature(plain_rebuild).parameters) == list(_REBUILD_PARAMETERS)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        known = False
+    if not known:
+        # Not the Numba this hook was written for (pyproject pins it): start the threading
+        # layer now instead, so no kernel loaded later can enter a parallel region without it.
+        numba.get_num_threads()
+        return
 
     def _rebuild(cls, target_context, libdata, fndesc, env, signature, objectmode, lifted, typeann,
                  reload_init, referenced_envs):

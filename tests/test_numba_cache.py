@@ -137,3 +137,24 @@ def test_predict_inputs_of_every_kind_share_one_kernel_specialisation():
     for kind, arr in kinds.items():
         np.testing.assert_array_equal(model.predict(arr), reference, err_msg=kind)
         assert [list(k.signatures) for k in kernels] == before, kind
+
+
+def test_an_unknown_numba_gets_the_threading_layer_started_at_import():
+    # The load hook wraps a private Numba method; where its parameters are not the pinned
+    # version's, streamrnn leaves it alone and starts the threading layer at import instead,
+    # so a cached caller of a parallel kernel still finds it running.
+    probe = textwrap.dedent('''
+        from numba.core import compiler
+        import numba.np.ufunc.parallel as par
+        other = classmethod(lambda cls, payload: payload)
+        compiler.CompileResult._rebuild = other
+        assert not par._is_initialized
+        import streamrnn.config  # noqa: F401
+        assert compiler.CompileResult.__dict__["_rebuild"] is other, "wrapped a method it does not know"
+        assert par._is_initialized, "threading layer not started"
+        print("ok")
+    ''')
+    env = {**os.environ, "PYTHONPATH": str(_REPO)}
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
