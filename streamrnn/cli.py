@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from streamrnn.errors import StreamrnnError
 
@@ -16,8 +17,15 @@ console = Console()
 
 
 def _fail(exc: Exception) -> None:
-    console.print(f"[red]error:[/red] {exc}")
+    # Messages quote TOML sections ([scoring]), partitions (metrics[0]) and user paths:
+    # escaped, so rich prints them instead of taking them for markup tags.
+    console.print(f"[red]error:[/red] {escape(str(exc))}")
     raise typer.Exit(code=2)
+
+
+def _say(line: str, highlight: bool = True) -> None:
+    """Print a line of plain text (stream ids and paths may hold brackets rich would eat)."""
+    console.print(line, markup=False, highlight=highlight)
 
 
 @app.command()
@@ -123,15 +131,15 @@ def train(paths: list[Path] = typer.Argument(..., help="Parquet/CSV files, direc
                            missing=missing, max_gap_ms=max_gap_ms, time_delta=time_delta,
                            max_windows=max_windows, target_false_alert_rate=false_alert_rate,
                            calibration=calibration, resume=resume, checkpoint=checkpoint, report=report,
-                           threads=threads, progress=progress, log=lambda msg: console.print(msg, highlight=False))
+                           threads=threads, progress=progress, log=lambda msg: _say(msg, highlight=False))
     except StreamrnnError as exc:
         _fail(exc)
     best = result.best_valid_loss
-    console.print(f"trained {cell} {hidden}: {len(result.epochs)} epochs, best validation loss "
-                  f"{best:.4g} (epoch {result.best_epoch}), {result.windows_per_second:,.0f} windows/s; "
-                  f"threshold {result.model.thresholds.get('threshold', float('nan')):.4g}", highlight=False)
+    _say(f"trained {cell} {hidden}: {len(result.epochs)} epochs, best validation loss "
+         f"{best:.4g} (epoch {result.best_epoch}), {result.windows_per_second:,.0f} windows/s; "
+         f"threshold {result.model.thresholds.get('threshold', float('nan')):.4g}", highlight=False)
     if result.report_path is not None:
-        console.print(f"report {result.report_path} and {result.png_path}", highlight=False)
+        _say(f"report {result.report_path} and {result.png_path}", highlight=False)
 
 
 def _input_schema(features: str | None, stream_col: str, time_col: str):
@@ -167,8 +175,8 @@ def replay(paths: list[Path] = typer.Argument(..., help="Parquet/CSV files or di
                 raise StreamrnnError("--to-kafka needs --topic")
             sent = rp.replay_to_kafka(paths, to_kafka, topic, model=model, schema=schema, speed=speed,
                                       batch_rows=batch_rows, progress=progress)
-            console.print(f"produced {sent.events:,} events in {sent.messages:,} messages to {topic} "
-                          f"in {sent.seconds:.2f} s")
+            _say(f"produced {sent.events:,} events in {sent.messages:,} messages to {topic} "
+                 f"in {sent.seconds:.2f} s")
             return
         if model is None or out is None:
             raise StreamrnnError("replay needs --model and --out (or --to-kafka HOST:PORT --topic T)")
@@ -183,7 +191,7 @@ def replay(paths: list[Path] = typer.Argument(..., help="Parquet/CSV files or di
     except StreamrnnError as exc:
         _fail(exc)
     for line in rp.summary_lines(result):
-        console.print(line)
+        _say(line)
 
 
 @app.command()
@@ -205,11 +213,11 @@ def evaluate(scores: Path = typer.Argument(..., help="SCORES Parquet written by 
     except (StreamrnnError, OSError) as exc:
         _fail(exc)
     for line in format_report(result):
-        console.print(line, highlight=False)
+        _say(line, highlight=False)
     if per_stream:
         for row in result.per_stream:
-            console.print("  " + "  ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
-                                           for k, v in row.items()), highlight=False)
+            _say("  " + "  ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
+                                  for k, v in row.items()), highlight=False)
 
 
 @app.command()
@@ -227,7 +235,7 @@ def plot(scores: Path = typer.Argument(..., help="SCORES Parquet written by repl
         paths = plot_scores(scores, out_dir, labels=labels, streams=stream or None, limit=limit)
     except StreamrnnError as exc:
         _fail(exc)
-    console.print(f"wrote {len(paths)} PNG files to {out_dir}")
+    _say(f"wrote {len(paths)} PNG files to {out_dir}")
 
 
 @app.command()
