@@ -37,9 +37,9 @@ import pyarrow.dataset as ds
 from streamrnn.errors import StreamrnnError
 
 __all__ = [
-    "DataError", "Schema", "EventBatch", "Source", "open_source", "iter_events", "EventIterator",
-    "History", "load_history", "iter_history", "stream_counts", "Split", "split_by_time", "Scaler",
-    "fit_scaler", "WindowSampler",
+    "DataError", "Schema", "EventBatch", "Source", "open_source", "check_outputs", "iter_events",
+    "EventIterator", "History", "load_history", "iter_history", "stream_counts", "Split",
+    "split_by_time", "Scaler", "fit_scaler", "WindowSampler",
 ]
 
 _PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
@@ -293,6 +293,33 @@ def open_source(paths: str | os.PathLike | Sequence[str | os.PathLike], schema: 
         raise DataError(f"no numeric feature column in {files[0].path} "
                         f"(columns: {', '.join(files[0].types)})")
     return Source(files, schema, features, [Path(p) for p in paths])
+
+
+def check_outputs(outputs: dict[str, str | os.PathLike | None],
+                  inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> None:
+    """Refuse output paths that cannot be files or that would replace an input file.
+
+    ``outputs`` maps the flag that named each path (for the message) to the path (None: not
+    asked for). Run before the work, so a long run neither ends on a typo nor writes its
+    result over the data it read.
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    read = {f.resolve() for f, _, _ in _expand(inputs)}
+    for flag, p in outputs.items():
+        if p is None:
+            continue
+        path = Path(p)
+        if path.is_dir():
+            raise DataError(f"{flag} {path} is a directory; give a file name")
+        folder = path.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            raise DataError(f"{flag} {path}: {folder} is a file, not a directory")
+        if path.resolve() in read:
+            raise DataError(f"{flag} {path} is one of the input files; writing it would replace "
+                            f"the data; choose another name")
 
 
 # --------------------------------------------------------------------------- reading

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from streamrnn.alerts import Alert, alerts_to_arrow
-from streamrnn.data import DataError, EventBatch, Schema, iter_events, open_source
+from streamrnn.data import DataError, EventBatch, Schema, check_outputs, iter_events, open_source
 from streamrnn.errors import StreamrnnError
 from streamrnn.model import Model
 
@@ -272,6 +272,9 @@ def replay(paths: str | os.PathLike | Sequence[str | os.PathLike], model: Model 
 
     if batch_rows < 1:
         raise ReplayError(f"batch_rows must be at least 1, not {batch_rows}")
+    if out is not None and alerts_out is not None and Path(out).resolve() == Path(alerts_out).resolve():
+        raise ReplayError(f"--out and --alerts-out are both {out}; give two file names")
+    check_outputs({"--out": out, "--alerts-out": alerts_out}, paths)
     model = detector.model if detector is not None else load_model(model)
     schema = schema_for(model, schema)
     source = open_source(paths, schema)

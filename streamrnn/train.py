@@ -647,10 +647,7 @@ def train(paths: Sequence[str | Path] | str | Path, out: str | Path, *, cell: st
                       target_false_alert_rate=target_false_alert_rate, calibration=calibration)
     cfg.check()
     out = Path(out)
-    if out.is_dir():
-        raise TrainError(f"--out {out} is a directory; give a model file name")
-    if not out.parent.exists():
-        raise TrainError(f"--out {out}: directory {out.parent} does not exist")
+    _check_outputs(out, report, checkpoint, paths)
     log = log or (lambda msg: None)
     with numba_threads(threads):  # the caller's thread count comes back, even on an error
         t_start = time.perf_counter()
@@ -688,6 +685,19 @@ def train(paths: Sequence[str | Path] | str | Path, out: str | Path, *, cell: st
             report_path, png_path = write_report(Path(report), rep)
         return TrainResult(model, out, state.history, state.best_epoch + 1, state.best_valid,
                            windows_per_s, rep, report_path, png_path, warnings)
+
+
+def _check_outputs(out: Path, report: str | Path | None, checkpoint: str | Path | None, paths) -> None:
+    """Before reading any data: every file the run writes can be written and replaces no input."""
+    from streamrnn.data import check_outputs
+
+    ckpt = Path(checkpoint) if checkpoint is not None else out.with_name(out.name + ".ckpt.npz")
+    outputs = {"--out": out, "--checkpoint": ckpt, "--report": report,
+               "--report (its PNG)": Path(report).with_suffix(".png") if report is not None else None}
+    check_outputs(outputs, paths)
+    for flag, p in outputs.items():
+        if p is not None and not Path(p).parent.is_dir():
+            raise TrainError(f"{flag} {p}: directory {Path(p).parent} does not exist")
 
 
 @contextmanager

@@ -49,3 +49,47 @@ def test_error_messages_keep_their_brackets(data):
     # rich took "[scoring]" for a markup tag and printed "error:  threshold must ..."
     code, out = invoke(*replay_args(data, "--out", data / "s.parquet", "--threshold", "5"))
     assert code == 2 and "error: [scoring] threshold must be a score in [0, 1]; got 5.0" in out
+
+
+def test_replay_output_that_is_a_directory_fails_before_scoring(data):
+    (data / "dir").mkdir()
+    code, out = invoke(*replay_args(data, "--out", data / "dir"))
+    assert code == 2 and f"--out {data / 'dir'} is a directory" in out
+    # --alerts-out is checked before the scores are written, not after the run
+    code, out = invoke(*replay_args(data, "--out", data / "s.parquet", "--alerts-out", data / "dir"))
+    assert code == 2 and "--alerts-out" in out and "is a directory" in out
+    assert not (data / "s.parquet").exists() and not list(data.glob("*.partial"))
+
+
+def test_replay_refuses_to_write_over_its_input(data):
+    before = (data / "live.parquet").read_bytes()
+    code, out = invoke(*replay_args(data, "--out", data / "live.parquet"))
+    assert code == 2 and "is one of the input files" in out
+    code, out = invoke(*replay_args(data, "--out", data / "s.parquet", "--alerts-out", data / "." / "live.parquet"))
+    assert code == 2 and "--alerts-out" in out and "is one of the input files" in out
+    assert (data / "live.parquet").read_bytes() == before
+
+
+def test_replay_output_under_a_file(data):
+    code, out = invoke(*replay_args(data, "--out", data / "live.parquet" / "s.parquet"))
+    assert code == 2 and "is a file, not a directory" in out
+
+
+def test_train_refuses_outputs_it_cannot_write_before_training(data):
+    hist = data / "live.parquet"
+    before = hist.read_bytes()
+    base = ["train", hist, "--epochs", "1", "--window", "8", "--no-progress"]
+    code, out = invoke(*base, "--out", hist)
+    assert code == 2 and "--out" in out and "is one of the input files" in out
+    assert hist.read_bytes() == before
+    # the report (written after training) and the checkpoint (after the first epoch) are
+    # checked before any work: a typo no longer costs the whole run and a traceback
+    code, out = invoke(*base, "--out", data / "m2.safetensors", "--report", data / "nope" / "r.json")
+    assert code == 2 and f"--report {data / 'nope' / 'r.json'}: directory" in out and "does not exist" in out
+    code, out = invoke(*base, "--out", data / "m2.safetensors", "--checkpoint", data / "nope" / "c.npz")
+    assert code == 2 and "--checkpoint" in out and "does not exist" in out
+    code, out = invoke(*base, "--out", data / "m2.safetensors", "--report", data / "live.json")
+    assert code == 0, out  # a report beside the data is fine
+    code, out = invoke(*base, "--out", data / "m3.safetensors", "--report", data / "live.parquet")
+    assert code == 2 and "--report" in out and "is one of the input files" in out
+    assert not (data / "m3.safetensors").exists() and hist.read_bytes() == before
