@@ -183,6 +183,16 @@ def streams_by_alerts(table: pa.Table) -> list[str]:
     return sorted(counts, key=lambda s: (-counts[s], s))
 
 
+def _make_out_dir(out_dir: Path) -> Path:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise StreamrnnError(f"--out-dir {out_dir} is a file, not a directory") from None
+    except OSError as exc:
+        raise StreamrnnError(f"--out-dir {out_dir}: cannot create it ({exc.strerror})") from None
+    return out_dir
+
+
 def plot_scores(scores: str | Path, out_dir: str | Path, *, labels: str | Path | None = None,
                 streams: list[str] | None = None, limit: int = 16) -> list[Path]:
     """Plot a SCORES file: a PNG per stream (the given ``streams``, or the ``limit`` streams
@@ -196,8 +206,7 @@ def plot_scores(scores: str | Path, out_dir: str | Path, *, labels: str | Path |
     unknown = [s for s in chosen if s not in known]
     if unknown:
         raise StreamrnnError(f"streams not in {scores}: {', '.join(unknown[:5])}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = _make_out_dir(Path(out_dir))
     paths, used = [], {"small_multiples"}
     for stream in chosen:
         name = safe_filename(stream)

@@ -93,3 +93,10 @@ def test_train_refuses_outputs_it_cannot_write_before_training(data):
     code, out = invoke(*base, "--out", data / "m3.safetensors", "--report", data / "live.parquet")
     assert code == 2 and "--report" in out and "is one of the input files" in out
     assert not (data / "m3.safetensors").exists() and hist.read_bytes() == before
+
+
+def test_plot_out_dir_that_is_a_file(data):
+    code, _ = invoke(*replay_args(data, "--out", data / "s.parquet"))
+    assert code == 0
+    code, out = invoke("plot", data / "s.parquet", "--out-dir", data / "live.parquet")
+    assert code == 2 and f"--out-dir {data / 'live.parquet'} is a file, not a directory" in out
