@@ -202,14 +202,14 @@ def evaluate(scores: Path = typer.Argument(..., help="SCORES Parquet written by 
              probation: float = typer.Option(0.15, "--probation", help="NAB probationary fraction per stream."),
              per_stream: bool = typer.Option(False, "--per-stream", help="Print a line per stream.")) -> None:
     """Precision/recall/F1 point-wise and per event, AUC-PR, detection delay and NAB scores."""
-    from streamrnn.evaluate import evaluate_files, format_report
+    from streamrnn.evaluate import evaluate_files, format_report, write_json
 
     try:
         if not 0.0 <= probation < 1.0:
             raise StreamrnnError(f"--probation must be in [0, 1), not {probation}")
         result = evaluate_files(scores, labels, probation_fraction=probation)
         if json_out is not None:
-            json_out.write_text(json.dumps(result.to_dict() | {"per_stream": result.per_stream}, indent=2))
+            write_json(json_out, result)
     except (StreamrnnError, OSError) as exc:
         _fail(exc)
     for line in format_report(result):

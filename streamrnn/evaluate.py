@@ -31,7 +31,9 @@ Definitions used here:
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -481,6 +483,21 @@ def _accumulate(into: Counts, c: Counts, nab: dict[str, NabStream]) -> None:
 def evaluate_files(scores_path: str | Path, labels_path: str | Path, **options) -> Evaluation:
     """:func:`evaluate` on a SCORES file and a labels file."""
     return evaluate(load_scores(scores_path), load_labels(labels_path), **options)
+
+
+def write_json(path: str | Path, ev: Evaluation) -> Path:
+    """The evaluation, per-stream rows included, as JSON at ``path`` (complete or not at all)."""
+    path = Path(path)
+    if path.is_dir():
+        raise EvaluationError(f"--json {path} is a directory; give a file name")
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        tmp.write_text(json.dumps(ev.to_dict() | {"per_stream": ev.per_stream}, indent=2))
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise EvaluationError(f"--json {path}: cannot write it ({exc.strerror})") from None
+    return path
 
 
 def format_report(ev: Evaluation) -> list[str]:

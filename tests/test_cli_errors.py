@@ -100,3 +100,18 @@ def test_plot_out_dir_that_is_a_file(data):
     assert code == 0
     code, out = invoke("plot", data / "s.parquet", "--out-dir", data / "live.parquet")
     assert code == 2 and f"--out-dir {data / 'live.parquet'} is a file, not a directory" in out
+
+
+def test_evaluate_json_path_errors_name_the_flag(data):
+    code, _ = invoke(*replay_args(data, "--out", data / "s.parquet"))
+    assert code == 0
+    pq.write_table(pa.table({"stream": ["s1"], "ts": pa.array([T0 + 600_000]).cast(pa.timestamp("ms", tz="UTC"))}),
+                   data / "labels.parquet")
+    (data / "dir").mkdir()
+    code, out = invoke("evaluate", data / "s.parquet", "--labels", data / "labels.parquet", "--json", data / "dir")
+    assert code == 2 and "--json" in out and "is a directory" in out
+    code, out = invoke("evaluate", data / "s.parquet", "--labels", data / "labels.parquet",
+                       "--json", data / "nope" / "e.json")
+    assert code == 2 and "--json" in out and "cannot write it" in out
+    code, out = invoke("evaluate", data / "s.parquet", "--labels", data / "labels.parquet", "--json", data / "e.json")
+    assert code == 0 and (data / "e.json").read_text().startswith("{") and not list(data.glob("*.partial"))
