@@ -286,6 +286,8 @@ def open_source(paths: str | os.PathLike | Sequence[str | os.PathLike], schema: 
         without = files[has_stream.index(False)].path
         raise DataError(f"stream column {schema.stream_col!r} is in {with_col} but not in {without}")
     need_stream = schema.stream_col != Schema.stream_col and schema.stream_id is None
+    if not any(has_stream) and not need_stream and schema.stream_id is None:
+        _check_single_stream(files[0], schema)
     features = list(schema.features) if schema.features is not None else _auto_features(files, schema)
     for f in files:
         _check_file(f, schema, features, need_stream)
@@ -293,6 +295,17 @@ def open_source(paths: str | os.PathLike | Sequence[str | os.PathLike], schema: 
         raise DataError(f"no numeric feature column in {files[0].path} "
                         f"(columns: {', '.join(files[0].types)})")
     return Source(files, schema, features, [Path(p) for p in paths])
+
+
+def _check_single_stream(f: _File, schema: Schema) -> None:
+    """A file without the stream column is one stream; one with a text column is much more
+    likely a fleet whose id column has another name, which as one stream would interleave
+    every stream's events into one sequence."""
+    text = [n for n, t in f.columns if _is_text(t) and n not in (schema.time_col, *f.keys)]
+    if text:
+        raise DataError(f"{f.path}: no stream column {schema.stream_col!r}, but text column(s) "
+                        f"{', '.join(map(repr, text))}: if {text[0]!r} names the streams, pass "
+                        f"--stream-col {text[0]} (a file without a stream column is read as one stream)")
 
 
 def check_outputs(outputs: dict[str, str | os.PathLike | None],

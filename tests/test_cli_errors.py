@@ -115,3 +115,23 @@ def test_evaluate_json_path_errors_name_the_flag(data):
     assert code == 2 and "--json" in out and "cannot write it" in out
     code, out = invoke("evaluate", data / "s.parquet", "--labels", data / "labels.parquet", "--json", data / "e.json")
     assert code == 0 and (data / "e.json").read_text().startswith("{") and not list(data.glob("*.partial"))
+
+
+def test_text_column_without_the_stream_column_is_not_read_as_one_stream(data):
+    # A fleet whose id column is called "host": read as one stream, every stream's events
+    # were interleaved into one sequence (S streams -> 1, bogus alerts), silently.
+    pq.write_table(fleet_table().rename_columns(["host", "ts", "value"]), data / "hosts.parquet")
+    args = ["replay", data / "hosts.parquet", "--model", data / "m.safetensors", "--no-progress",
+            "--out", data / "s.parquet"]
+    code, out = invoke(*args)
+    assert code == 2 and "no stream column 'stream', but text column(s) 'host'" in out
+    assert "--stream-col host" in out and not (data / "s.parquet").exists()
+    code, out = invoke(*args, "--stream-col", "host")
+    assert code == 0 and f"streams {S} " in out
+    code, out = invoke("train", data / "hosts.parquet", "--out", data / "m2.safetensors", "--no-progress")
+    assert code == 2 and "--stream-col host" in out
+    # a file of one stream (no text column) is still one stream
+    pq.write_table(fleet_table(1).drop(["stream"]), data / "cpu.parquet")
+    code, out = invoke("replay", data / "cpu.parquet", "--model", data / "m.safetensors", "--no-progress",
+                       "--out", data / "s1.parquet")
+    assert code == 0 and "streams 1 " in out
