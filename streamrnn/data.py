@@ -348,7 +348,27 @@ def _time_ms(arr: pa.Array, path: Path, col: str) -> np.ndarray:
         return raw * mul if div == 1 else np.floor_divide(raw, div)
     if pa.types.is_uint64(t) and len(arr) and pc.max(arr).as_py() > np.iinfo(np.int64).max:
         raise DataError(f"{path}: time column {col!r} has values beyond int64 epoch milliseconds")
-    return arr.cast(pa.int64()).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    ms = arr.cast(pa.int64()).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    _check_not_seconds(ms, path, col)
+    return ms
+
+
+#: Integer times in [1e9, 1e11) read as milliseconds fall in 1970-01-12..1973-03-03; as
+#: seconds they are 2001-09-09..5138, where epoch-second clocks are: refused, not guessed.
+_SECONDS_RANGE = (1_000_000_000, 100_000_000_000)
+
+
+def _check_not_seconds(ms: np.ndarray, path: Path, col: str) -> None:
+    if not len(ms):
+        return
+    lo, hi = int(ms.min()), int(ms.max())
+    if _SECONDS_RANGE[0] <= lo and hi < _SECONDS_RANGE[1]:
+        import datetime as dt
+
+        as_s = dt.datetime.fromtimestamp(lo, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        raise DataError(f"{path}: time column {col!r} looks like epoch seconds ({lo} = {as_s} UTC as "
+                        f"seconds, a day in January 1970 as milliseconds); integer times must be epoch "
+                        f"milliseconds: multiply them by 1000 or store a timestamp column")
 
 
 class _Names:

@@ -135,3 +135,20 @@ def test_text_column_without_the_stream_column_is_not_read_as_one_stream(data):
     code, out = invoke("replay", data / "cpu.parquet", "--model", data / "m.safetensors", "--no-progress",
                        "--out", data / "s1.parquet")
     assert code == 0 and "streams 1 " in out
+
+
+def test_integer_times_in_epoch_seconds_are_refused(data):
+    table = fleet_table()
+    seconds = table.column("ts").cast(pa.int64()).to_numpy() // 1000
+    pq.write_table(table.set_column(1, "ts", pa.array(seconds)), data / "sec.parquet")
+    code, out = invoke("replay", data / "sec.parquet", "--model", data / "m.safetensors", "--no-progress",
+                       "--out", data / "s.parquet")
+    assert code == 2 and "time column 'ts' looks like epoch seconds (1767225600 = 2026-01-01 00:00:00 UTC" in out
+    assert "multiply them by 1000" in out and not (data / "s.parquet").exists()
+    code, out = invoke("train", data / "sec.parquet", "--out", data / "m2.safetensors", "--no-progress")
+    assert code == 2 and "looks like epoch seconds" in out
+    # the same instants in epoch milliseconds are read
+    pq.write_table(table.set_column(1, "ts", pa.array(seconds * 1000)), data / "ms.parquet")
+    code, out = invoke("replay", data / "ms.parquet", "--model", data / "m.safetensors", "--no-progress",
+                       "--out", data / "s.parquet")
+    assert code == 0 and f"events {S * T:,} " in out
