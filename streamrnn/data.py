@@ -257,7 +257,8 @@ def _check_file(f: _File, schema: Schema, features: list[str], need_stream: bool
         if name in types:
             ft = types[name]
             if not (_is_numeric(ft) or pa.types.is_null(ft) or pa.types.is_boolean(ft)):
-                raise DataError(f"{f.path}: feature column {name!r} is {ft}, not numeric")
+                raise DataError(f"{f.path}: feature column {name!r} is {ft}{_csv_hint(f, name, ft)}, "
+                                f"not numeric")
         elif name not in keys:
             raise DataError(f"{f.path}: feature column {name!r} not found (columns: {', '.join(types)})")
 
@@ -292,8 +293,8 @@ def open_source(paths: str | os.PathLike | Sequence[str | os.PathLike], schema: 
     for f in files:
         _check_file(f, schema, features, need_stream)
     if not features:
-        raise DataError(f"no numeric feature column in {files[0].path} "
-                        f"(columns: {', '.join(files[0].types)})")
+        raise DataError(f"no numeric feature column in {files[0].path}: "
+                        f"{_not_numeric(files[0], schema)}")
     return Source(files, schema, features, [Path(p) for p in paths])
 
 
@@ -306,6 +307,44 @@ def _check_single_stream(f: _File, schema: Schema) -> None:
         raise DataError(f"{f.path}: no stream column {schema.stream_col!r}, but text column(s) "
                         f"{', '.join(map(repr, text))}: if {text[0]!r} names the streams, pass "
                         f"--stream-col {text[0]} (a file without a stream column is read as one stream)")
+
+
+def _not_numeric(f: _File, schema: Schema) -> str:
+    """What the candidate feature columns of ``f`` are instead of numbers."""
+    skip = {schema.stream_col, schema.time_col, *f.keys}
+    others = [(n, t) for n, t in f.columns if n not in skip]
+    if not others:
+        return f"it has only the stream and time columns ({', '.join(f.types)})"
+    parts = []
+    for name, t in others:
+        parts.append(f"{name!r} is {t}{_csv_hint(f, name, t)}")
+    return "; ".join(parts)
+
+
+def _csv_hint(f: _File, name: str, t: pa.DataType) -> str:
+    """Where a CSV column that should hold numbers holds text, e.g. " (line 7 holds 'abc')"."""
+    bad = _first_non_number(f, name) if f.fmt == "csv" and _is_text(t) else None
+    return f" (line {bad[0] + 2} holds {bad[1]!r})" if bad else ""
+
+
+_NUMBER = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$|^\s*[-+]?(inf|Inf|INF|nan|NaN|NAN)\s*$"
+
+
+def _first_non_number(f: _File, name: str) -> tuple[int, str] | None:
+    """(data row from 0, value) of the first value that made a CSV column text, if found."""
+    dataset = _dataset(f.path, "csv", {name: pa.string()})
+    row = 0
+    try:
+        for batch in dataset.to_batches(columns=[name]):
+            col = batch.column(0)
+            ok = pc.or_kleene(pc.match_substring_regex(col, _NUMBER), pc.equal(pc.utf8_length(col), 0))
+            bad = np.flatnonzero(~ok.fill_null(True).to_numpy(zero_copy_only=False))
+            if len(bad):
+                return row + int(bad[0]), col[int(bad[0])].as_py()
+            row += len(col)
+    except (pa.ArrowException, OSError):
+        return None
+    return None
 
 
 def check_outputs(outputs: dict[str, str | os.PathLike | None],

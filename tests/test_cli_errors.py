@@ -152,3 +152,14 @@ def test_integer_times_in_epoch_seconds_are_refused(data):
     code, out = invoke("replay", data / "ms.parquet", "--model", data / "m.safetensors", "--no-progress",
                        "--out", data / "s.parquet")
     assert code == 0 and f"events {S * T:,} " in out
+
+
+def test_a_csv_value_that_is_not_a_number_is_named_with_its_line(data):
+    rows = ["stream,ts,value"] + [f"s{i % 2},{T0 + i * 1000},{i * 0.5}" for i in range(40)]
+    rows[12] = f"s1,{T0 + 11 * 1000},n/a?"
+    (data / "bad.csv").write_text("\n".join(rows) + "\n")
+    code, out = invoke("train", data / "bad.csv", "--out", data / "m2.safetensors", "--no-progress")
+    assert code == 2 and "no numeric feature column in" in out and "'value' is string (line 13 holds 'n/a?')" in out
+    code, out = invoke("replay", data / "bad.csv", "--model", data / "m.safetensors", "--no-progress",
+                       "--out", data / "s.parquet")
+    assert code == 2 and "feature column 'value' is string (line 13 holds 'n/a?'), not numeric" in out
