@@ -135,7 +135,8 @@ def train(paths: list[Path] = typer.Argument(..., help="Parquet/CSV files, direc
     except StreamrnnError as exc:
         _fail(exc)
     best = result.best_valid_loss
-    _say(f"trained {cell} {hidden}: {len(result.epochs)} epochs, best validation loss "
+    watched = result.report["training"]["best_loss_on"]
+    _say(f"trained {cell} {hidden}: {len(result.epochs)} epochs, best {watched} loss "
          f"{best:.4g} (epoch {result.best_epoch}), {result.windows_per_second:,.0f} windows/s; "
          f"threshold {result.model.thresholds.get('threshold', float('nan')):.4g}", highlight=False)
     if result.report_path is not None:

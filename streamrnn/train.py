@@ -757,6 +757,8 @@ def _summary(prep: Prepared, cfg: TrainConfig, state: LoopState, paths, seconds:
             "short_streams": len(prep.short_streams),
             "epochs_run": len(state.history), "best_epoch": state.best_epoch + 1,
             "best_valid_loss": None if not math.isfinite(state.best_valid) else float(state.best_valid),
+            # without validation windows early stopping (and best_valid_loss) follows the training loss
+            "best_loss_on": "validation" if len(prep.valid_windows) else "training",
             "early_stopped": bool(_stopped(state, cfg)), "train_seconds": seconds,
             "loss": cfg.loss, "train_loss": [e["train_loss"] for e in state.history],
             "valid_loss": [e["valid_loss"] for e in state.history]}

@@ -163,3 +163,17 @@ def test_a_csv_value_that_is_not_a_number_is_named_with_its_line(data):
     code, out = invoke("replay", data / "bad.csv", "--model", data / "m.safetensors", "--no-progress",
                        "--out", data / "s.parquet")
     assert code == 2 and "feature column 'value' is string (line 13 holds 'n/a?'), not numeric" in out
+
+
+def test_train_without_validation_windows_reports_the_training_loss(data):
+    # 60 rows per stream: validation parts of 9 rows give no window of 33; the summary said
+    # "best validation loss" for what was the training loss
+    code, out = invoke("train", data / "live.parquet", "--out", data / "m2.safetensors", "--epochs", "2",
+                       "--no-progress", "--report", data / "r.json")
+    assert code == 0 and "no validation window" in out and "best training loss" in out
+    assert "validation loss" not in out.replace("no validation window", "")
+    assert Model.load(data / "m2.safetensors").training["best_loss_on"] == "training"
+    code, out = invoke("train", data / "live.parquet", "--out", data / "m3.safetensors", "--epochs", "2",
+                       "--window", "4", "--no-progress")
+    assert code == 0 and "best validation loss" in out
+    assert Model.load(data / "m3.safetensors").training["best_loss_on"] == "validation"
