@@ -200,6 +200,8 @@ class DaemonConfig:
             problems.append(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
         if self.model and not Path(self.model).is_file():
             problems.append(f"model file {self.model!r} does not exist")
+        if self.state_dir and Path(self.state_dir).exists() and not Path(self.state_dir).is_dir():
+            problems.append(f"state_dir {self.state_dir!r} is a file, not a directory")
         outputs = {self.alerts, self.scores, self.dead_letter_topic} - {""}
         if self.input and outputs & set(self.input):
             problems.append(f"output topic(s) {sorted(outputs & set(self.input))} are also inputs")

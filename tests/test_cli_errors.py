@@ -177,3 +177,11 @@ def test_train_without_validation_windows_reports_the_training_loss(data):
                        "--window", "4", "--no-progress")
     assert code == 0 and "best validation loss" in out
     assert Model.load(data / "m3.safetensors").training["best_loss_on"] == "validation"
+
+
+def test_daemon_state_dir_that_is_a_file_fails_before_connecting(data):
+    # it failed only after connecting to Kafka (or after the connect error for a bad address)
+    code, out = invoke("daemon", "--bootstrap", "127.0.0.1:1", "--input", "m", "--alerts", "a", "--group", "g",
+                       "--model", data / "m.safetensors", "--state-dir", data / "live.parquet")
+    assert code == 2 and f"state_dir '{data / 'live.parquet'}' is a file, not a directory" in out
+    assert "connect" not in out
