@@ -440,6 +440,9 @@ class Daemon:
                     continue
                 self.metrics.record_age.observe(max(0.0, now_ms - records[0].timestamp) / 1000)
                 self._process(task, records)
+                # Each partition's alerts leave before the next partition is scored: the
+                # poll's other partitions were a third of an alert's time in the daemon.
+                self._drain()
             self._drain()
             if self._serve_outputs is not None:  # delivery reports run on this thread
                 self._serve_outputs()

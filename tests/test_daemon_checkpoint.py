@@ -272,6 +272,33 @@ def test_loop_turn_advances_and_starts_checkpoints():
     d._close()
 
 
+class _Record(NamedTuple):
+    timestamp: int
+
+
+def test_loop_sends_each_partitions_alerts_before_scoring_the_next():
+    """A poll with records of two partitions: the first partition's alerts reach the producer
+    before the second partition is scored (they do not wait for the rest of the poll)."""
+    from kafka import TopicPartition
+
+    d, _task = make_daemon(LocalLike())
+    d.tasks[("in", 1)] = Task("in", 1, FakeDetector())
+    d.cfg.model_reload_interval_s = 0
+    d.consumer = BufferingConsumer({TopicPartition("in", 0): [_Record(1)], TopicPartition("in", 1): [_Record(2)]})
+    sent_before = []
+
+    def process(task, records):
+        sent_before.append((task.partition, len(d.producer.sent)))
+        d._send("alerts", b"s", f"alert-{task.partition}".encode())
+        d._stop.set()  # one turn
+
+    d._process = process
+    d._loop()
+    assert sent_before == [(0, 0), (1, 1)]
+    assert [r[2] for r in d.producer.sent] == [b"alert-0", b"alert-1"]
+    d._close()
+
+
 class BufferingConsumer(FakeConsumer):
     """A consumer whose buffer holds ``buffered`` records: a poll returns them (up to
     ``max_records``, in order) and records its arguments."""
