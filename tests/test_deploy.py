@@ -38,3 +38,23 @@ def test_a_typo_in_the_sample_is_caught(tmp_path):
     text = (DEPLOY / "daemon.toml").read_text().replace("batch_max_events", "batch_max_event")
     with pytest.raises(ConfigError, match="batch_max_events"):
         _check(text, tmp_path, tmp_path / "m")
+
+
+def test_compose_creates_the_input_topic_before_the_daemons_start():
+    # The daemon stops at start when its input topic is missing ("input topic(s) [...] do not
+    # exist"); in the compose file nothing created it, so `docker compose up` left two exited
+    # daemons. A one-shot service creates every input topic of daemon.toml first.
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    services = compose["services"]
+    daemon = services["streamrnn"]
+    waits_for = {name for name, cond in daemon["depends_on"].items()
+                 if cond == {"condition": "service_completed_successfully"}}
+    assert len(waits_for) == 1
+    creator = services[waits_for.pop()]
+    script = " ".join(creator["command"]) if isinstance(creator["command"], list) else creator["command"]
+    cfg = load_config(DEPLOY / "daemon.toml", env={}, validate=False)
+    bootstrap = cfg.bootstrap.split(",")[0]
+    for topic in cfg.input:
+        assert "kafka-topics.sh" in script and "--create" in script and "--if-not-exists" in script
+        assert f"--topic {topic} " in script and f"--bootstrap-server {bootstrap}" in script
+    assert daemon["restart"] == "on-failure"  # a daemon that stops on an error comes back
