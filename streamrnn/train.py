@@ -13,6 +13,7 @@ import ctypes.util
 import functools
 import json
 import math
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -467,10 +468,23 @@ def save_checkpoint(path: Path, state: LoopState, adam, fingerprint: dict[str, A
               "history": np.frombuffer(json.dumps(state.history).encode(), np.uint8),
               "fingerprint": np.frombuffer(json.dumps(fingerprint, sort_keys=True).encode(), np.uint8),
               **adam.state()}
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
-    tmp.replace(path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+
+    write_whole(path, write)
+
+
+def write_whole(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` beside ``path``, then rename: ``path`` is the old file or the whole new
+    one, and an interrupted write (Ctrl-C, a full disk) leaves no partial file behind."""
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_checkpoint(path: Path, adam, fingerprint: dict[str, Any]) -> LoopState:
@@ -783,7 +797,8 @@ def _calibrate(model: Model, prep: Prepared, cfg: TrainConfig) -> dict[str, Any]
 
 def write_report(path: Path, report: dict[str, Any]) -> tuple[Path, Path]:
     """Write the JSON report at ``path`` and the loss curves as a PNG beside it."""
-    path.write_text(json.dumps(report, indent=2, default=_jsonable))
+    text = json.dumps(report, indent=2, default=_jsonable)
+    write_whole(path, lambda tmp: tmp.write_text(text))
     png = path.with_suffix(".png")
     import matplotlib
 
@@ -800,8 +815,10 @@ def write_report(path: Path, report: dict[str, Any]) -> tuple[Path, Path]:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png)
-    plt.close(fig)
+    try:
+        write_whole(png, lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)
     return path, png
 
 

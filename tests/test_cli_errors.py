@@ -185,3 +185,47 @@ def test_daemon_state_dir_that_is_a_file_fails_before_connecting(data):
                        "--model", data / "m.safetensors", "--state-dir", data / "live.parquet")
     assert code == 2 and f"state_dir '{data / 'live.parquet'}' is a file, not a directory" in out
     assert "connect" not in out
+
+
+def _interrupted_midway(target_arg: int):
+    """A writer that puts half a file at its target and is then interrupted (Ctrl-C)."""
+    def write(*args, **kwargs):
+        target = args[target_arg]
+        if hasattr(target, "write"):  # an open file (np.savez's)
+            target.write(b"half")
+        else:
+            with open(target, "wb") as fh:
+                fh.write(b"half")
+        raise KeyboardInterrupt
+    return write
+
+
+def test_an_interrupted_report_or_checkpoint_leaves_the_old_file_and_no_partial(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from streamrnn import train as tr
+
+    report = {"model": "m", "training": {"loss": "mse"},
+              "epochs": [{"epoch": 1, "train_loss": 1.0, "valid_loss": 0.5}]}
+    path = tmp_path / "r.json"
+    tr.write_report(path, report)
+    before = path.read_bytes(), path.with_suffix(".png").read_bytes()
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", _interrupted_midway(1))
+    report["epochs"].append({"epoch": 2, "train_loss": 0.5, "valid_loss": 0.4})
+    with pytest.raises(KeyboardInterrupt):
+        tr.write_report(path, report)
+    assert path.with_suffix(".png").read_bytes() == before[1]  # not half a PNG
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.png"]
+    monkeypatch.undo()
+
+    from streamrnn.optim import Adam
+
+    state = tr.LoopState(np.zeros(3), np.zeros(3))
+    ckpt = tmp_path / "c.npz"
+    tr.save_checkpoint(ckpt, state, Adam(3), {})
+    old = ckpt.read_bytes()
+    monkeypatch.setattr(np, "savez", _interrupted_midway(0))
+    with pytest.raises(KeyboardInterrupt):
+        tr.save_checkpoint(ckpt, state, Adam(3), {})
+    assert ckpt.read_bytes() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.npz", "r.json", "r.png"]
