@@ -498,7 +498,11 @@ def load_checkpoint(path: Path, adam, fingerprint: dict[str, Any]) -> LoopState:
     except FileNotFoundError:
         raise TrainError(f"checkpoint {path} does not exist") from None
     except (OSError, ValueError, KeyError, EOFError) as exc:
-        raise TrainError(f"{path} is not a streamrnn training checkpoint ({exc})") from None
+        # NumPy's refusal of a non-.npz file reads "contains pickled (object) data ... load it
+        # unsafely": advice a user must not follow for a checkpoint
+        why = "not a NumPy .npz file" if "pickle" in str(exc) else str(exc)
+        raise TrainError(f"{path} is not a streamrnn training checkpoint ({why}); --resume takes "
+                         f"the .ckpt.npz a run writes beside its model") from None
     if stored != fingerprint:
         diff = sorted(k for k in set(stored) | set(fingerprint) if stored.get(k) != fingerprint.get(k))
         raise TrainError(f"checkpoint {path} belongs to a different run: {', '.join(diff)} differ")
@@ -662,6 +666,8 @@ def train(paths: Sequence[str | Path] | str | Path, out: str | Path, *, cell: st
     cfg.check()
     out = Path(out)
     _check_outputs(out, report, checkpoint, paths)
+    if resume is not None and not Path(resume).is_file():
+        raise TrainError(f"--resume {resume}: no such checkpoint file")
     log = log or (lambda msg: None)
     with numba_threads(threads):  # the caller's thread count comes back, even on an error
         t_start = time.perf_counter()

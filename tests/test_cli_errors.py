@@ -229,3 +229,13 @@ def test_an_interrupted_report_or_checkpoint_leaves_the_old_file_and_no_partial(
         tr.save_checkpoint(ckpt, state, Adam(3), {})
     assert ckpt.read_bytes() == old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.npz", "r.json", "r.png"]
+
+
+def test_train_resume_errors(data):
+    base = ["train", data / "live.parquet", "--out", data / "m2.safetensors", "--window", "8", "--no-progress"]
+    code, out = invoke(*base, "--resume", data / "nope.ckpt.npz")
+    assert code == 2 and f"--resume {data / 'nope.ckpt.npz'}: no such checkpoint file" in out
+    assert "no validation window" not in out  # refused before the data was read
+    code, out = invoke(*base, "--resume", data / "live.parquet")
+    assert code == 2 and "is not a streamrnn training checkpoint (not a NumPy .npz file)" in out
+    assert "pickle" not in out and "unsafely" not in out
