@@ -388,7 +388,7 @@ def _time_ms(arr: pa.Array, path: Path, col: str) -> np.ndarray:
     if pa.types.is_uint64(t) and len(arr) and pc.max(arr).as_py() > np.iinfo(np.int64).max:
         raise DataError(f"{path}: time column {col!r} has values beyond int64 epoch milliseconds")
     ms = arr.cast(pa.int64()).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-    _check_not_seconds(ms, path, col)
+    refuse_epoch_seconds(ms, path, col)
     return ms
 
 
@@ -397,7 +397,8 @@ def _time_ms(arr: pa.Array, path: Path, col: str) -> np.ndarray:
 _SECONDS_RANGE = (1_000_000_000, 100_000_000_000)
 
 
-def _check_not_seconds(ms: np.ndarray, path: Path, col: str) -> None:
+def refuse_epoch_seconds(ms: np.ndarray, path: Path | str, col: str) -> None:
+    """Raise when integer times ``ms`` are most likely epoch seconds (see _SECONDS_RANGE)."""
     if not len(ms):
         return
     lo, hi = int(ms.min()), int(ms.max())

@@ -138,22 +138,59 @@ def _as_ms(col: pa.Array | pa.ChunkedArray, name: str) -> np.ndarray:
     return arr.astype(np.int64)
 
 
+#: Columns that flag each row of a per-event label file (NAB's ``label``, Yahoo's ``is_anomaly``).
+FLAG_COLUMNS = ("label", "is_anomaly", "anomaly")
+
+
 def load_labels(path: str | Path) -> Labels:
     """Read labels from Parquet or CSV: columns ``stream`` and ``ts`` (points) or ``stream``,
-    ``start`` and ``end`` (windows), optionally ``type``."""
+    ``start`` and ``end`` (windows), optionally ``type``.
+
+    A points file may list every event with a 0/1 (or boolean) column named ``label``,
+    ``is_anomaly`` or ``anomaly``: only the rows flagged non-zero are labels.
+    """
     table = _read_table(path)
     names = set(table.column_names)
     if "stream" not in names:
         raise EvaluationError(f"{path}: labels need a 'stream' column; found {sorted(names)}")
+    if not {"start", "end"} <= names:
+        table = _flagged_rows(table, path)
     stream = np.asarray(table.column("stream").cast(pa.string()).to_pylist(), object)
     typ = (np.asarray(table.column("type").cast(pa.string()).to_pylist(), object)
            if "type" in names else None)
     if {"start", "end"} <= names:
-        return Labels.windows(stream, table.column("start"), table.column("end"), typ)
+        labels = Labels.windows(stream, table.column("start"), table.column("end"), typ)
+        _check_not_seconds(table, ("start", "end"), labels.start, path)
+        return labels
     if "ts" in names:
-        return Labels.points(stream, table.column("ts"), typ)
+        labels = Labels.points(stream, table.column("ts"), typ)
+        _check_not_seconds(table, ("ts",), labels.start, path)
+        return labels
     raise EvaluationError(f"{path}: labels need columns stream+ts (points) or stream+start+end "
                           f"(windows); found {sorted(names)}")
+
+
+def _flagged_rows(table: pa.Table, path: str | Path) -> pa.Table:
+    """The rows a per-event flag column marks as anomalous (all rows without such a column).
+
+    Without this every listed event, normal ones included, counted as a label point."""
+    flag = next((c for c in FLAG_COLUMNS if c in table.column_names), None)
+    if flag is None:
+        return table
+    col = table.column(flag)
+    if not (pa.types.is_boolean(col.type) or pa.types.is_integer(col.type)):
+        raise EvaluationError(f"{path}: column {flag!r} flags anomalous rows and must be 0/1 or "
+                              f"boolean, not {col.type}")
+    keep = pc.fill_null(pc.cast(col, pa.bool_()), False)
+    return table.filter(keep)
+
+
+def _check_not_seconds(table: pa.Table, cols: tuple[str, ...], ms: np.ndarray, path) -> None:
+    """Integer label times in epoch seconds would match no event: say so instead."""
+    from streamrnn.data import refuse_epoch_seconds
+
+    if any(pa.types.is_integer(table.column(c).type) for c in cols):
+        refuse_epoch_seconds(ms, path, cols[0])
 
 
 def load_scores(path: str | Path) -> Scores:

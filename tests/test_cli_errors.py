@@ -239,3 +239,25 @@ def test_train_resume_errors(data):
     code, out = invoke(*base, "--resume", data / "live.parquet")
     assert code == 2 and "is not a streamrnn training checkpoint (not a NumPy .npz file)" in out
     assert "pickle" not in out and "unsafely" not in out
+
+
+def test_labels_listing_every_event_with_a_flag_column(data):
+    # A per-event label file (every event, is_anomaly 0/1) counted every row as a label point:
+    # F1 against "all events are anomalies". Only the flagged rows are labels.
+    code, _ = invoke(*replay_args(data, "--out", data / "s.parquet", "--threshold", "0.05"))
+    assert code == 0
+    scores = pq.read_table(data / "s.parquet").select(["stream", "ts"])
+    flagged = np.zeros(scores.num_rows, bool)
+    flagged[np.flatnonzero(scores.column("stream").to_numpy(zero_copy_only=False) == "s2")[40:46]] = True
+    pq.write_table(scores.append_column("is_anomaly", pa.array(flagged.astype(np.int64))), data / "every.parquet")
+    pq.write_table(scores.filter(pa.array(flagged)), data / "only.parquet")
+    code, every = invoke("evaluate", data / "s.parquet", "--labels", data / "every.parquet")
+    code2, only = invoke("evaluate", data / "s.parquet", "--labels", data / "only.parquet")
+    assert code == code2 == 0 and "/1 label events detected" in only
+    assert every == only
+    # labels in epoch seconds would match no event
+    secs = scores.filter(pa.array(flagged))
+    secs = secs.set_column(1, "ts", pa.array(secs.column("ts").cast(pa.int64()).to_numpy() // 1000))
+    pq.write_table(secs, data / "secs.parquet")
+    code, out = invoke("evaluate", data / "s.parquet", "--labels", data / "secs.parquet")
+    assert code == 2 and "looks like epoch seconds" in out
