@@ -268,11 +268,22 @@ def broker(log: Path = typer.Option(None, help="File for the broker's own output
     from daemon.broker import serve_forever, start_broker
 
     try:
+        if log is not None:
+            _check_writable(log, "--log")
         b = start_broker(log=str(log) if log else None)
     except StreamrnnError as exc:
         _fail(exc)
     print(b.bootstrap, flush=True)
     serve_forever(b)
+
+
+def _check_writable(path: Path, flag: str) -> None:
+    """Open ``path`` for appending (creating it), so a bad path fails before work starts."""
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as exc:
+        raise StreamrnnError(f"{flag} {path}: cannot write it ({exc.strerror})") from None
 
 
 def main() -> None:

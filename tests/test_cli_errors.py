@@ -261,3 +261,11 @@ def test_labels_listing_every_event_with_a_flag_column(data):
     pq.write_table(secs, data / "secs.parquet")
     code, out = invoke("evaluate", data / "s.parquet", "--labels", data / "secs.parquet")
     assert code == 2 and "looks like epoch seconds" in out
+
+
+def test_broker_log_that_cannot_be_written(tmp_path):
+    # the broker's log file was opened by daemon.broker: a traceback (FileNotFoundError)
+    code, out = invoke("broker", "--log", tmp_path / "nope" / "b.log")
+    assert code == 2 and f"--log {tmp_path / 'nope' / 'b.log'}: cannot write it (No such file or directory)" in out
+    code, out = invoke("broker", "--log", tmp_path)
+    assert code == 2 and "cannot write it (Is a directory)" in out
