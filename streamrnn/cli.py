@@ -62,6 +62,8 @@ def demo(streams: int = typer.Option(300, help="Number of synthetic streams."),
 
     out = Console(soft_wrap=True)
     try:
+        _check_demo_options(workdir, streams=streams, length=length, hidden=hidden, epochs=epochs,
+                            partitions=partitions, speed=speed)
         result = run_demo(out, streams=streams, length=length, hidden=hidden, epochs=epochs, speed=speed,
                           partitions=partitions, seed=seed, per_stream_scaler=per_stream_scaler, workdir=workdir)
     except StreamrnnError as exc:
@@ -69,6 +71,17 @@ def demo(streams: int = typer.Option(300, help="Number of synthetic streams."),
     if result.daemon_exit != 0 or not result.identical:
         out.print("[red]demo failed[/red]: the daemon did not exit cleanly or its alerts differ from replay's")
         raise typer.Exit(code=1)
+
+
+def _check_demo_options(workdir: Path | None, speed: float, **counts: int) -> None:
+    """Before the demo starts a broker and a daemon: options it cannot run with."""
+    if workdir is not None and workdir.exists() and not workdir.is_dir():
+        raise StreamrnnError(f"--workdir {workdir} is a file, not a directory")
+    for name, value in counts.items():
+        if value < 1:
+            raise StreamrnnError(f"--{name} must be at least 1, not {value}")
+    if not speed > 0:
+        raise StreamrnnError(f"--speed must be positive, not {speed}")
 
 
 def _int_list(text: str, flag: str) -> list[int]:

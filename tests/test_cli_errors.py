@@ -269,3 +269,14 @@ def test_broker_log_that_cannot_be_written(tmp_path):
     assert code == 2 and f"--log {tmp_path / 'nope' / 'b.log'}: cannot write it (No such file or directory)" in out
     code, out = invoke("broker", "--log", tmp_path)
     assert code == 2 and "cannot write it (Is a directory)" in out
+
+
+def test_demo_options_checked_before_anything_starts(tmp_path):
+    (tmp_path / "f").write_text("x")
+    code, out = invoke("demo", "--workdir", tmp_path / "f")
+    assert code == 2 and f"--workdir {tmp_path / 'f'} is a file, not a directory" in out
+    code, out = invoke("demo", "--partitions", "0", "--workdir", tmp_path / "w")
+    assert code == 2 and "--partitions must be at least 1, not 0" in out
+    code, out = invoke("demo", "--speed", "0", "--workdir", tmp_path / "w")
+    assert code == 2 and "--speed must be positive" in out
+    assert not (tmp_path / "w").exists()  # nothing was generated
