@@ -173,7 +173,8 @@ def replay(paths: list[Path] = typer.Argument(..., help="Parquet/CSV files or di
            speed: float | None = typer.Option(None, "--speed", help="With --to-kafka: X times the original pace."),
            features: str | None = typer.Option(None, "--features",
                                                help="Input columns for the model's features, comma-separated."),
-           stream_col: str = typer.Option("stream", "--stream-col", help="Stream id column."),
+           stream_col: str = typer.Option("stream", "--stream-col",
+                                          help="Stream id column (absent: one stream per file)."),
            time_col: str = typer.Option("ts", "--time-col", help="Time column (timestamp or epoch ms)."),
            threshold: float | None = typer.Option(None, "--threshold", help="Override the alert threshold (0-1)."),
            warmup: int | None = typer.Option(None, "--warmup", help="Override the warm-up events per stream."),
@@ -211,7 +212,8 @@ def replay(paths: list[Path] = typer.Argument(..., help="Parquet/CSV files or di
 @app.command()
 def evaluate(scores: Path = typer.Argument(..., help="SCORES Parquet written by replay."),
              labels: Path = typer.Option(..., "--labels",
-                                         help="Parquet/CSV labels: stream+ts (points) or stream+start+end (windows)."),
+                                         help="Parquet/CSV labels: stream+ts (points; with a 0/1 label, is_anomaly "
+                                              "or anomaly column only the flagged rows) or stream+start+end (windows)."),
              json_out: Path | None = typer.Option(None, "--json", help="Also write the results as JSON."),
              probation: float = typer.Option(0.15, "--probation", help="NAB probationary fraction per stream."),
              per_stream: bool = typer.Option(False, "--per-stream", help="Print a line per stream.")) -> None:
