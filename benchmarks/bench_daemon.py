@@ -14,7 +14,9 @@
    Repeated ``--latency-runs`` times (median and range printed, with the load average);
    ``--relay`` adds a raw two-hop peer (kafka-python consumes, forwards the spikes with the
    daemon's producer settings, another consumer reads them): the daemon's path has two
-   broker hops, the raw peer one.
+   broker hops, the raw peer one. Each run prints every process's CPU and run-queue wait
+   (time runnable without a core, Linux schedstat): where they wait for a core several times
+   as long as they run, each hop's tail is the scheduler's.
 3. Idle cost (``--idle-seconds``): % of a core of a reader polling an empty topic, of the
    idle daemon, and of the broker serving each (waiting fetches cost CPU on both sides).
 
@@ -278,8 +280,57 @@ def _relay(bootstrap: str, topic: str, out_topic: str, n: int, out, tuned: dict)
     c.close()
 
 
+def _sched_seconds(pid: int) -> dict[str, tuple[float, float]]:
+    """Per thread of ``pid``: (CPU seconds, seconds runnable but waiting for a core), from
+    Linux's /proc/<pid>/task/<tid>/schedstat; empty where that is unavailable."""
+    out = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                run_ns, wait_ns, _slices = map(int, f.read().split())
+        except (OSError, ValueError):
+            continue  # the thread has exited
+        out[tid] = (run_ns / 1e9, wait_ns / 1e9)
+    return out
+
+
+def _host_busy_seconds() -> float | None:
+    """CPU seconds every core of the host has been busy (all processes), from /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()[1:]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _sched_report(before: dict, after: dict, seconds: float, host_busy: float | None = None) -> str:
+    """CPU and run-queue wait of each process over the run, in % of one core: a process
+    whose threads wait for a core several times as long as they run is starved, and its
+    latency tail is the scheduler's rather than its own."""
+    parts = []
+    total = 0.0
+    for name, threads in after.items():
+        cpu = wait = 0.0
+        for tid, (c1, w1) in threads.items():
+            c0, w0 = before[name].get(tid, (0.0, 0.0))
+            cpu, wait = cpu + c1 - c0, wait + w1 - w0
+        total += cpu
+        parts.append(f"{name} {100 * cpu / seconds:.0f}/{100 * wait / seconds:.0f}")
+    if not parts or not any(after.values()):
+        return "CPU and run-queue wait: unavailable (no /proc/<pid>/task/*/schedstat)"
+    host = f", the whole host {100 * host_busy / seconds:.0f}%" if host_busy is not None else ""
+    return (f"CPU/run-queue wait, % of a core: {', '.join(parts)}; these processes {100 * total / seconds:.0f}%{host} "
+            f"of {os.cpu_count()} cores")
+
+
 def fixed_rate(bootstrap: str, rate: float, seconds: float, streams: int, tmp: Path, run: int = 0,
-               relay: bool = False) -> tuple:
+               relay: bool = False, broker_pid: int | None = None) -> tuple:
     from kafka import KafkaProducer
 
     topic, alerts = f"latency-in-{run}", f"latency-alerts-{run}"
@@ -322,6 +373,12 @@ def fixed_rate(bootstrap: str, rate: float, seconds: float, streams: int, tmp: P
         rng = np.random.default_rng(0)
         enc = msgspec.json.Encoder()
         counts = np.zeros(streams, np.int64)
+        pids = {"broker": broker_pid, "input producer": os.getpid(), "raw reader": procs[0].pid,
+                "daemon": proc.pid, "alert reader": procs[1].pid}
+        if relay:
+            pids.update({"relay": procs[2].pid, "relay reader": procs[3].pid})
+        pids = {k: v for k, v in pids.items() if v is not None}
+        sched0, busy0 = {k: _sched_seconds(v) for k, v in pids.items()}, _host_busy_seconds()
         t0 = time.monotonic()
         for i in range(n):
             due = t0 + i / rate
@@ -337,6 +394,9 @@ def fixed_rate(bootstrap: str, rate: float, seconds: float, streams: int, tmp: P
             prod.send(topic, key=f"s{s}".encode(), value=enc.encode({"stream": f"s{s}", "ts": ts, "value": value}))
         prod.flush()
         achieved = n / (time.monotonic() - t0)
+        busy1 = _host_busy_seconds()
+        sched = _sched_report(sched0, {k: _sched_seconds(v) for k, v in pids.items()}, time.monotonic() - t0,
+                              None if busy0 is None or busy1 is None else busy1 - busy0)
         done.set()
         stats = _daemon_stats(log_path)
         raw_lat = np.array(q_raw.get(timeout=120))
@@ -351,7 +411,7 @@ def fixed_rate(bootstrap: str, rate: float, seconds: float, streams: int, tmp: P
                 pr.terminate()
         _stop(proc)
         log.close()
-    return raw_lat, alert_lat, achieved, stats, relay_lat
+    return raw_lat, alert_lat, achieved, stats, relay_lat, sched
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -467,8 +527,8 @@ def main() -> None:
         p = lambda a, q: float(np.percentile(a, q)) if len(a) else float("nan")  # noqa: E731
         diffs, rows, relay_diffs = [], [], []
         for run in range(args.latency_runs):
-            raw_lat, alert_lat, achieved, stats, relay_lat = fixed_rate(bs, args.rate, args.seconds, min(s, 1000),
-                                                                        tmp, run, args.relay)
+            raw_lat, alert_lat, achieved, stats, relay_lat, sched = fixed_rate(
+                bs, args.rate, args.seconds, min(s, 1000), tmp, run, args.relay, broker.process.pid)
             alert_hops, relay_hops = _hops(alert_lat), _hops(relay_lat)
             alert_lat = alert_lat[:, 0] if len(alert_lat) else alert_lat
             relay_lat = relay_lat[:, 0] if len(relay_lat) else relay_lat
@@ -485,6 +545,7 @@ def main() -> None:
                       f"{rows[-1][3] - p(relay_lat, 99):+.1f} ms")
                 print(f"    two-hop peer by hop: {relay_hops}")
             print(f"  daemon by hop: {alert_hops}")
+            print(f"  {sched}")
             b_n = stats.get("streamrnn_batch_seconds_count", 0)
             c_n = stats.get("streamrnn_checkpoint_seconds_count", 0)
             print(f"  daemon: {b_n:.0f} batches, mean "
