@@ -280,3 +280,20 @@ def test_demo_options_checked_before_anything_starts(tmp_path):
     code, out = invoke("demo", "--speed", "0", "--workdir", tmp_path / "w")
     assert code == 2 and "--speed must be positive" in out
     assert not (tmp_path / "w").exists()  # nothing was generated
+
+
+def test_train_says_how_many_rows_it_dropped_merged_or_filled(data):
+    table = fleet_table()
+    values = table.column("value").to_numpy().copy()
+    values[[5, 70]] = np.inf
+    table = table.set_column(2, "value", pa.array(values))
+    changed = table.slice(100, 7).set_column(2, "value", pa.array(np.arange(7.0)))
+    pq.write_table(pa.concat_tables([table, table.slice(0, 3), changed]), data / "messy.parquet")
+    code, out = invoke("train", data / "messy.parquet", "--out", data / "m2.safetensors", "--epochs", "1",
+                       "--window", "8", "--no-progress")
+    assert code == 0
+    assert (f"data: {S * T + 10:,} rows read; 3 exact duplicate rows dropped; 7 rows merged into another of "
+            f"their stream and timestamp (mean kept); 2 infinite values read as missing; 2 missing values filled") in out
+    code, out = invoke("train", data / "live.parquet", "--out", data / "m3.safetensors", "--epochs", "1",
+                       "--window", "8", "--no-progress")
+    assert code == 0 and "data:" not in out  # clean data: no line
