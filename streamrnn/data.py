@@ -290,12 +290,24 @@ def open_source(paths: str | os.PathLike | Sequence[str | os.PathLike], schema: 
     if not any(has_stream) and not need_stream and schema.stream_id is None:
         _check_single_stream(files[0], schema)
     features = list(schema.features) if schema.features is not None else _auto_features(files, schema)
+    if schema.features is None:
+        _check_same_features(files, features)
     for f in files:
         _check_file(f, schema, features, need_stream)
     if not features:
         raise DataError(f"no numeric feature column in {files[0].path}: "
                         f"{_not_numeric(files[0], schema)}")
     return Source(files, schema, features, [Path(p) for p in paths])
+
+
+def _check_same_features(files: list[_File], features: list[str]) -> None:
+    """Features found by type are the union over the files: name a file that lacks one."""
+    for name in features:
+        has = [name in f.types or name in f.keys for f in files]
+        if not all(has):
+            raise DataError(f"feature column {name!r} is in {files[has.index(True)].path} but not in "
+                            f"{files[has.index(False)].path}; give the files the same columns or "
+                            f"name the features with --features")
 
 
 def _check_single_stream(f: _File, schema: Schema) -> None:

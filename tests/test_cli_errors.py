@@ -297,3 +297,14 @@ def test_train_says_how_many_rows_it_dropped_merged_or_filled(data):
     code, out = invoke("train", data / "live.parquet", "--out", data / "m3.safetensors", "--epochs", "1",
                        "--window", "8", "--no-progress")
     assert code == 0 and "data:" not in out  # clean data: no line
+
+
+def test_a_directory_whose_files_name_the_value_differently(data):
+    (data / "hist").mkdir()
+    table = fleet_table()
+    pq.write_table(table.slice(0, 120), data / "hist" / "a.parquet")
+    pq.write_table(table.slice(120).rename_columns(["stream", "ts", "val"]), data / "hist" / "b.parquet")
+    code, out = invoke("train", data / "hist", "--out", data / "m2.safetensors", "--no-progress")
+    assert code == 2
+    assert (f"feature column 'value' is in {data / 'hist' / 'a.parquet'} but not in {data / 'hist' / 'b.parquet'}; "
+            f"give the files the same columns or name the features with --features") in out
