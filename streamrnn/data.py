@@ -370,6 +370,7 @@ def check_outputs(outputs: dict[str, str | os.PathLike | None],
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     read = {f.resolve() for f, _, _ in _expand(inputs)}
+    dirs = [Path(p).resolve() for p in inputs if Path(p).is_dir()]
     for flag, p in outputs.items():
         if p is None:
             continue
@@ -384,6 +385,10 @@ def check_outputs(outputs: dict[str, str | os.PathLike | None],
         if path.resolve() in read:
             raise DataError(f"{flag} {path} is one of the input files; writing it would replace "
                             f"the data; choose another name")
+        inside = next((d for d in dirs if d in path.resolve().parents), None)
+        if inside is not None and _format_of(path) is not None:
+            raise DataError(f"{flag} {path} is inside the input directory {inside}: the next run over "
+                            f"it would read this output as data; write it elsewhere")
 
 
 # --------------------------------------------------------------------------- reading

@@ -308,3 +308,17 @@ def test_a_directory_whose_files_name_the_value_differently(data):
     assert code == 2
     assert (f"feature column 'value' is in {data / 'hist' / 'a.parquet'} but not in {data / 'hist' / 'b.parquet'}; "
             f"give the files the same columns or name the features with --features") in out
+
+
+def test_replay_output_inside_the_input_directory(data):
+    # scores written into the directory being replayed were read back as data by the next run
+    (data / "hist").mkdir()
+    pq.write_table(fleet_table(), data / "hist" / "a.parquet")
+    code, out = invoke("replay", data / "hist", "--model", data / "m.safetensors", "--no-progress",
+                       "--out", data / "hist" / "scores.parquet")
+    assert code == 2 and f"is inside the input directory {data / 'hist'}" in out
+    assert sorted(p.name for p in (data / "hist").iterdir()) == ["a.parquet"]
+    # a file that is not data (a model, a report) may sit beside the data
+    code, out = invoke("train", data / "hist", "--out", data / "hist" / "m.safetensors", "--epochs", "1",
+                       "--window", "8", "--no-progress", "--report", data / "hist" / "r.json")
+    assert code == 0, out
