@@ -288,7 +288,8 @@ def open_source(paths: str | os.PathLike | Sequence[str | os.PathLike], schema: 
         raise DataError(f"stream column {schema.stream_col!r} is in {with_col} but not in {without}")
     need_stream = schema.stream_col != Schema.stream_col and schema.stream_id is None
     if not any(has_stream) and not need_stream and schema.stream_id is None:
-        _check_single_stream(files[0], schema)
+        for f in files:
+            _check_single_stream(f, schema)
     features = list(schema.features) if schema.features is not None else _auto_features(files, schema)
     if schema.features is None:
         _check_same_features(files, features)
