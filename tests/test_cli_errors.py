@@ -322,3 +322,8 @@ def test_replay_output_inside_the_input_directory(data):
     code, out = invoke("train", data / "hist", "--out", data / "hist" / "m.safetensors", "--epochs", "1",
                        "--window", "8", "--no-progress", "--report", data / "hist" / "r.json")
     assert code == 0, out
+
+
+def test_replay_scores_and_alerts_to_one_file(data):
+    code, out = invoke(*replay_args(data, "--out", data / "s.parquet", "--alerts-out", data / "." / "s.parquet"))
+    assert code == 2 and "--out and --alerts-out are both" in out and not (data / "s.parquet").exists()
