@@ -275,6 +275,7 @@ def replay(paths: str | os.PathLike | Sequence[str | os.PathLike], model: Model 
     if out is not None and alerts_out is not None and Path(out).resolve() == Path(alerts_out).resolve():
         raise ReplayError(f"--out and --alerts-out are both {out}; give two file names")
     check_outputs({"--out": out, "--alerts-out": alerts_out}, paths)
+    _check_parquet_names({"--out": out, "--alerts-out": alerts_out})
     model = detector.model if detector is not None else load_model(model)
     schema = schema_for(model, schema)
     source = open_source(paths, schema)
@@ -313,6 +314,17 @@ def replay(paths: str | os.PathLike | Sequence[str | os.PathLike], model: Model 
     return ReplayResult(alerts=alerts, counters=counters, n_events=n, seconds=seconds,
                         n_streams=len(det.table), scores_path=Path(out) if out is not None else None,
                         alerts_path=alerts_path, input_stats=dict(events.stats))
+
+
+#: Names that promise text: evaluate and plot read such a file as CSV.
+_TEXT_SUFFIXES = (".csv", ".csv.gz", ".tsv", ".txt", ".json", ".jsonl")
+
+
+def _check_parquet_names(outputs: dict[str, Any]) -> None:
+    """Replay writes Parquet; a file named like text would hold Parquet bytes under that name."""
+    for flag, p in outputs.items():
+        if p is not None and Path(p).name.lower().endswith(_TEXT_SUFFIXES):
+            raise ReplayError(f"{flag} {p}: replay writes Parquet; give the file a .parquet name")
 
 
 def _write_alerts(path: Path, alerts: list[Alert]) -> None:

@@ -327,3 +327,12 @@ def test_replay_output_inside_the_input_directory(data):
 def test_replay_scores_and_alerts_to_one_file(data):
     code, out = invoke(*replay_args(data, "--out", data / "s.parquet", "--alerts-out", data / "." / "s.parquet"))
     assert code == 2 and "--out and --alerts-out are both" in out and not (data / "s.parquet").exists()
+
+
+def test_replay_output_named_like_text(data):
+    # Parquet bytes went into scores.csv; evaluate then read it as CSV ("CSV parse error: ...")
+    code, out = invoke(*replay_args(data, "--out", data / "s.csv"))
+    assert code == 2 and f"--out {data / 's.csv'}: replay writes Parquet; give the file a .parquet name" in out
+    code, out = invoke(*replay_args(data, "--out", data / "s.parquet", "--alerts-out", data / "a.json"))
+    assert code == 2 and "--alerts-out" in out and "replay writes Parquet" in out
+    assert not list(data.glob("s.*"))
