@@ -370,6 +370,12 @@ def check_outputs(outputs: dict[str, str | os.PathLike | None],
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
+    seen: dict[Path, str] = {}
+    for flag, p in outputs.items():
+        if p is not None:
+            other = seen.setdefault(Path(p).resolve(), flag)
+            if other != flag:
+                raise DataError(f"{other} and {flag} are both {p}; give each output its own name")
     read = {f.resolve() for f, _, _ in _expand(inputs)}
     dirs = [Path(p).resolve() for p in inputs if Path(p).is_dir()]
     for flag, p in outputs.items():

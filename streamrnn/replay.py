@@ -272,8 +272,6 @@ def replay(paths: str | os.PathLike | Sequence[str | os.PathLike], model: Model 
 
     if batch_rows < 1:
         raise ReplayError(f"batch_rows must be at least 1, not {batch_rows}")
-    if out is not None and alerts_out is not None and Path(out).resolve() == Path(alerts_out).resolve():
-        raise ReplayError(f"--out and --alerts-out are both {out}; give two file names")
     check_outputs({"--out": out, "--alerts-out": alerts_out}, paths)
     _check_parquet_names({"--out": out, "--alerts-out": alerts_out})
     model = detector.model if detector is not None else load_model(model)

@@ -336,3 +336,12 @@ def test_replay_output_named_like_text(data):
     code, out = invoke(*replay_args(data, "--out", data / "s.parquet", "--alerts-out", data / "a.json"))
     assert code == 2 and "--alerts-out" in out and "replay writes Parquet" in out
     assert not list(data.glob("s.*"))
+
+
+def test_train_outputs_that_are_one_file(data):
+    # --report r.png: the JSON report was written, then the loss-curve PNG over it
+    base = ["train", data / "live.parquet", "--epochs", "1", "--window", "8", "--no-progress"]
+    code, out = invoke(*base, "--out", data / "m2.safetensors", "--report", data / "r.png")
+    assert code == 2 and "--report and --report (its PNG) are both" in out
+    code, out = invoke(*base, "--out", data / "m2.safetensors", "--checkpoint", data / "m2.safetensors")
+    assert code == 2 and "--out and --checkpoint are both" in out
