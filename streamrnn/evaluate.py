@@ -518,8 +518,35 @@ def _accumulate(into: Counts, c: Counts, nab: dict[str, NabStream]) -> None:
 
 
 def evaluate_files(scores_path: str | Path, labels_path: str | Path, **options) -> Evaluation:
-    """:func:`evaluate` on a SCORES file and a labels file."""
-    return evaluate(load_scores(scores_path), load_labels(labels_path), **options)
+    """:func:`evaluate` on a SCORES file and a labels file.
+
+    Labels of which none falls on a scored stream and time are an error: every measure would
+    be n/a or zero, and the cause is nearly always a mismatch of ids or time units.
+    """
+    scores, labels = load_scores(scores_path), load_labels(labels_path)
+    ev = evaluate(scores, labels, **options)
+    n = len(labels.stream)
+    if n and ev.unmatched_labels == n:
+        raise EvaluationError(
+            f"none of the {n} labels in {labels_path} falls on a scored stream and time of {scores_path} "
+            f"(label streams e.g. {_examples(labels.stream)}, scored {_examples(scores.stream)}; label "
+            f"times {_time_span(labels.start)}, scored {_time_span(scores.ts)}): check the ids and the times")
+    return ev
+
+
+def _examples(ids: np.ndarray, n: int = 2) -> str:
+    seen = list(dict.fromkeys(str(s) for s in ids[:10_000]))[:n]
+    return ", ".join(map(repr, seen)) or "none"
+
+
+def _time_span(ms: np.ndarray) -> str:
+    import datetime as dt
+
+    if not len(ms):
+        return "none"
+    iso = [dt.datetime.fromtimestamp(int(v) / 1000, dt.timezone.utc).strftime("%Y-%m-%d %H:%M") for v in
+           (ms.min(), ms.max())]
+    return f"{iso[0]}..{iso[1]} UTC"
 
 
 def write_json(path: str | Path, ev: Evaluation) -> Path:

@@ -345,3 +345,17 @@ def test_train_outputs_that_are_one_file(data):
     assert code == 2 and "--report and --report (its PNG) are both" in out
     code, out = invoke(*base, "--out", data / "m2.safetensors", "--checkpoint", data / "m2.safetensors")
     assert code == 2 and "--out and --checkpoint are both" in out
+
+
+def test_labels_that_match_nothing_scored(data):
+    # labels under other ids printed "0/0 label events detected", F1 n/a, with exit code 0
+    code, _ = invoke(*replay_args(data, "--out", data / "s.parquet"))
+    assert code == 0
+    at = pa.array([T0 + 600_000] * 2).cast(pa.timestamp("ms", tz="UTC"))
+    pq.write_table(pa.table({"stream": ["S1", "S2"], "ts": at}), data / "labels.parquet")
+    code, out = invoke("evaluate", data / "s.parquet", "--labels", data / "labels.parquet")
+    assert code == 2 and "none of the 2 labels in" in out and "label streams e.g. 'S1', 'S2', scored 's0', 's1'" in out
+    # one label that matches is enough to evaluate
+    pq.write_table(pa.table({"stream": ["S1", "s1"], "ts": at}), data / "labels.parquet")
+    code, out = invoke("evaluate", data / "s.parquet", "--labels", data / "labels.parquet")
+    assert code == 0 and "unmatched labels 1" in out
