@@ -58,3 +58,19 @@ def test_compose_creates_the_input_topic_before_the_daemons_start():
         assert "kafka-topics.sh" in script and "--create" in script and "--if-not-exists" in script
         assert f"--topic {topic} " in script and f"--bootstrap-server {bootstrap}" in script
     assert daemon["restart"] == "on-failure"  # a daemon that stops on an error comes back
+
+
+def test_systemd_unit_keeps_restarting_a_daemon_that_stops_at_start():
+    # systemd gives up on a unit that fails StartLimitBurst=5 times within
+    # StartLimitIntervalSec=10 s; with the default RestartSec of 100 ms a daemon waiting for
+    # its input topic was given up on within a second.
+    import configparser
+
+    unit = configparser.ConfigParser(strict=False)
+    unit.optionxform = str
+    unit.read_string((DEPLOY / "streamrnn-daemon.service").read_text())
+    service = unit["Service"]
+    assert service["Restart"] in ("on-failure", "always")
+    burst = int(unit["Unit"].get("StartLimitBurst", 5))
+    interval_s = float(unit["Unit"].get("StartLimitIntervalSec", 10))
+    assert float(service.get("RestartSec", 0.1)) * burst > interval_s
