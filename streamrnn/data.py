@@ -45,6 +45,7 @@ __all__ = [
 _PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
 _CSV_SUFFIXES = (".csv", ".csv.gz")
 _MISSING_POLICIES = ("ffill", "drop", "zero")
+_TIME_NAMES = ("timestamp", "time", "datetime", "date", "ts", "event_time", "@timestamp")
 _TS_TO_MS = {"s": (1000, 1), "ms": (1, 1), "us": (1, 1000), "ns": (1, 1_000_000)}
 
 
@@ -240,8 +241,10 @@ def _auto_features(files: list[_File], schema: Schema) -> list[str]:
 def _check_file(f: _File, schema: Schema, features: list[str], need_stream: bool) -> None:
     types, keys = f.types, f.keys
     if schema.time_col not in types:
+        timelike = [n for n, t in f.columns if pa.types.is_timestamp(t) or n.lower() in _TIME_NAMES]
+        hint = f"; is it {timelike[0]!r}? pass --time-col {timelike[0]}" if timelike else ""
         raise DataError(f"{f.path}: time column {schema.time_col!r} not found "
-                        f"(columns: {', '.join(types) or 'none'})")
+                        f"(columns: {', '.join(types) or 'none'}){hint}")
     t = types[schema.time_col]
     if not (pa.types.is_timestamp(t) or pa.types.is_integer(t)):
         raise DataError(f"{f.path}: time column {schema.time_col!r} is {t}; it must be a timestamp "

@@ -359,3 +359,15 @@ def test_labels_that_match_nothing_scored(data):
     pq.write_table(pa.table({"stream": ["S1", "s1"], "ts": at}), data / "labels.parquet")
     code, out = invoke("evaluate", data / "s.parquet", "--labels", data / "labels.parquet")
     assert code == 0 and "unmatched labels 1" in out
+
+
+def test_a_time_column_under_another_name_is_suggested(data):
+    # NAB's files: "timestamp,value"
+    (data / "nab.csv").write_text("timestamp,value\n" + "".join(
+        f"2014-04-01 00:{m:02d}:00,{20 + m % 7}\n" for m in range(60)))
+    code, out = invoke("train", data / "nab.csv", "--out", data / "m2.safetensors", "--no-progress")
+    assert code == 2 and "time column 'ts' not found (columns: timestamp, value); is it 'timestamp'? " \
+                         "pass --time-col timestamp" in out
+    code, out = invoke("train", data / "nab.csv", "--out", data / "m2.safetensors", "--no-progress",
+                       "--time-col", "timestamp", "--window", "8", "--epochs", "1")
+    assert code == 0, out
