@@ -247,8 +247,13 @@ def _check_file(f: _File, schema: Schema, features: list[str], need_stream: bool
                         f"(columns: {', '.join(types) or 'none'}){hint}")
     t = types[schema.time_col]
     if not (pa.types.is_timestamp(t) or pa.types.is_integer(t)):
+        hint = ""
+        if f.fmt == "csv" and _is_text(t):
+            first = _first_value(f, schema.time_col)
+            hint = (f" (CSV times are read as ISO 8601, like 2026-01-01T00:00:00Z"
+                    + (f"; line 2 holds {first!r})" if first is not None else ")"))
         raise DataError(f"{f.path}: time column {schema.time_col!r} is {t}; it must be a timestamp "
-                        f"or an integer in epoch milliseconds")
+                        f"or an integer in epoch milliseconds{hint}")
     if schema.stream_col in types:
         st = types[schema.stream_col]
         if not (_is_text(st) or pa.types.is_integer(st)):
@@ -318,7 +323,8 @@ def _check_single_stream(f: _File, schema: Schema) -> None:
     """A file without the stream column is one stream; one with a text column is much more
     likely a fleet whose id column has another name, which as one stream would interleave
     every stream's events into one sequence."""
-    text = [n for n, t in f.columns if _is_text(t) and n not in (schema.time_col, *f.keys)]
+    text = [n for n, t in f.columns
+            if _is_text(t) and n not in (schema.time_col, *f.keys) and n.lower() not in _TIME_NAMES]
     if text:
         raise DataError(f"{f.path}: no stream column {schema.stream_col!r}, but text column(s) "
                         f"{', '.join(map(repr, text))}: if {text[0]!r} names the streams, pass "
@@ -344,6 +350,17 @@ def _csv_hint(f: _File, name: str, t: pa.DataType) -> str:
 
 
 _NUMBER = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$|^\s*[-+]?(inf|Inf|INF|nan|NaN|NAN)\s*$"
+
+
+def _first_value(f: _File, name: str) -> str | None:
+    """The first row's value of a CSV column, as text."""
+    try:
+        for batch in _dataset(f.path, "csv", {name: pa.string()}).to_batches(columns=[name]):
+            if len(batch):
+                return batch.column(0)[0].as_py()
+    except (pa.ArrowException, OSError):
+        return None
+    return None
 
 
 def _first_non_number(f: _File, name: str) -> tuple[int, str] | None:

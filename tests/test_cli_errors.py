@@ -371,3 +371,15 @@ def test_a_time_column_under_another_name_is_suggested(data):
     code, out = invoke("train", data / "nab.csv", "--out", data / "m2.safetensors", "--no-progress",
                        "--time-col", "timestamp", "--window", "8", "--epochs", "1")
     assert code == 0, out
+
+
+def test_csv_times_in_a_local_format(data):
+    # "01/04/2014 00:00" is text to the CSV reader: the column used to be suggested as the
+    # stream id ("text column(s) 'timestamp': pass --stream-col timestamp")
+    (data / "nab.csv").write_text("timestamp,value\n" + "".join(f"01/04/2014 00:{m:02d},{m}\n" for m in range(40)))
+    code, out = invoke("train", data / "nab.csv", "--out", data / "m2.safetensors", "--no-progress")
+    assert code == 2 and "pass --time-col timestamp" in out and "--stream-col" not in out
+    code, out = invoke("train", data / "nab.csv", "--out", data / "m2.safetensors", "--no-progress",
+                       "--time-col", "timestamp")
+    assert code == 2 and "time column 'timestamp' is string" in out
+    assert "CSV times are read as ISO 8601, like 2026-01-01T00:00:00Z; line 2 holds '01/04/2014 00:00'" in out
