@@ -133,6 +133,21 @@ class _Progress:
             self._bar.stop()
 
 
+def _open_for(model: Model, paths, schema: Schema):
+    """open_source, with the reason when a --time-delta model's 'dt' column is missing."""
+    try:
+        return open_source(paths, schema)
+    except DataError as exc:
+        if not model.training.get("hyper_parameters", {}).get("time_delta"):
+            raise
+        dt = schema.features[list(model.feature_names).index("dt")]
+        if repr(dt) not in str(exc):
+            raise
+        raise ReplayError(f"{exc}; the model was trained with --time-delta: its feature {dt!r} (seconds "
+                          f"since the stream's previous event) must be a column of the input, for replay "
+                          f"and the daemon alike (neither derives it)") from None
+
+
 def _prefetch(it: Iterator[EventBatch], depth: int = 2) -> Iterator[EventBatch]:
     """Read the next batches on a thread while the caller scores this one (Arrow reading
     and sorting release the GIL, so it overlaps with the kernels)."""
@@ -276,7 +291,7 @@ def replay(paths: str | os.PathLike | Sequence[str | os.PathLike], model: Model 
     _check_parquet_names({"--out": out, "--alerts-out": alerts_out})
     model = detector.model if detector is not None else load_model(model)
     schema = schema_for(model, schema)
-    source = open_source(paths, schema)
+    source = _open_for(model, paths, schema)
     det = detector if detector is not None else Detector(model, config=config)
     out_schema = scores_schema(source.features)  # the input's column names
     events = iter_events(source, batch_rows)
@@ -350,7 +365,7 @@ def replay_to_kafka(paths: str | os.PathLike | Sequence[str | os.PathLike], boot
 
     model = load_model(model) if model is not None else None
     schema = schema_for(model, schema)
-    source = open_source(paths, schema)
+    source = _open_for(model, paths, schema) if model is not None else open_source(paths, schema)
     # The daemon decodes values by the model's feature names; without a model, the columns'.
     names = list(model.feature_names) if model is not None else list(source.features)
     _check_bootstrap(bootstrap)

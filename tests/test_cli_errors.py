@@ -383,3 +383,22 @@ def test_csv_times_in_a_local_format(data):
                        "--time-col", "timestamp")
     assert code == 2 and "time column 'timestamp' is string" in out
     assert "CSV times are read as ISO 8601, like 2026-01-01T00:00:00Z; line 2 holds '01/04/2014 00:00'" in out
+
+
+def test_a_time_delta_model_says_what_replay_needs(data):
+    # a model trained with --time-delta failed in replay with "feature column 'dt' not found"
+    code, out = invoke("train", data / "live.parquet", "--out", data / "td.safetensors", "--time-delta",
+                       "--epochs", "1", "--window", "8", "--no-progress")
+    assert code == 0 and "--time-delta: the model's feature 'dt'" in out and "neither derives it" in out
+    code, out = invoke("replay", data / "live.parquet", "--model", data / "td.safetensors", "--out",
+                       data / "s.parquet", "--no-progress")
+    assert code == 2 and "feature column 'dt' not found" in out
+    assert "the model was trained with --time-delta: its feature 'dt' (seconds since the stream's previous event) " \
+           "must be a column of the input" in out
+    # with the column the user computed, it replays
+    table = fleet_table()  # stream by stream, one event a minute
+    dt = np.where(np.arange(table.num_rows) % T == 0, 0.0, 60.0)
+    pq.write_table(table.append_column("dt", pa.array(dt)), data / "with_dt.parquet")
+    code, out = invoke("replay", data / "with_dt.parquet", "--model", data / "td.safetensors", "--out",
+                       data / "s.parquet", "--no-progress")
+    assert code == 0, out
