@@ -382,7 +382,7 @@ def test_scratch_pool_sizes_cover_inputs_wider_than_hidden():
     xp, hp, acc, accn, blk = scratch_pool(3, hidden, 20, 30)
     assert xp.shape == (3, cells.TILE_ROWS, 20) and hp.shape == (3, cells.TILE_ROWS, 8)
     assert acc.shape == (3, cells.TILE_ROWS, 32) and accn.shape == (3, cells.TILE_ROWS, 8)
-    assert blk.shape == (3, 2, cells.TILE_ROWS)
+    assert blk.shape == (3, 3, cells.TILE_ROWS)
     model = Model.random("lstm", n_features=20, hidden=[4], seed=3)
     x = np.random.default_rng(5).standard_normal((40, 20)).astype(np.float32)
     np.testing.assert_allclose(model.predict(x), naive.forward(model, x), atol=TOL)
@@ -478,8 +478,9 @@ def test_lstm_gates_without_peepholes_give_the_same_bits():
     rows = np.array([8, 2, 5, 0, 3], np.int64)
     before = state.copy()
     plain = state.copy()
-    cells._lstm_gates(rn, state, rows, 3, h, acc, np.zeros((3, h), np.float32))
-    cells._lstm_gates_plain(rn, plain, rows, 3, h, acc)
+    ahead = np.array([1, 4, 6], np.int64)  # rows prefetched meanwhile: read, not written
+    cells._lstm_gates(rn, state, rows, 3, h, acc, np.zeros((3, h), np.float32), ahead, 3)
+    cells._lstm_gates_plain(rn, plain, rows, 3, h, acc, ahead, 3)
     assert np.array_equal(state, plain)
     assert not np.array_equal(state[rows], before[rows])  # the rows did step
     assert np.array_equal(np.delete(state, rows, 0), np.delete(before, rows, 0))
@@ -518,10 +519,11 @@ def test_gru_gate_loops_against_float64_reference(reset_after):
     n_g = np.tanh(a64[:, 2 * h:3 * h] + (r_g * n64 if reset_after else n64))
     expected = (1 - z_g) * n_g + z_g * h_old
     before = state.copy()
+    ahead = np.array([1, 4, 6], np.int64)  # rows prefetched meanwhile: read, not written
     if reset_after:
-        cells._gru_gates_after(rn, state, rows, off, h, acc.copy(), accn)
+        cells._gru_gates_after(rn, state, rows, off, h, acc.copy(), accn, ahead, 3)
     else:
-        cells._gru_gates_before(rn, state, rows, off, h, acc.copy(), accn)
+        cells._gru_gates_before(rn, state, rows, off, h, acc.copy(), accn, ahead, 3)
     np.testing.assert_allclose(state[rows, off:off + h], expected, rtol=0, atol=2e-6)
     untouched = np.ones(state.shape, bool)
     untouched[rows, off:off + h] = False

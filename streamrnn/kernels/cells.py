@@ -60,10 +60,19 @@ FEW_INPUTS = 4
 _PANEL_TILE = MR * PANEL  # stack floats of one tile (a literal for _stack_f32)
 _NARROW_TILE = MR * NARROW
 
-_OPTS = jit_options()
+#: The reference-counting flag is always given: a jitted callee without it inherits its
+#: first caller's, so its code would depend on which caller compiled first.
+_OPTS = dict(jit_options(), _nrt=True)
+#: Kernels that allocate nothing compile without reference counting: Numba otherwise
+#: increments each array argument's count on entry and decrements it on exit (two atomic,
+#: serialising instructions per array per call, pruned only in straight-line code), ~5 %
+#: of an LSTM64 step at a dozen calls per block of rows. (carray needs it: _panel keeps it.)
+_LEAF = dict(_OPTS, _nrt=False)
 _ONE = np.float32(1.0)  # a bare 1 would promote the gate maths to float64
 _ZERO = np.float32(0.0)
 _U = np.uint64
+#: Bytes of a cache line (prefetches cover a row one line apart).
+LINE = 64
 
 
 @intrinsic
@@ -172,13 +181,56 @@ def _panel_narrow(acc, r0, acc_col, bias, bcol, col, width, xp, nx, wx, hp, nh, 
             arow[_U(acc_col + j)] = t[r, j]
 
 
-@njit(**_OPTS)
+@intrinsic
+def _prefetch(typingctx, arr, i, k):
+    """Hint the CPU to fetch the cache line of arr[i, k] (a 2-D array) for reading and writing."""
+    if (not isinstance(arr, types.Array) or arr.ndim != 2 or not isinstance(i, types.Integer)
+            or not isinstance(k, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        aryty, ity, kty = signature.args
+        ary = context.make_array(aryty)(context, builder, args[0])
+        idx = [context.cast(builder, args[1], ity, types.intp), context.cast(builder, args[2], kty, types.intp)]
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, idx)
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        # rw=1 (the row is written back), locality=3 (keep in all levels), data cache.
+        builder.call(fn, [ptr, ir.Constant(i32, 1), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(arr, i, k), codegen
+
+
+@njit(**_LEAF)
+def prefetch_row(a, r):
+    """Prefetch every cache line of row r of a 2-D float32 array."""
+    n = a.shape[1]
+    per_line = LINE // 4
+    for k in range(0, n, per_line):
+        _prefetch(a, r, k)
+    _prefetch(a, r, n - 1)
+
+
+@njit(**_LEAF)
+def prefetch_ahead(state, ahead, n_ahead, r):
+    """Prefetch state row ahead[r] if r < n_ahead. The gate loops call it once per row, so
+    the next block's rows (scattered over a table larger than the caches) are requested a
+    row at a time while this block computes. Issued all at once before the block (~10 lines
+    a row), the prefetch instructions themselves held 3 % of an LSTM64 step's samples and
+    the rows' loads in pack_rows still 5-8 %; spread out, 2-3 % (perf, 100k streams)."""
+    if r < n_ahead:
+        prefetch_row(state, ahead[r])
+
+
+@njit(**_LEAF)
 def padded_rows(rn):
     """Rows actually computed for ``rn`` live rows: whole micro-tiles."""
     return (rn + MR - 1) // MR * MR
 
 
-@njit(**_OPTS)
+@njit(**_LEAF)
 def _narrow_panels(acc, acc_col, bias, bcol, col, j, ncols, n_mt, xp, nx, wx, hp, nh, wh):
     """Columns j..ncols-1 (fewer than PANEL) of every micro-tile, NARROW at a time."""
     while j < ncols:
@@ -188,7 +240,7 @@ def _narrow_panels(acc, acc_col, bias, bcol, col, j, ncols, n_mt, xp, nx, wx, hp
         j += width
 
 
-@njit(**_OPTS)
+@njit(**_LEAF)
 def block_product_numba(acc, acc_col, bias, bcol, col, ncols, rn, xp, nx, wx, hp, nh, wh):
     """``block_product`` with the Numba tiles only (any host)."""
     n_mt = (rn + MR - 1) // MR
@@ -200,13 +252,13 @@ def block_product_numba(acc, acc_col, bias, bcol, col, ncols, rn, xp, nx, wx, hp
     _narrow_panels(acc, acc_col, bias, bcol, col, j, ncols, n_mt, xp, nx, wx, hp, nh, wh)
 
 
-@njit(**_OPTS)
+@njit(**_LEAF)
 def _float32_rows(a):
     """Float32 with contiguous rows: what the assembly tile reads and writes."""
     return a.itemsize == 4 and a.strides[a.ndim - 1] == 4
 
 
-@njit(**_OPTS)
+@njit(**_LEAF)
 def micro_rows(padded):
     """Rows of ``padded`` (a multiple of MR) that the 6-row assembly tiles take: the rest
     (0 or 4, or 8 where 6 would leave 2) go to 4-row tiles."""
@@ -216,7 +268,7 @@ def micro_rows(padded):
     return n6 * microtile.ROWS
 
 
-@njit(**_OPTS)
+@njit(**_LEAF)
 def block_product_micro(acc, acc_col, bias, bcol, col, ncols, rn, xp, nx, wx, hp, nh, wh):
     """``block_product`` with whole panels in 6 x PANEL assembly tiles (microtile.py), the
     rows they leave in 4-row Numba tiles, every output summed in the same order."""
@@ -263,7 +315,7 @@ def block_product_micro(acc, acc_col, bias, bcol, col, ncols, rn, xp, nx, wx, hp
 block_product = block_product_micro if microtile.AVAILABLE else block_product_numba
 
 
-@njit(**_OPTS)
+@njit(**_LEAF)
 def input_rows(acc, acc_col, bias, bcol, rn, xp, nx, wx, col, ncols):
     """acc[:rn, acc_col:+ncols] = bias[bcol:+ncols] + xp[:rn, :nx] @ wx[:nx, col:+ncols], row
     by row through memory: the same terms in the same order as ``block_product``, for a
@@ -280,33 +332,30 @@ def input_rows(acc, acc_col, bias, bcol, rn, xp, nx, wx, col, ncols):
                 a[_U(acc_col + j)] += v * wk[_U(col + j)]
 
 
-@njit(**_OPTS)
+@njit(**_LEAF)
 def pack_rows(dst, src, rows, rn, col, n):
     """dst[r, :n] = src[rows[r], col:col+n]; rows rn..padded_rows(rn)-1 are zero (computed,
     unused). Row-major, so each row is one contiguous (vectorised) copy; the micro-tiles
     read their MR rows through MR pointers."""
     for r in range(rn):
-        row = src[rows[r]]
-        d = dst[r]
+        s = rows[r]
         for k in range(n):
-            d[k] = row[_U(col + k)]
+            dst[_U(r), _U(k)] = src[s, _U(col + k)]
     for r in range(rn, padded_rows(rn)):
-        d = dst[r]
         for k in range(n):
-            d[k] = _ZERO
+            dst[_U(r), _U(k)] = _ZERO
 
 
-@njit(**_OPTS)
+@njit(**_LEAF)
 def _sigmoid_cols(rn, acc, ncols):
     """acc[:rn, :ncols] = sigmoid(acc[:rn, :ncols]) in place."""
     for r in range(rn):
-        a = acc[r]
         for j in range(ncols):
-            a[j] = sigmoid32(a[j])
+            acc[_U(r), _U(j)] = sigmoid32(acc[_U(r), _U(j)])
 
 
-@njit(**_OPTS)
-def _gru_gates_after(rn, state, rows, off, hsz, acc, accn):
+@njit(**_LEAF)
+def _gru_gates_after(rn, state, rows, off, hsz, acc, accn, ahead, n_ahead):
     """GRU update with the reset gate applied after the recurrent product (PyTorch, Keras
     default): n = tanh(x_n + r * (h W_hn + b_hn)), accn holding the bracket.
 
@@ -316,62 +365,64 @@ def _gru_gates_after(rn, state, rows, off, hsz, acc, accn):
     h2 = 2 * hsz
     _sigmoid_cols(rn, acc, h2)
     for r in range(rn):
-        row = state[rows[r]]
-        a = acc[r]
-        an = accn[r]
+        prefetch_ahead(state, ahead, n_ahead, r)
+        s = rows[r]
         for j in range(hsz):
-            ng = tanh32(a[_U(h2 + j)] + a[j] * an[j])
-            zg = a[_U(hsz + j)]
-            h = row[_U(off + j)]
-            row[_U(off + j)] = (_ONE - zg) * ng + zg * h
+            ng = tanh32(acc[r, _U(h2 + j)] + acc[r, j] * accn[r, j])
+            zg = acc[r, _U(hsz + j)]
+            h = state[s, _U(off + j)]
+            state[s, _U(off + j)] = (_ONE - zg) * ng + zg * h
 
 
-@njit(**_OPTS)
-def _gru_gates_before(rn, state, rows, off, hsz, acc, accn):
+@njit(**_LEAF)
+def _gru_gates_before(rn, state, rows, off, hsz, acc, accn, ahead, n_ahead):
     """GRU update with the reset gate applied before the recurrent product (Cho et al.):
     accn already holds (r * h) W_hn + b_hn."""
     h2 = 2 * hsz
     for r in range(rn):
-        row = state[rows[r]]
+        prefetch_ahead(state, ahead, n_ahead, r)
+        s = rows[r]
         for j in range(hsz):
             zg = sigmoid32(acc[r, _U(hsz + j)])
             ng = tanh32(acc[r, _U(h2 + j)] + accn[r, j])
-            h = row[_U(off + j)]
-            row[_U(off + j)] = (_ONE - zg) * ng + zg * h
+            h = state[s, _U(off + j)]
+            state[s, _U(off + j)] = (_ONE - zg) * ng + zg * h
 
 
-@njit(**_OPTS)
-def _lstm_gates(rn, state, rows, off, hsz, acc, peep):
+@njit(**_LEAF)
+def _lstm_gates(rn, state, rows, off, hsz, acc, peep, ahead, n_ahead):
     offc = off + hsz
     for r in range(rn):
-        row = state[rows[r]]
+        prefetch_ahead(state, ahead, n_ahead, r)
+        s = rows[r]
         for j in range(hsz):
-            c = row[_U(offc + j)]
+            c = state[s, _U(offc + j)]
             ig = sigmoid32(acc[r, j] + peep[0, j] * c)
             fg = sigmoid32(acc[r, _U(hsz + j)] + peep[1, j] * c)
             gg = tanh32(acc[r, _U(2 * hsz + j)])
             cn = fg * c + ig * gg
             og = sigmoid32(acc[r, _U(3 * hsz + j)] + peep[2, j] * cn)
-            row[_U(offc + j)] = cn
-            row[_U(off + j)] = og * tanh32(cn)
+            state[s, _U(offc + j)] = cn
+            state[s, _U(off + j)] = og * tanh32(cn)
 
 
-@njit(**_OPTS)
-def _lstm_gates_plain(rn, state, rows, off, hsz, acc):
+@njit(**_LEAF)
+def _lstm_gates_plain(rn, state, rows, off, hsz, acc, ahead, n_ahead):
     """``_lstm_gates`` without peepholes: the same numbers (adding 0 * c changes nothing) with
     three fewer loads and FMAs per unit, in a loop that then fits the vector registers."""
     offc = off + hsz
     for r in range(rn):
-        row = state[rows[r]]
+        prefetch_ahead(state, ahead, n_ahead, r)
+        s = rows[r]
         for j in range(hsz):
-            c = row[_U(offc + j)]
+            c = state[s, _U(offc + j)]
             ig = sigmoid32(acc[r, j])
             fg = sigmoid32(acc[r, _U(hsz + j)])
             gg = tanh32(acc[r, _U(2 * hsz + j)])
             cn = fg * c + ig * gg
             og = sigmoid32(acc[r, _U(3 * hsz + j)])
-            row[_U(offc + j)] = cn
-            row[_U(off + j)] = og * tanh32(cn)
+            state[s, _U(offc + j)] = cn
+            state[s, _U(off + j)] = og * tanh32(cn)
 
 
 @njit(**_OPTS)
@@ -384,26 +435,28 @@ def _all_zero(a):
     return nonzero == 0
 
 
-@njit(**_OPTS)
-def _rnn_gates(cell, rn, state, rows, off, hsz, acc):
+@njit(**_LEAF)
+def _rnn_gates(cell, rn, state, rows, off, hsz, acc, ahead, n_ahead):
     for r in range(rn):
-        row = state[rows[r]]
+        prefetch_ahead(state, ahead, n_ahead, r)
+        s = rows[r]
         for j in range(hsz):
             if cell == RNN_RELU:
-                row[_U(off + j)] = relu32(acc[r, j])
+                state[s, _U(off + j)] = relu32(acc[r, j])
             else:
-                row[_U(off + j)] = tanh32(acc[r, j])
+                state[s, _U(off + j)] = tanh32(acc[r, j])
 
 
-@njit(**_OPTS)
+@njit(**_LEAF)
 def layer_step(cell, reset_after, rn, src, src_rows, src_col, n_in, state, rows, off, hsz,
-               wx, wh, b, bhn, peep, xp, hp, acc, accn):
+               wx, wh, b, bhn, peep, xp, hp, acc, accn, ahead, n_ahead):
     """Advance one layer for ``rn`` <= TILE_ROWS rows in place.
 
     src[src_rows[r], src_col:src_col+n_in] is the layer input of row r (the events for the
     first layer, the state row of the layer below otherwise); state[rows[r], off:off+H] is
     h and, for LSTM, state[rows[r], off+H:off+2H] is c. xp (TILE_ROWS, >= n_in),
     hp (TILE_ROWS, >= H), acc (TILE_ROWS, >= G*H) and accn (TILE_ROWS, >= H) are scratch.
+    The state rows ahead[:n_ahead] (the next block's) are prefetched, one per row stepped.
     """
     pack_rows(xp, src, src_rows, rn, src_col, n_in)
     pack_rows(hp, state, rows, rn, off, hsz)
@@ -423,33 +476,33 @@ def layer_step(cell, reset_after, rn, src, src_rows, src_col, n_in, state, rows,
         # One loop per variant: with the choice inside, LLVM vectorised both arms with
         # masked loads and reloaded the activation constants every iteration.
         if reset_after:
-            _gru_gates_after(rn, state, rows, off, hsz, acc, accn)
+            _gru_gates_after(rn, state, rows, off, hsz, acc, accn, ahead, n_ahead)
         else:
-            _gru_gates_before(rn, state, rows, off, hsz, acc, accn)
+            _gru_gates_before(rn, state, rows, off, hsz, acc, accn, ahead, n_ahead)
     elif cell == LSTM:
         block_product(acc, 0, b, 0, 0, 4 * hsz, rn, xp, n_in, wx, hp, hsz, wh)
         if _all_zero(peep):
-            _lstm_gates_plain(rn, state, rows, off, hsz, acc)
+            _lstm_gates_plain(rn, state, rows, off, hsz, acc, ahead, n_ahead)
         else:
-            _lstm_gates(rn, state, rows, off, hsz, acc, peep)
+            _lstm_gates(rn, state, rows, off, hsz, acc, peep, ahead, n_ahead)
     else:
         block_product(acc, 0, b, 0, 0, hsz, rn, xp, n_in, wx, hp, hsz, wh)
-        _rnn_gates(cell, rn, state, rows, off, hsz, acc)
+        _rnn_gates(cell, rn, state, rows, off, hsz, acc, ahead, n_ahead)
 
 
-@njit(**_OPTS)
+@njit(**_LEAF)
 def _head_rows8(r, state, rows, off, hsz, wo, bo, out, out_rows):
     """Head outputs of rows r..r+7 straight from their state rows: eight independent FMA
     chains per output column (FMA latency 4 x 2 pipes: four chains left the pipes half
     idle), each summed as block_product sums it (bias, then k order)."""
-    ra = state[rows[r]]
-    rb = state[rows[r + 1]]
-    rc = state[rows[r + 2]]
-    rd = state[rows[r + 3]]
-    re = state[rows[r + 4]]
-    rf = state[rows[r + 5]]
-    rg = state[rows[r + 6]]
-    rh = state[rows[r + 7]]
+    ra = rows[r]
+    rb = rows[r + 1]
+    rc = rows[r + 2]
+    rd = rows[r + 3]
+    re = rows[r + 4]
+    rf = rows[r + 5]
+    rg = rows[r + 6]
+    rh = rows[r + 7]
     for j in range(wo.shape[1]):
         s0 = bo[j]
         s1 = s0
@@ -462,14 +515,14 @@ def _head_rows8(r, state, rows, off, hsz, wo, bo, out, out_rows):
         for k in range(hsz):
             w = wo[k, j]
             kk = _U(off + k)
-            s0 += ra[kk] * w
-            s1 += rb[kk] * w
-            s2 += rc[kk] * w
-            s3 += rd[kk] * w
-            s4 += re[kk] * w
-            s5 += rf[kk] * w
-            s6 += rg[kk] * w
-            s7 += rh[kk] * w
+            s0 += state[ra, kk] * w
+            s1 += state[rb, kk] * w
+            s2 += state[rc, kk] * w
+            s3 += state[rd, kk] * w
+            s4 += state[re, kk] * w
+            s5 += state[rf, kk] * w
+            s6 += state[rg, kk] * w
+            s7 += state[rh, kk] * w
         out[out_rows[r], j] = s0
         out[out_rows[r + 1], j] = s1
         out[out_rows[r + 2], j] = s2
@@ -480,13 +533,13 @@ def _head_rows8(r, state, rows, off, hsz, wo, bo, out, out_rows):
         out[out_rows[r + 7], j] = s7
 
 
-@njit(**_OPTS)
+@njit(**_LEAF)
 def _head_rows4(r, state, rows, off, hsz, wo, bo, out, out_rows):
     """As ``_head_rows8`` for rows r..r+3."""
-    ra = state[rows[r]]
-    rb = state[rows[r + 1]]
-    rc = state[rows[r + 2]]
-    rd = state[rows[r + 3]]
+    ra = rows[r]
+    rb = rows[r + 1]
+    rc = rows[r + 2]
+    rd = rows[r + 3]
     for j in range(wo.shape[1]):
         s0 = bo[j]
         s1 = s0
@@ -495,17 +548,17 @@ def _head_rows4(r, state, rows, off, hsz, wo, bo, out, out_rows):
         for k in range(hsz):
             w = wo[k, j]
             kk = _U(off + k)
-            s0 += ra[kk] * w
-            s1 += rb[kk] * w
-            s2 += rc[kk] * w
-            s3 += rd[kk] * w
+            s0 += state[ra, kk] * w
+            s1 += state[rb, kk] * w
+            s2 += state[rc, kk] * w
+            s3 += state[rd, kk] * w
         out[out_rows[r], j] = s0
         out[out_rows[r + 1], j] = s1
         out[out_rows[r + 2], j] = s2
         out[out_rows[r + 3], j] = s3
 
 
-@njit(**_OPTS)
+@njit(**_LEAF)
 def head_step(rn, state, rows, off, hsz, wo, bo, out, out_rows, hp, acc):
     """out[out_rows[r], :] = state[rows[r], off:off+H] @ wo + bo (the linear head)."""
     n_out = wo.shape[1]
@@ -521,11 +574,11 @@ def head_step(rn, state, rows, off, hsz, wo, bo, out, out_rows, hp, acc):
             _head_rows4(r, state, rows, off, hsz, wo, bo, out, out_rows)
             r += 4
         while r < rn:
-            src = state[rows[r]]
+            src = rows[r]
             for j in range(n_out):
                 s0 = bo[j]
                 for k in range(hsz):
-                    s0 += src[_U(off + k)] * wo[k, j]
+                    s0 += state[src, _U(off + k)] * wo[k, j]
                 out[out_rows[r], j] = s0
             r += 1
         return

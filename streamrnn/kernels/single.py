@@ -34,7 +34,8 @@ from streamrnn.config import jit_options
 from streamrnn.kernels.activations import relu32, sigmoid32, tanh32
 from streamrnn.kernels.cells import GRU, LSTM, RNN_RELU
 
-_OPTS = jit_options()
+# The reference-counting flag always given (see cells): _step_block_w, compiled without it, calls step_stream.
+_OPTS = dict(jit_options(), _nrt=True)
 # Everything a step calls is inlined into the step (Numba IR inlining): a call between
 # jitted functions costs a call and its argument handling per event.
 _INLINE = dict(_OPTS, inline="always")

@@ -18,58 +18,27 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
 from streamrnn.config import jit_options
-from streamrnn.kernels.cells import TILE_ROWS, head_step, layer_step
+from streamrnn.kernels.cells import LINE, TILE_ROWS, head_step, layer_step, prefetch_row
 from streamrnn.kernels.single import OUT_AFTER, OUT_BEFORE, OUT_NONE, step_stream
 from streamrnn.kernels.split import step_stream_run
 
-_OPTS = jit_options()
-_PAR_OPTS = jit_options(parallel=True)
+# The reference-counting flag always given, as in cells.
+_OPTS = dict(jit_options(), _nrt=True)
+_PAR_OPTS = dict(jit_options(parallel=True), _nrt=True)
+#: The per-block loop and step allocate nothing: compiled without reference counting (see cells).
+_LEAF = dict(_OPTS, _nrt=False)
 
 #: Batches with fewer distinct streams than this run on the calling thread: starting a
 #: parallel region costs more than stepping a few streams.
 SERIAL_WAVE = 64
 #: Chunks per thread the streams are split into (balances the load).
 CHUNKS_PER_THREAD = 4
-#: Bytes apart of the prefetches that cover a state row (one per cache line).
-_LINE = 64
 #: Batches with at least this many events step on padded copies of the weights
 #: (``padded_weights``: an LSTM64's are ~70 KB to copy).
 PAD_MIN = 1024
-
-
-@intrinsic
-def _prefetch(typingctx, arr, i):
-    """Hint the CPU to fetch the cache line of arr[i] (a 1-D array) for reading and writing."""
-    if not isinstance(arr, types.Array) or arr.ndim != 1 or not isinstance(i, types.Integer):
-        return None
-
-    def codegen(context, builder, signature, args):
-        aryty, ity = signature.args
-        ary = context.make_array(aryty)(context, builder, args[0])
-        idx = context.cast(builder, args[1], ity, types.intp)
-        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [idx])
-        i32 = ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        # rw=1 (the row is written back), locality=3 (keep in all levels), data cache.
-        builder.call(fn, [ptr, ir.Constant(i32, 1), ir.Constant(i32, 3), ir.Constant(i32, 1)])
-        return context.get_dummy_value()
-
-    return types.void(arr, i), codegen
-
-
-@njit(**_OPTS)
-def _prefetch_row(a, r):
-    """Prefetch every cache line of row r of a 2-D float32 array."""
-    row = a[r]
-    per_line = _LINE // 4
-    for k in range(0, row.shape[0], per_line):
-        _prefetch(row, k)
-    _prefetch(row, row.shape[0] - 1)
 
 
 @njit(**_OPTS)
@@ -78,7 +47,7 @@ def scratch_pool(n_chunks, hidden, n_in, n_out):
 
     Returns (xp, hp, acc, accn, blk): packed layer inputs (C, TILE_ROWS, K), packed hidden
     states (C, TILE_ROWS, H), gate accumulators (C, TILE_ROWS, G) and (C, TILE_ROWS, H), and
-    the block's event and slot indices (C, 2, TILE_ROWS).
+    the block's event and slot indices and the next block's slots (C, 3, TILE_ROWS).
     """
     hmax = 1
     for h in hidden:
@@ -89,7 +58,7 @@ def scratch_pool(n_chunks, hidden, n_in, n_out):
             np.empty((n_chunks, TILE_ROWS, hmax), np.float32),
             np.empty((n_chunks, TILE_ROWS, gmax), np.float32),
             np.empty((n_chunks, TILE_ROWS, hmax), np.float32),
-            np.empty((n_chunks, 2, TILE_ROWS), np.int64))
+            np.empty((n_chunks, 3, TILE_ROWS), np.int64))
 
 
 @njit(**_OPTS)
@@ -100,9 +69,9 @@ def _needs_padding(wx, wh, hidden):
     apart, 4 sets for 65+ rows, so every tile re-read the panel from L2."""
     for layer in range(hidden.shape[0]):
         size = wh[layer].shape[1] * 4
-        if size % _LINE != 0:
+        if size % LINE != 0:
             continue
-        lines = size // _LINE
+        lines = size // LINE
         sets = 64
         while lines % 2 == 0 and sets > 1:
             lines //= 2
@@ -134,8 +103,8 @@ def padded_weights(wx, wh, hidden, n_events):
         nx = max(nx, wx[layer].shape[0])
         nh = max(nh, wh[layer].shape[0])
         cols = max(cols, wh[layer].shape[1])
-    lines = (cols * 4 + _LINE - 1) // _LINE
-    width = (lines + 1 - lines % 2) * (_LINE // 4)
+    lines = (cols * 4 + LINE - 1) // LINE
+    width = (lines + 1 - lines % 2) * (LINE // 4)
     wxp = np.zeros((n_layers, nx, width), np.float32)
     whp = np.zeros((n_layers, nh, width), np.float32)
     for layer in range(n_layers):
@@ -159,20 +128,23 @@ def _step_block(rn, src, src_col, src_rows, state, rows, pred,
                 cell, reset_after, hidden, offsets, wx, wh, b, bhn, peep, wo, bo, xp, hp, acc, accn):
     """``_step_block_w`` with the weights as they are."""
     _step_block_w(rn, src, src_col, src_rows, state, rows, pred, cell, reset_after, hidden, offsets,
-                  wx, wh, b, bhn, peep, wo, bo, no_pad(), no_pad(), xp, hp, acc, accn)
+                  wx, wh, b, bhn, peep, wo, bo, no_pad(), no_pad(), xp, hp, acc, accn, rows, 0)
 
 
-@njit(**_OPTS)
+@njit(**_LEAF)
 def _step_block_w(rn, src, src_col, src_rows, state, rows, pred,
                   cell, reset_after, hidden, offsets, wx, wh, b, bhn, peep, wo, bo, wxp, whp,
-                  xp, hp, acc, accn):
+                  xp, hp, acc, accn, ahead, n_ahead):
     """Step ``rn`` <= TILE_ROWS distinct streams (state rows ``rows``) on their inputs
     src[src_rows[r], src_col:], then store the head's prediction in pred[rows[r]]. The
     tiles read the layers' weights from ``padded_weights``' copies wxp, whp unless empty.
+    State rows ahead[:n_ahead] are prefetched meanwhile.
 
     A lone row takes the matrix-vector path (``single.step_stream``: same sums, same bits)
     instead of register tiles padded to 4 rows."""
     if rn == 1:
+        for r in range(n_ahead):
+            prefetch_row(state, ahead[r])
         step_stream(src_rows[:1], rows, src, src_col, state, pred, pred, OUT_NONE, cell, reset_after,
                     hidden, offsets, wx, wh, b, bhn, peep, wo, bo, acc, accn, hp[0])
         return
@@ -183,15 +155,16 @@ def _step_block_w(rn, src, src_col, src_rows, state, rows, pred,
         whl = whp[layer] if padded else wh[layer]
         if layer == 0:
             layer_step(cell, reset_after, rn, src, src_rows, src_col, wx[0].shape[0], state, rows,
-                       offsets[0], hidden[0], wxl, whl, b[0], bhn[0], peep[0], xp, hp, acc, accn)
+                       offsets[0], hidden[0], wxl, whl, b[0], bhn[0], peep[0], xp, hp, acc, accn,
+                       ahead, n_ahead)
         else:
             layer_step(cell, reset_after, rn, state, rows, offsets[layer - 1], hidden[layer - 1],
                        state, rows, offsets[layer], hidden[layer], wxl, whl, b[layer],
-                       bhn[layer], peep[layer], xp, hp, acc, accn)
+                       bhn[layer], peep[layer], xp, hp, acc, accn, ahead, 0)
     head_step(rn, state, rows, offsets[n_layers - 1], hidden[n_layers - 1], wo, bo, pred, rows, hp, acc)
 
 
-@njit(**_OPTS)
+@njit(**_LEAF)
 def _step_list(lo, hi, ev, sl, xs, state, pred, prev_out,
                cell, reset_after, hidden, offsets, wx, wh, b, bhn, peep, wo, bo, wxp, whp,
                xp, hp, acc, accn, blk):
@@ -204,6 +177,7 @@ def _step_list(lo, hi, ev, sl, xs, state, pred, prev_out,
     n_out = wo.shape[1]
     ev_blk = blk[0]
     sl_blk = blk[1]
+    ahead = blk[2]
     i = lo
     while i < hi:
         rn = 0
@@ -218,19 +192,21 @@ def _step_list(lo, hi, ev, sl, xs, state, pred, prev_out,
             sl_blk[rn] = s
             rn += 1
             i += 1
-        # The next block's streams are (most likely) the next TILE_ROWS in the list: start
-        # fetching their state rows, scattered over a table too large for the caches when
-        # there are many streams, while this block computes.
-        for q in range(i, min(hi, i + TILE_ROWS)):
-            _prefetch_row(state, sl[q])
-            _prefetch_row(pred, sl[q])
+        # The next block's streams are (most likely) the next TILE_ROWS in the list: their
+        # state rows, scattered over a table too large for the caches when there are many
+        # streams, are fetched while this block computes (the gate loops request them a row
+        # at a time); their predictions, a line or two each, now.
+        n_ahead = min(hi, i + TILE_ROWS) - i
+        for q in range(n_ahead):
+            ahead[q] = sl[i + q]
+            prefetch_row(pred, ahead[q])
         for r in range(rn):
             e = ev_blk[r]
             s = sl_blk[r]
             for j in range(n_out):
                 prev_out[e, j] = pred[s, j]
         _step_block_w(rn, xs, 0, ev_blk, state, sl_blk, pred, cell, reset_after, hidden, offsets,
-                      wx, wh, b, bhn, peep, wo, bo, wxp, whp, xp, hp, acc, accn)
+                      wx, wh, b, bhn, peep, wo, bo, wxp, whp, xp, hp, acc, accn, ahead, n_ahead)
 
 
 @intrinsic
