@@ -218,8 +218,9 @@ def prefetch_ahead(state, ahead, n_ahead, r):
     """Prefetch state row ahead[r] if r < n_ahead. The gate loops call it once per row, so
     the next block's rows (scattered over a table larger than the caches) are requested a
     row at a time while this block computes. Issued all at once before the block (~10 lines
-    a row), the prefetch instructions themselves held 3 % of an LSTM64 step's samples and
-    the rows' loads in pack_rows still 5-8 %; spread out, 2-3 % (perf, 100k streams)."""
+    a row), the prefetches held 3 % of an LSTM64 step's samples (perf, 100k streams) and the
+    rows' loads in pack_rows 5-8 %; spread out, the loads 2-3 % while the prefetches hold
+    5-7 % (this core seems to retire a prefetch only when its line arrives): +1-4 % net."""
     if r < n_ahead:
         prefetch_row(state, ahead[r])
 
