@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from streamrnn.data import EPOCH_SECONDS_RANGE
 from streamrnn.kernels.idmap import MAX_ID_BYTES
 
 __all__ = ["Format", "Decoder", "DecodedBatch", "Rejected", "EVENT_OFFSET_SHIFT",
@@ -190,6 +191,8 @@ class Decoder:
             return None
         x = np.array(list(map(_GET_V, parsed)), dtype=np.float64).reshape(n, 1)  # None (JSON null) -> NaN
         ts = np.fromiter(map(_GET_T, parsed), np.int64, n)
+        if _any_epoch_seconds(ts):  # the general path names the messages
+            return None
         return DecodedBatch(list(map(_GET_S, parsed)), ts, x, np.array(offsets, np.int64) << EVENT_OFFSET_SHIFT, n)
 
     # ------------------------------------------------------------------ parsing
@@ -242,6 +245,8 @@ class Decoder:
                         key_id = self._key_id(key)
                     sid = key_id
                 _check_id_length(sid)
+                if _SECONDS_LO <= e.t < _SECONDS_HI:
+                    raise _Invalid(_seconds_reason(f"event {j}", e.t))
                 ids.append(sid)
                 ts.append(e.t)
                 vals.append(self._features(e, j))
@@ -311,12 +316,31 @@ class Decoder:
         longest = pc.max(pc.binary_length(sid)).as_py()
         if longest > MAX_ID_BYTES:
             raise _Invalid(f"Arrow batch has a stream id of {longest} utf-8 bytes; the limit is {MAX_ID_BYTES}")
+        tn = t.to_numpy()
+        if _any_epoch_seconds(tn):
+            first = int(tn[np.argmax((tn >= _SECONDS_LO) & (tn < _SECONDS_HI))])
+            raise _Invalid(_seconds_reason("Arrow batch", first))
         ids.extend(sid.to_pylist())
-        ts.extend(t.to_numpy().tolist())
+        ts.extend(tn.tolist())
         x = np.column_stack([c.to_numpy(zero_copy_only=False) for c in cols]) if cols else np.empty((n, 0))
         vals.extend(x.tolist())
         base = int(moff) << EVENT_OFFSET_SHIFT
         eoffs.extend(range(base, base + n))
+
+
+#: Epoch-second clocks read as milliseconds fall in January 1970 (streamrnn.data refuses such
+#: files too): scoring them would silently misplace every alert, so their messages are
+#: dead-lettered with the reason instead.
+_SECONDS_LO, _SECONDS_HI = EPOCH_SECONDS_RANGE
+
+
+def _any_epoch_seconds(ts: np.ndarray) -> bool:
+    return bool(ts.size) and bool(((ts >= _SECONDS_LO) & (ts < _SECONDS_HI)).any())
+
+
+def _seconds_reason(what: str, t: int) -> str:
+    return (f"{what}: timestamp {t} looks like epoch seconds (as milliseconds it is a day in "
+            f"January 1970); timestamps must be epoch milliseconds")
 
 
 def _check_id_length(sid: str) -> None:

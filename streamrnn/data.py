@@ -438,15 +438,15 @@ def _time_ms(arr: pa.Array, path: Path, col: str) -> np.ndarray:
 
 #: Integer times in [1e9, 1e11) read as milliseconds fall in 1970-01-12..1973-03-03; as
 #: seconds they are 2001-09-09..5138, where epoch-second clocks are: refused, not guessed.
-_SECONDS_RANGE = (1_000_000_000, 100_000_000_000)
+EPOCH_SECONDS_RANGE = (1_000_000_000, 100_000_000_000)
 
 
 def refuse_epoch_seconds(ms: np.ndarray, path: Path | str, col: str) -> None:
-    """Raise when integer times ``ms`` are most likely epoch seconds (see _SECONDS_RANGE)."""
+    """Raise when integer times ``ms`` are most likely epoch seconds (see EPOCH_SECONDS_RANGE)."""
     if not len(ms):
         return
     lo, hi = int(ms.min()), int(ms.max())
-    if _SECONDS_RANGE[0] <= lo and hi < _SECONDS_RANGE[1]:
+    if EPOCH_SECONDS_RANGE[0] <= lo and hi < EPOCH_SECONDS_RANGE[1]:
         import datetime as dt
 
         as_s = dt.datetime.fromtimestamp(lo, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")

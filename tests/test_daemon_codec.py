@@ -183,7 +183,8 @@ _PLAIN = {"stream": "a", "ts": 1, "value": 1.0}
 #: One change to a plain event each: the batch may still be plain, or not any more.
 _CHANGES = [{}, {}, {"value": None}, {"stream": "é"}, {"stream": ""}, {"stream": None}, {"stream": ...},
             {"values": [2.5]}, {"values": None},
-            {"cpu": "bad"}, {"cpu": 3.0}, {"value": "high"}, {"value": ...}, {"ts": "noon"}, {"other": [1]}]
+            {"cpu": "bad"}, {"cpu": 3.0}, {"value": "high"}, {"value": ...}, {"ts": "noon"}, {"other": [1]},
+            {"ts": 1767225600}]
 
 
 def _changed(change: dict) -> bytes:
@@ -232,3 +233,20 @@ def test_long_ids_in_an_otherwise_plain_batch():
                             json.dumps({"stream": over, "ts": 3, "value": 3.0}, ensure_ascii=False).encode()])
     assert b.stream_ids == ["a", fits] and b.timestamps.tolist() == [1, 2]
     assert [r.index for r in b.rejected] == [2] and "limit is" in b.rejected[0].reason
+
+
+def test_epoch_second_timestamps_are_dead_lettered_with_the_reason():
+    """Times in epoch seconds read as milliseconds are a day in January 1970: the message goes
+    to the dead letters saying so (JSON, JSON array, Arrow), the batch's other messages are
+    decoded as usual; small or millisecond times stay accepted."""
+    secs = 1767225600
+    good = b'{"stream": "a", "ts": 1767225600000, "value": 1.0}'
+    messages = [good, json.dumps({"stream": "b", "ts": secs, "value": 2.0}).encode(),
+                json.dumps([{"stream": "c", "ts": 5, "value": 1.0}, {"stream": "c", "ts": secs, "value": 1.0}]).encode(),
+                encode_events(["d"], [secs], [[1.0]], ["value"], arrow=True),
+                b'{"stream": "e", "ts": 999999999, "value": 3.0}']
+    b = _decode(["value"], messages)
+    assert [r.index for r in b.rejected] == [1, 2, 3]
+    assert all("looks like epoch seconds" in r.reason and str(secs) in r.reason for r in b.rejected)
+    assert b.stream_ids == ["a", "e"] and b.timestamps.tolist() == [1767225600000, 999999999]
+    assert b.messages_ok == 2
