@@ -384,7 +384,9 @@ class Daemon:
         existing = set(self.admin.list_topics())
         missing = [t for t in self.cfg.input if t not in existing]
         if missing:
-            raise DaemonError(f"input topic(s) {missing} do not exist on {self.cfg.bootstrap}")
+            raise DaemonError(f"input topic(s) {missing} do not exist on {self.cfg.bootstrap}: create them "
+                              f"with your Kafka tools (their partition count is the daemon's parallelism), "
+                              f"or produce to them first (`streamrnn replay FILE --to-kafka ... --topic NAME`)")
         out = []
         for desc in self.admin.describe_topics(self.cfg.input):
             out += [(desc["name"], p["partition_index"]) for p in desc["partitions"]]

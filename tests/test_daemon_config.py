@@ -111,4 +111,4 @@ def test_cli_daemon_reports_unreachable_input_topic(tmp_path, model_file, kafka_
                                    "--alerts", "a", "--model", str(model_file), "--group", "g",
                                    "--state-dir", str(tmp_path)])
     assert res.exit_code == 2, res.output
-    assert "do not exist" in res.output
+    assert "do not exist" in res.output and "--to-kafka" in res.output
