@@ -100,6 +100,7 @@ def train(paths: list[Path] = typer.Argument(..., help="Parquet/CSV files, direc
           cell: str = typer.Option("gru", "--cell", help="gru, lstm or rnn."),
           hidden: str = typer.Option("32", "--hidden", help="Hidden units per layer, e.g. 32 or 64,32."),
           stream_col: str = typer.Option("stream", "--stream-col", help="Stream id column (absent: one stream per file)."),
+          stream_id: str | None = typer.Option(None, "--stream-id", help="Read files without the stream column as this one stream (default: each file is one stream named after it)."),
           time_col: str = typer.Option("ts", "--time-col", help="Time column (timestamp or epoch ms)."),
           features: str | None = typer.Option(None, "--features",
                                               help="Feature columns, comma-separated (default: every other numeric column)."),
@@ -136,6 +137,7 @@ def train(paths: list[Path] = typer.Argument(..., help="Parquet/CSV files, direc
 
     try:
         result = run_train(paths, out, cell=cell, hidden=_int_list(hidden, "--hidden"), stream_col=stream_col,
+                           stream_id=stream_id,
                            time_col=time_col, features=[f.strip() for f in features.split(",") if f.strip()]
                            if features else None, window=window, stride=stride, batch_size=batch_size,
                            epochs=epochs, lr=lr, clip=clip or None, schedule=schedule, patience=patience or None,
@@ -156,11 +158,11 @@ def train(paths: list[Path] = typer.Argument(..., help="Parquet/CSV files, direc
         _say(f"report {result.report_path} and {result.png_path}", highlight=False)
 
 
-def _input_schema(features: str | None, stream_col: str, time_col: str):
+def _input_schema(features: str | None, stream_col: str, time_col: str, stream_id: str | None = None):
     from streamrnn.data import Schema
 
     names = tuple(f.strip() for f in features.split(",") if f.strip()) if features else None
-    return Schema(stream_col=stream_col, time_col=time_col, features=names)
+    return Schema(stream_col=stream_col, time_col=time_col, features=names, stream_id=stream_id)
 
 
 @app.command()
@@ -175,6 +177,7 @@ def replay(paths: list[Path] = typer.Argument(..., help="Parquet/CSV files or di
                                                help="Input columns for the model's features, comma-separated."),
            stream_col: str = typer.Option("stream", "--stream-col",
                                           help="Stream id column (absent: one stream per file)."),
+           stream_id: str | None = typer.Option(None, "--stream-id", help="Read files without the stream column as this one stream (default: each file is one stream named after it)."),
            time_col: str = typer.Option("ts", "--time-col", help="Time column (timestamp or epoch ms)."),
            threshold: float | None = typer.Option(None, "--threshold", help="Override the alert threshold (0-1)."),
            warmup: int | None = typer.Option(None, "--warmup", help="Override the warm-up events per stream."),
@@ -184,7 +187,7 @@ def replay(paths: list[Path] = typer.Argument(..., help="Parquet/CSV files or di
     from streamrnn import replay as rp
 
     try:
-        schema = _input_schema(features, stream_col, time_col)
+        schema = _input_schema(features, stream_col, time_col, stream_id)
         if to_kafka is not None:
             if topic is None:
                 raise StreamrnnError("--to-kafka needs --topic")

@@ -328,7 +328,7 @@ def _check_single_stream(f: _File, schema: Schema) -> None:
     if text:
         raise DataError(f"{f.path}: no stream column {schema.stream_col!r}, but text column(s) "
                         f"{', '.join(map(repr, text))}: if {text[0]!r} names the streams, pass "
-                        f"--stream-col {text[0]} (a file without a stream column is read as one stream)")
+                        f"--stream-col {text[0]}; if the file is one stream, name it with --stream-id NAME")
 
 
 def _not_numeric(f: _File, schema: Schema) -> str:

@@ -326,7 +326,8 @@ class Prepared:
 
 
 def prepare(paths: Sequence[str | Path] | str | Path, cfg: TrainConfig, stream_col: str = "stream",
-            time_col: str = "ts", features: Sequence[str] | None = None) -> Prepared:
+            time_col: str = "ts", features: Sequence[str] | None = None,
+            stream_id: str | None = None) -> Prepared:
     """Read, split by time, fit the scaler on the training part only, sample windows.
 
     History is read in parts of whole streams of at most ``cfg.max_rows`` rows, so memory
@@ -336,7 +337,7 @@ def prepare(paths: Sequence[str | Path] | str | Path, cfg: TrainConfig, stream_c
     from streamrnn import data
 
     source = data.open_source(paths, data.Schema(stream_col, time_col,
-                                                 tuple(features) if features else None))
+                                                 tuple(features) if features else None, stream_id))
     opts = dict(missing=cfg.missing, max_gap_ms=cfg.max_gap_ms, time_delta_feature=cfg.time_delta)
     cache: list = []
 
@@ -623,7 +624,8 @@ class _Progress:
 
 # ------------------------------------------------------------------------ the whole run
 def train(paths: Sequence[str | Path] | str | Path, out: str | Path, *, cell: str = "gru",
-          hidden: Sequence[int] | int = (32,), stream_col: str = "stream", time_col: str = "ts",
+          hidden: Sequence[int] | int = (32,), stream_col: str = "stream", stream_id: str | None = None,
+          time_col: str = "ts",
           features: Sequence[str] | None = None, window: int = 32, stride: int = 8,
           batch_size: int = 64, epochs: int = 20, lr: float = 3e-3, clip: float | None = 1.0,
           schedule: str = "cosine", patience: int | None = 5, seed: int = 0, loss: str = "mse",
@@ -671,7 +673,7 @@ def train(paths: Sequence[str | Path] | str | Path, out: str | Path, *, cell: st
     log = log or (lambda msg: None)
     with numba_threads(threads):  # the caller's thread count comes back, even on an error
         t_start = time.perf_counter()
-        prep = prepare(paths, cfg, stream_col, time_col, features)
+        prep = prepare(paths, cfg, stream_col, time_col, features, stream_id)
         notes = _data_notes(prep.stats)
         if notes:
             log(notes)

@@ -137,6 +137,23 @@ def test_text_column_without_the_stream_column_is_not_read_as_one_stream(data):
     assert code == 0 and "streams 1 " in out
 
 
+def test_one_stream_with_a_text_column_is_named_with_stream_id(data):
+    # One stream carrying a text annotation looks like a fleet without its id column: refused,
+    # and --stream-id says it is one stream (train and replay alike).
+    one = fleet_table(1).drop(["stream"])
+    pq.write_table(one.append_column("status", pa.array(["ok", "degraded"] * (T // 2))), data / "cpu.parquet")
+    args = ["replay", data / "cpu.parquet", "--model", data / "m.safetensors", "--no-progress",
+            "--out", data / "s1.parquet"]
+    code, out = invoke(*args)
+    assert code == 2 and "--stream-id NAME" in out
+    code, out = invoke(*args, "--stream-id", "cpu-1")
+    assert code == 0 and "streams 1 " in out
+    assert set(pq.read_table(data / "s1.parquet").column("stream").to_pylist()) == {"cpu-1"}
+    code, out = invoke("train", data / "cpu.parquet", "--out", data / "m1.safetensors", "--epochs", "1",
+                       "--window", "8", "--no-progress", "--stream-id", "cpu-1")
+    assert code == 0 and (data / "m1.safetensors").exists(), out
+
+
 def test_integer_times_in_epoch_seconds_are_refused(data):
     table = fleet_table()
     seconds = table.column("ts").cast(pa.int64()).to_numpy() // 1000
