@@ -25,7 +25,7 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 from urllib.parse import unquote
 
 import numpy as np
@@ -37,7 +37,7 @@ import pyarrow.dataset as ds
 from streamrnn.errors import StreamrnnError
 
 __all__ = [
-    "DataError", "Schema", "EventBatch", "Source", "open_source", "check_outputs", "iter_events",
+    "DataError", "Schema", "EventBatch", "Source", "open_source", "check_outputs", "write_whole", "iter_events",
     "EventIterator", "History", "load_history", "iter_history", "stream_counts", "Split",
     "split_by_time", "Scaler", "fit_scaler", "WindowSampler",
 ]
@@ -378,6 +378,18 @@ def _first_non_number(f: _File, name: str) -> tuple[int, str] | None:
     except (pa.ArrowException, OSError):
         return None
     return None
+
+
+def write_whole(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` beside ``path``, then rename: ``path`` is the old file or the whole new
+    one, and an interrupted write (Ctrl-C, a full disk) leaves no partial file behind."""
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def check_outputs(outputs: dict[str, str | os.PathLike | None],

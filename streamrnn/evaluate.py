@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -554,12 +553,12 @@ def write_json(path: str | Path, ev: Evaluation) -> Path:
     path = Path(path)
     if path.is_dir():
         raise EvaluationError(f"--json {path} is a directory; give a file name")
-    tmp = path.with_name(path.name + ".partial")
+    from streamrnn.data import write_whole
+
+    text = json.dumps(ev.to_dict() | {"per_stream": ev.per_stream}, indent=2)
     try:
-        tmp.write_text(json.dumps(ev.to_dict() | {"per_stream": ev.per_stream}, indent=2))
-        os.replace(tmp, path)
+        write_whole(path, lambda tmp: tmp.write_text(text))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise EvaluationError(f"--json {path}: cannot write it ({exc.strerror})") from None
     return path
 

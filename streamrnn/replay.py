@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from streamrnn.alerts import Alert, alerts_to_arrow
-from streamrnn.data import DataError, EventBatch, Schema, check_outputs, iter_events, open_source
+from streamrnn.data import DataError, EventBatch, Schema, check_outputs, iter_events, open_source, write_whole
 from streamrnn.errors import StreamrnnError
 from streamrnn.model import Model
 
@@ -341,13 +341,11 @@ def _check_parquet_names(outputs: dict[str, Any]) -> None:
 
 
 def _write_alerts(path: Path, alerts: list[Alert]) -> None:
-    tmp = path.with_name(path.name + ".partial")
+    table = alerts_to_arrow(alerts)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(alerts_to_arrow(alerts), tmp)
-        os.replace(tmp, path)
+        write_whole(path, lambda tmp: pq.write_table(table, tmp))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise ReplayError(f"cannot write {path}: {exc}") from None
 
 

@@ -13,7 +13,6 @@ import ctypes.util
 import functools
 import json
 import math
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from typing import Any, Callable, Sequence
 import numba
 import numpy as np
 
+from streamrnn.data import write_whole
 from streamrnn.errors import StreamrnnError
 from streamrnn.kernels import bptt
 from streamrnn.model import Model
@@ -475,17 +475,6 @@ def save_checkpoint(path: Path, state: LoopState, adam, fingerprint: dict[str, A
 
     write_whole(path, write)
 
-
-def write_whole(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` beside ``path``, then rename: ``path`` is the old file or the whole new
-    one, and an interrupted write (Ctrl-C, a full disk) leaves no partial file behind."""
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def load_checkpoint(path: Path, adam, fingerprint: dict[str, Any]) -> LoopState:
