@@ -38,6 +38,7 @@ from streamrnn.errors import StreamrnnError
 
 __all__ = [
     "DataError", "Schema", "EventBatch", "Source", "open_source", "check_outputs", "write_whole", "iter_events",
+    "data_notes", "DATA_NOTES",
     "EventIterator", "History", "load_history", "iter_history", "stream_counts", "Split",
     "split_by_time", "Scaler", "fit_scaler", "WindowSampler",
 ]
@@ -737,6 +738,26 @@ def _sort_dedup(chunk: _Chunk, names: _Names, stream_first: bool) -> tuple[_Chun
     return chunk, n_dup
 
 
+def _merge_conflicts(chunk: _Chunk) -> tuple[_Chunk, int]:
+    """Rows sharing stream and timestamp (adjacent: ``chunk`` is sorted and de-duplicated)
+    become one row holding their mean over finite values (NaN where a feature has none);
+    returns (chunk, rows merged away). Train and replay share this rule."""
+    same = _same_as_previous(chunk, values=False)
+    n_merged = int(same.sum())
+    if not n_merged:
+        return chunk, 0
+    start = np.flatnonzero(~same)
+    size = np.diff(np.append(start, len(chunk)))
+    finite = np.isfinite(chunk.values)
+    sums = np.add.reduceat(np.where(finite, chunk.values, 0.0), start, axis=0)
+    n = np.add.reduceat(finite.astype(np.int64), start, axis=0)
+    values = chunk.values[start]  # single rows keep their values as read (inf included)
+    multi = size > 1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        values[multi] = np.where(n[multi] > 0, sums[multi] / np.maximum(n[multi], 1), np.nan)
+    return _Chunk(chunk.codes[start], chunk.ts[start], values), n_merged
+
+
 class _Run:
     """One time-sorted input to the k-way merge: a file read lazily, or a sorted chunk."""
 
@@ -768,7 +789,7 @@ class _Run:
 class EventIterator:
     """Iterator of :class:`EventBatch` in global time order (see :func:`iter_events`).
 
-    ``stats`` is filled while iterating: ``rows_read``, ``duplicates_dropped``,
+    ``stats`` is filled while iterating: ``rows_read``, ``duplicates_dropped``, ``conflicts_merged``,
     ``events`` (rows yielded), ``files``, ``unsorted_files`` (files sorted in memory),
     ``max_buffered_rows`` (the most input rows held by the merge at once).
     """
@@ -778,7 +799,7 @@ class EventIterator:
             raise DataError(f"batch_rows must be at least 1, not {batch_rows}")
         self.source = source
         self.batch_rows = batch_rows
-        self.stats: dict[str, Any] = {"rows_read": 0, "duplicates_dropped": 0, "events": 0,
+        self.stats: dict[str, Any] = {"rows_read": 0, "duplicates_dropped": 0, "conflicts_merged": 0, "events": 0,
                                       "files": len(source._files), "unsorted_files": [],
                                       "max_buffered_rows": 0}
         self._gen = self._generate()
@@ -819,7 +840,9 @@ class EventIterator:
             if len(ready):
                 self.stats["rows_read"] += len(ready)
                 out, n_dup = _sort_dedup(ready, self.source._names, stream_first=False)
+                out, n_conf = _merge_conflicts(out)
                 self.stats["duplicates_dropped"] += n_dup
+                self.stats["conflicts_merged"] += n_conf
                 yield out
             if not active:
                 return
@@ -853,16 +876,34 @@ class EventIterator:
 def iter_events(source: Source, batch_rows: int = 65536) -> EventIterator:
     """Every event of ``source`` in global time order, for replay.
 
-    Order: by (ts, stream), remaining ties by the feature values (NaN last), so the output,
-    including where batches are cut, never depends on how the input was split into files or
-    batches. Exact duplicate rows (same stream, ts and values) are dropped and counted in the
-    returned iterator's ``stats["duplicates_dropped"]``.
+    Order: by (ts, stream), so the output, including where batches are cut, never depends on
+    how the input was split into files or batches. As in :func:`load_history`, exact
+    duplicate rows (same stream, ts and values) are dropped (``stats["duplicates_dropped"]``)
+    and rows of one stream sharing a timestamp with different values are merged into one
+    event, their mean over finite values (``stats["conflicts_merged"]``): every (stream, ts)
+    is one event.
 
     Memory: time-sorted files are merged k-way while streaming (bounded by about one batch
     per file plus the rows sharing one timestamp). Each file is first scanned once on its time
     column to check it is sorted; a file that is not is read whole and sorted in memory.
     """
     return EventIterator(source, batch_rows)
+
+
+#: What reading did to rows and values, as the stats of load_history and iter_events count it.
+DATA_NOTES = (("duplicates_dropped", "exact duplicate rows dropped"),
+               ("conflicts_merged", "rows merged into another of their stream and timestamp (mean kept)"),
+               ("nonfinite_values", "infinite values read as missing"),
+               ("missing_filled", "missing values filled"),
+               ("rows_dropped_missing", "rows dropped for missing values"),
+               ("gaps_split", "gaps split a stream"))
+
+
+def data_notes(stats: dict[str, Any]) -> str | None:
+    """One line on rows the data preparation dropped, merged or filled (None: nothing)."""
+    done = [f"{stats[k]:,} {what}" for k, what in DATA_NOTES if stats.get(k)]
+    return f"data: {stats['rows_read']:,} rows read; " + "; ".join(done) if done else None
+
 
 
 # --------------------------------------------------------------------------- history
@@ -907,19 +948,6 @@ def _read_all(source: Source, streams: Iterable[str] | None = None) -> _Chunk:
         if keep.any():
             parts.append(chunk.take(np.flatnonzero(keep)) if not keep.all() else chunk)
     return _Chunk.concat(parts, d)
-
-
-def _merge_conflicts(ts: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """Rows of one stream sharing a timestamp with different values -> their NaN-aware mean."""
-    if len(ts) < 2 or not np.any(ts[1:] == ts[:-1]):
-        return ts, values, 0
-    uniq, start, counts = np.unique(ts, return_index=True, return_counts=True)
-    finite = ~np.isnan(values)
-    sums = np.add.reduceat(np.where(finite, values, 0.0), start, axis=0)
-    n = np.add.reduceat(finite.astype(np.int64), start, axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        merged = np.where(n > 0, sums / np.maximum(n, 1), np.nan)
-    return uniq, merged, int(np.sum(counts - 1))
 
 
 def _ffill(values: np.ndarray) -> tuple[np.ndarray, int, int]:
@@ -1017,6 +1045,7 @@ def _prepare(source: Source, missing: str, max_gap_ms: int | None, time_delta_fe
     if check_features:
         _check_features_seen(np.isnan(data.values).all(axis=0), source)
     data, stats["duplicates_dropped"] = _sort_dedup(data, source._names, stream_first=True)
+    data, stats["conflicts_merged"] = _merge_conflicts(data)
     seg_ids, ts_list, val_list = _build_segments(data, source._names, missing, max_gap_ms,
                                                  time_delta_feature, stats)
     if time_delta_feature:
@@ -1090,9 +1119,7 @@ def _build_segments(data: _Chunk, names: _Names, missing: str, max_gap_ms: int |
     ids = names.lookup(data.codes[starts[:-1]])
     streams, ts_list, val_list = [], [], []
     for sid, a, b in zip(ids, starts[:-1], starts[1:]):
-        ts, values, n_conf = _merge_conflicts(data.ts[a:b], data.values[a:b])
-        stats["conflicts_merged"] += n_conf
-        ts, values = _apply_missing(ts, values, missing, stats)
+        ts, values = _apply_missing(data.ts[a:b], data.values[a:b], missing, stats)
         if len(ts) == 0:
             continue
         segs = _split_gaps(ts, max_gap_ms)

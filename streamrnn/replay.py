@@ -27,7 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from streamrnn.alerts import Alert, alerts_to_arrow
-from streamrnn.data import DataError, EventBatch, Schema, check_outputs, iter_events, open_source, write_whole
+from streamrnn.data import (DataError, EventBatch, Schema, check_outputs, data_notes, iter_events, open_source,
+                            write_whole)
 from streamrnn.errors import StreamrnnError
 from streamrnn.model import Model
 
@@ -323,7 +324,8 @@ def replay(paths: str | os.PathLike | Sequence[str | os.PathLike], model: Model 
         alerts_path = Path(alerts_out)
         _write_alerts(alerts_path, alerts)
     counters = dict(det.counters)
-    counters["duplicates_dropped"] = int(events.stats.get("duplicates_dropped", 0))
+    for key in _INPUT_COUNTERS:
+        counters[key] = int(events.stats.get(key, 0))
     return ReplayResult(alerts=alerts, counters=counters, n_events=n, seconds=seconds,
                         n_streams=len(det.table), scores_path=Path(out) if out is not None else None,
                         alerts_path=alerts_path, input_stats=dict(events.stats))
@@ -386,12 +388,19 @@ def _check_bootstrap(bootstrap: str) -> None:
         raise ReplayError(f"--to-kafka takes HOST:PORT, not {bootstrap!r}")
 
 
+#: Counts of what reading the input did (before scoring), reported as train reports them.
+_INPUT_COUNTERS = ("duplicates_dropped", "conflicts_merged")
+
+
 def summary_lines(result: ReplayResult) -> list[str]:
     """Human-readable summary of a replay."""
     c = result.counters
     lines = [f"events {result.n_events:,}  streams {result.n_streams:,}  alert episodes {result.n_alerts:,}  "
              f"{result.events_per_second:,.0f} events/s ({result.seconds:.2f} s)"]
-    shown = {k: v for k, v in c.items() if v}
+    notes = data_notes({**result.input_stats, **{k: c.get(k, 0) for k in _INPUT_COUNTERS}})
+    if notes is not None:
+        lines.append(notes)
+    shown = {k: v for k, v in c.items() if v and k not in _INPUT_COUNTERS}
     if shown:
         lines.append("counters  " + "  ".join(f"{k} {v:,}" for k, v in shown.items()))
     if result.scores_path is not None:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import numba
 import numpy as np
 
-from streamrnn.data import write_whole
+from streamrnn.data import data_notes, write_whole
 from streamrnn.errors import StreamrnnError
 from streamrnn.kernels import bptt
 from streamrnn.model import Model
@@ -663,7 +663,7 @@ def train(paths: Sequence[str | Path] | str | Path, out: str | Path, *, cell: st
     with numba_threads(threads):  # the caller's thread count comes back, even on an error
         t_start = time.perf_counter()
         prep = prepare(paths, cfg, stream_col, time_col, features, stream_id)
-        notes = _data_notes(prep.stats)
+        notes = data_notes(prep.stats)
         if notes:
             log(notes)
         warnings = _check_windows(prep, cfg)
@@ -747,21 +747,6 @@ def _check_windows(prep: Prepared, cfg: TrainConfig) -> list[str]:
         warnings.append(f"no validation window (validation parts shorter than {need} rows): "
                         f"early stopping watches the training loss")
     return warnings
-
-
-#: What reading the history did to rows and values, as the report's stats count it.
-_DATA_NOTES = (("duplicates_dropped", "exact duplicate rows dropped"),
-               ("conflicts_merged", "rows merged into another of their stream and timestamp (mean kept)"),
-               ("nonfinite_values", "infinite values read as missing"),
-               ("missing_filled", "missing values filled"),
-               ("rows_dropped_missing", "rows dropped for missing values"),
-               ("gaps_split", "gaps split a stream"))
-
-
-def _data_notes(stats: dict[str, Any]) -> str | None:
-    """One line on rows the data preparation dropped, merged or filled (None: nothing)."""
-    done = [f"{stats[k]:,} {what}" for k, what in _DATA_NOTES if stats.get(k)]
-    return f"data: {stats['rows_read']:,} rows read; " + "; ".join(done) if done else None
 
 
 def _few(items: Sequence[str], n: int = 5) -> str:

@@ -101,6 +101,32 @@ def test_output_is_identical_however_the_input_is_split(whole, tmp_path):
         assert split.alerts == res.alerts
 
 
+def test_rows_sharing_stream_and_time_are_one_event_as_in_train(tmp_path):
+    """Train merges rows of one stream and timestamp into their mean; replay scores the same
+    merged event, once, and its summary says how many rows it merged and dropped."""
+    from streamrnn.data import load_history, open_source
+    from streamrnn.replay import summary_lines
+
+    ids, ts, x = events()
+    extra = np.flatnonzero(ids == "host-03")[[10, 40, 40]]  # a conflict, and a conflict plus a duplicate
+    shifted = x[extra] + np.array([1.0, 2.0, 2.0])
+    write(tmp_path / "in.parquet", np.concatenate([ids, ids[extra]]), np.concatenate([ts, ts[extra]]),
+          np.concatenate([x, shifted]))
+    res = replay(tmp_path / "in.parquet", model(), tmp_path / "s.parquet", progress=False, batch_rows=256)
+    assert res.n_events == S * T and res.counters["events"] == S * T
+    assert (res.counters["conflicts_merged"], res.counters["duplicates_dropped"]) == (2, 1)
+    got = pq.read_table(tmp_path / "s.parquet")
+    host = np.flatnonzero(np.array(got.column("stream").to_pylist()) == "host-03")
+    trained = load_history(open_source(tmp_path / "in.parquet"), missing="zero")
+    seq = trained.values[trained.streams.index("host-03")][:, 0]
+    np.testing.assert_array_equal(got.column("cpu").to_numpy()[host], seq)
+    np.testing.assert_array_equal(seq[[10, 40]], x[extra[:2]] + np.array([0.5, 1.0]))
+    assert trained.stats["conflicts_merged"] == 2 and trained.stats["duplicates_dropped"] == 1
+    lines = summary_lines(res)
+    assert any("1 exact duplicate rows dropped" in ln and "2 rows merged into another of their stream and "
+               "timestamp (mean kept)" in ln for ln in lines), lines
+
+
 def test_feature_mapping_and_user_errors(tmp_path):
     ids, ts, x = events()
     pq.write_table(pa.table({"stream": ids, "ts": ts, "load": x}), tmp_path / "in.parquet")
