@@ -38,7 +38,7 @@ from streamrnn.errors import StreamrnnError
 
 __all__ = [
     "DataError", "Schema", "EventBatch", "Source", "open_source", "check_outputs", "write_whole", "iter_events",
-    "data_notes", "DATA_NOTES",
+    "data_notes", "DATA_NOTES", "blank_id_error",
     "EventIterator", "History", "load_history", "iter_history", "stream_counts", "Split",
     "split_by_time", "Scaler", "fit_scaler", "WindowSampler",
 ]
@@ -83,6 +83,8 @@ class Schema:
                 raise DataError(f"column {clash[0]!r} cannot be both a feature and the stream or time column")
         if self.stream_col == self.time_col:
             raise DataError(f"stream and time column are both {self.time_col!r}")
+        if self.stream_id is not None and not str(self.stream_id):
+            raise DataError("the stream id for files without a stream column is empty; give it a name")
 
 
 @dataclass
@@ -523,13 +525,47 @@ class _Names:
         return rank_of_code[codes], len(uniq)
 
 
-def _stream_codes(arr: pa.Array, path: Path, col: str, names: _Names) -> np.ndarray:
+def _blank(ids: pa.Array) -> pa.Array:
+    """Per row: the stream id is null or the empty string."""
+    text = ids.dictionary_decode() if pa.types.is_dictionary(ids.type) else ids
+    return pc.fill_null(pc.equal(pc.utf8_length(text.cast(pa.string())), 0), True)
+
+
+def blank_id_error(path: Path | str, col: str, batches: Iterable[pa.Array],
+                   shown: int = 5) -> DataError | None:
+    """The error for rows without a stream id (null or empty) among ``batches`` of one
+    file's stream column, in file order; None when every row has one.
+
+    Such rows belong to no stream; dropping them would hide a broken export or a wrong
+    ``--stream-col``, so train, replay and evaluate refuse the file and name the rows."""
+    n_blank = offset = 0
+    rows: list[int] = []
+    for ids in batches:
+        blank = _blank(ids)
+        n = pc.sum(blank).as_py() or 0
+        if n and len(rows) < shown:
+            rows += (offset + 1 + np.flatnonzero(np.asarray(blank))[:shown - len(rows)]).tolist()
+        n_blank += n
+        offset += len(ids)
+    if not n_blank:
+        return None
+    more = ", ..." if n_blank > len(rows) else ""
+    return DataError(f"{path}: stream column {col!r} is empty or null in {n_blank:,} rows (rows "
+                     f"{', '.join(map(str, rows))}{more}, counting data rows from 1); every row needs a "
+                     f"stream id: fill them in or drop those rows")
+
+
+def _stream_codes(arr: pa.Array, path: Path, col: str, names: _Names) -> np.ndarray | None:
+    """Codes of the batch's ids; None when some row has no id (the caller names them)."""
     if arr.null_count:
-        raise DataError(f"{path}: stream column {col!r} has {arr.null_count} empty values")
+        return None
     if not pa.types.is_dictionary(arr.type):
         arr = pc.dictionary_encode(arr)
     # Only the distinct ids of the batch become Python strings.
-    lut = names.codes(arr.dictionary.cast(pa.string()).to_pylist())
+    ids = arr.dictionary.cast(pa.string()).to_pylist()
+    if "" in ids and pc.any(_blank(arr)).as_py():  # a file's dictionary may hold unused ids
+        return None
+    lut = names.codes(ids)
     return lut[arr.indices.to_numpy(zero_copy_only=False)]
 
 
@@ -609,7 +645,10 @@ class Source:
         s = self.schema
         if s.stream_col in f.types:
             return None
-        return f.keys.get(s.stream_col, s.stream_id if s.stream_id is not None else f.stem)
+        sid = f.keys.get(s.stream_col, s.stream_id if s.stream_id is not None else f.stem)
+        if not sid:
+            raise DataError(f"{f.path}: its stream id (partition key {s.stream_col}=) is empty")
+        return sid
 
     def _columns(self, f: _File) -> list[str]:
         types = f.types
@@ -648,6 +687,8 @@ class Source:
             return _Chunk(np.empty(0, np.int64), ts, np.empty((n, 0)))
         if const_stream is None:
             codes = _stream_codes(rb.column(s.stream_col), f.path, s.stream_col, self._names)
+            if codes is None:
+                raise self._blank_ids(f)
         else:
             codes = np.full(n, self._names.codes([const_stream])[0], np.int64)
         values = np.empty((n, len(self.features)), np.float64)
@@ -660,6 +701,12 @@ class Source:
         # -0.0 -> 0.0 so equal rows compare and sort identically whichever file they came from.
         values += 0.0
         return _Chunk(codes, ts, values)
+
+    def _blank_ids(self, f: _File) -> DataError:
+        """The error naming every row of ``f`` without a stream id (read again, unfiltered)."""
+        col = self.schema.stream_col
+        dataset = _dataset(f.path, f.fmt, {col: pa.string()} if f.fmt == "csv" else None, [col])
+        return blank_id_error(f.path, col, (rb.column(col) for rb in dataset.to_batches(columns=[col])))
 
     def _time_sorted(self, f: _File) -> bool:
         last = None

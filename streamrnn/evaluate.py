@@ -152,6 +152,7 @@ def load_labels(path: str | Path) -> Labels:
     names = set(table.column_names)
     if "stream" not in names:
         raise EvaluationError(f"{path}: labels need a 'stream' column; found {sorted(names)}")
+    _check_stream_ids(table, path)
     if not {"start", "end"} <= names:
         table = _flagged_rows(table, path)
     stream = np.asarray(table.column("stream").cast(pa.string()).to_pylist(), object)
@@ -167,6 +168,15 @@ def load_labels(path: str | Path) -> Labels:
         return labels
     raise EvaluationError(f"{path}: labels need columns stream+ts (points) or stream+start+end "
                           f"(windows); found {sorted(names)}")
+
+
+def _check_stream_ids(table: pa.Table, path: str | Path) -> None:
+    """Rows without a stream id are refused, as train and replay refuse them."""
+    from streamrnn.data import blank_id_error
+
+    err = blank_id_error(path, "stream", table.column("stream").chunks)
+    if err is not None:
+        raise err
 
 
 def _flagged_rows(table: pa.Table, path: str | Path) -> pa.Table:
@@ -198,6 +208,7 @@ def load_scores(path: str | Path) -> Scores:
     missing = {"stream", "ts", "score", "alert"} - set(table.column_names)
     if missing:
         raise EvaluationError(f"{path}: not a SCORES file, missing columns {sorted(missing)}")
+    _check_stream_ids(table, path)
     score = table.column("score").cast(pa.float64()).to_numpy()
     alert = table.column("alert").cast(pa.bool_()).fill_null(False).to_numpy()
     return Scores(np.asarray(table.column("stream").cast(pa.string()).to_pylist(), object),

@@ -419,3 +419,32 @@ def test_a_time_delta_model_says_what_replay_needs(data):
     code, out = invoke("replay", data / "with_dt.parquet", "--model", data / "td.safetensors", "--out",
                        data / "s.parquet", "--no-progress")
     assert code == 0, out
+
+
+def test_rows_without_a_stream_id_are_refused_by_train_replay_and_evaluate(data):
+    ids = fleet_table().column("stream").to_pylist()
+    for i in (3, 70, 71):
+        ids[i] = ""
+    ids[100] = None
+    pq.write_table(fleet_table().set_column(0, "stream", pa.array(ids, pa.string())), data / "blank.parquet")
+    want = ("stream column 'stream' is empty or null in 4 rows (rows 4, 71, 72, 101, counting data rows "
+            "from 1); every row needs a stream id")
+    code, out = invoke("train", data / "blank.parquet", "--out", data / "m2.safetensors", "--no-progress")
+    assert code == 2 and f"blank.parquet: {want}" in out, out
+    code, out = invoke(*replay_args(data, "--out", data / "s.parquet")[:1], data / "blank.parquet",
+                       *replay_args(data, "--out", data / "s.parquet")[2:])
+    assert code == 2 and f"blank.parquet: {want}" in out, out
+    assert not (data / "s.parquet").exists()
+    code, out = invoke(*replay_args(data, "--out", data / "s.parquet"))
+    assert code == 0, out
+    pq.write_table(pa.table({"stream": ["s0", "", None], "ts": [T0, T0 + 60_000, T0]}), data / "labels.parquet")
+    code, out = invoke("evaluate", data / "s.parquet", "--labels", data / "labels.parquet")
+    assert code == 2 and ("labels.parquet: stream column 'stream' is empty or null in 2 rows (rows 2, 3, "
+                          "counting data rows from 1)") in out, out
+    scores = pq.read_table(data / "s.parquet")
+    scores = scores.set_column(0, "stream", pa.array([""] + scores.column("stream").to_pylist()[1:]))
+    pq.write_table(scores, data / "s2.parquet")
+    code, out = invoke("evaluate", data / "s2.parquet", "--labels", data / "labels.parquet")
+    assert code == 2 and "s2.parquet: stream column 'stream' is empty or null in 1 rows (rows 1," in out, out
+    code, out = invoke(*replay_args(data, "--out", data / "s3.parquet", "--stream-col", "x", "--stream-id", ""))
+    assert code == 2 and "the stream id for files without a stream column is empty" in out, out

@@ -226,12 +226,44 @@ def test_more_mistakes(tmp_path):
     with pytest.raises(DataError, match="missing-value policy"):
         load_history(open_source(p, Schema(features=("v",))), missing="mean")
     p2 = write(tmp_path / "n.parquet", pa.table({"stream": ["a", None], "ts": [1, 2], "v": [1.0, 2.0]}))
-    with pytest.raises(DataError, match="stream column 'stream' has 1 empty values"):
+    with pytest.raises(DataError, match=r"stream column 'stream' is empty or null in 1 rows \(rows 2, "):
         list(open_source(p2).iter_batches())
     write(tmp_path / "mix" / "1.parquet", pa.table({"stream": ["a"], "ts": [1], "v": [1.0]}))
     write(tmp_path / "mix" / "2.parquet", pa.table({"ts": [1], "v": [1.0]}))
     with pytest.raises(DataError, match="stream column 'stream' is in"):
         open_source(tmp_path / "mix")
+
+
+def test_rows_without_a_stream_id_are_named_whatever_the_batch_or_format(tmp_path):
+    n = 3000
+    ids = [f"s{i % 7}" for i in range(n)]
+    blank_rows = [10, 1500, 1501, 2999, 2000, 2001, 2002]  # 1-based rows 11, 1501, 1502, 2000, ...
+    for i in blank_rows[:4]:
+        ids[i] = ""
+    for i in blank_rows[4:]:
+        ids[i] = None
+    table = pa.table({"stream": pa.array(ids, pa.string()), "ts": np.arange(n), "v": np.ones(n)})
+    import pyarrow.csv as pacsv
+    write(tmp_path / "p" / "x.parquet", table)
+    (tmp_path / "c").mkdir()
+    pacsv.write_csv(table, tmp_path / "c" / "x.csv")
+    for d in ("p", "c"):
+        src = open_source(tmp_path / d)
+        msg = (r"stream column 'stream' is empty or null in 7 rows \(rows 11, 1501, 1502, 2001, 2002, ..., "
+               r"counting data rows from 1\)")
+        for read in (lambda: list(iter_events(src, batch_rows=100)), lambda: load_history(src),
+                     lambda: list(iter_history(src, max_rows=500)), lambda: stream_counts(src)):
+            with pytest.raises(DataError, match=msg):
+                read()
+    # a Parquet dictionary that holds "" which no row of the batch uses is no error
+    dict_ids = pa.DictionaryArray.from_arrays(pa.array([0, 0, 1], pa.int32()), pa.array(["a", "b", ""]))
+    write(tmp_path / "dict.parquet", pa.table({"stream": dict_ids, "ts": [1, 2, 3], "v": [1.0, 2.0, 3.0]}))
+    assert load_history(open_source(tmp_path / "dict.parquet")).streams == ["a", "b"]
+    write(tmp_path / "hive" / "stream=" / "x.parquet", pa.table({"ts": [1, 2], "v": [1.0, 2.0]}))
+    with pytest.raises(DataError, match=r"partition key stream=\) is empty"):
+        load_history(open_source(tmp_path / "hive"))
+    with pytest.raises(DataError, match="stream id for files without a stream column is empty"):
+        Schema(stream_id="")
 
 
 # --------------------------------------------------------------------------- global order for replay
