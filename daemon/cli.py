@@ -14,14 +14,16 @@ __all__ = ["main", "build_config"]
 def build_config(*, config: str | None = None, settings: list[str] | None = None, **flags):
     """A validated :class:`~daemon.config.DaemonConfig` from a TOML path, the environment,
     ``--set NAME=VALUE`` pairs and the named flags (None = not given)."""
-    from daemon.config import load_config
+    from daemon.config import check_setting_name, load_config
 
     overrides = {}
     for item in settings or []:
         name, sep, value = item.partition("=")
         if not sep:
             raise DaemonError(f"--set takes NAME=VALUE, got {item!r}")
-        overrides[name.strip().replace("-", "_")] = value
+        name = name.strip().replace("-", "_")
+        check_setting_name(name, f"--set {item}")
+        overrides[name] = value
     overrides.update({k: v for k, v in flags.items() if v is not None})
     return load_config(config, overrides=overrides)
 

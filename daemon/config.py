@@ -251,9 +251,23 @@ def _coerce(name: str, value: Any, source: str) -> Any:
 
 
 def _unknown(name: str, source: str) -> ConfigError:
-    near = difflib.get_close_matches(name, sorted(_PLAIN), n=1)
-    hint = f"; did you mean {near[0]!r}?" if near else ""
+    """Names the setting and the way out: the nearest names, the section it belongs to, or all."""
+    from streamrnn.scoring import ScoringConfig
+
+    near = difflib.get_close_matches(name, sorted(_PLAIN), n=3)
+    if name in {f.name for f in fields(ScoringConfig)}:
+        hint = f"; {name!r} is a scoring setting: put it under [scoring] in the --config TOML file"
+    elif near:
+        hint = f"; did you mean {' or '.join(map(repr, near))}?"
+    else:
+        hint = f"; the settings are {', '.join(sorted(_PLAIN))}"
     return ConfigError(f"{source}: unknown setting {name!r}{hint}")
+
+
+def check_setting_name(name: str, source: str) -> None:
+    """Raise :class:`ConfigError` (naming ``source``) unless ``name`` is a plain setting."""
+    if name not in _PLAIN:
+        raise _unknown(name, source)
 
 
 def _from_toml(path: Path) -> dict[str, Any]:

@@ -448,3 +448,15 @@ def test_rows_without_a_stream_id_are_refused_by_train_replay_and_evaluate(data)
     assert code == 2 and "s2.parquet: stream column 'stream' is empty or null in 1 rows (rows 1," in out, out
     code, out = invoke(*replay_args(data, "--out", data / "s3.parquet", "--stream-col", "x", "--stream-id", ""))
     assert code == 2 and "the stream id for files without a stream column is empty" in out, out
+
+
+def test_daemon_set_with_an_unknown_name_names_it_and_the_valid_ones():
+    # it said "flag: unknown setting 'foo'": --set was not named, and no valid name was offered
+    code, out = invoke("daemon", "--set", "checkpoint-intervl-ms=5")
+    assert code == 2 and ("error: --set checkpoint-intervl-ms=5: unknown setting 'checkpoint_intervl_ms'; "
+                          "did you mean 'checkpoint_interval_ms'") in out, out
+    code, out = invoke("daemon", "--set", "foo=1")
+    assert code == 2 and "--set foo=1: unknown setting 'foo'; the settings are acks, alerts," in out, out
+    assert "bootstrap" in out and "values_field" in out
+    code, out = invoke("daemon", "--set", "threshold=0.9")
+    assert code == 2 and "'threshold' is a scoring setting: put it under [scoring] in the --config" in out, out
