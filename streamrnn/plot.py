@@ -21,6 +21,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
+from streamrnn.data import write_whole  # noqa: E402
 from streamrnn.errors import StreamrnnError  # noqa: E402
 from streamrnn.evaluate import Labels, alert_episodes, load_labels  # noqa: E402
 
@@ -139,9 +140,18 @@ def plot_stream(table: pa.Table, stream: str, out: str | Path, *, labels: Labels
     axes[0].set_title(f"{stream}: {sub.num_rows} events, {len(ep_s)} alert episodes")
     fig.autofmt_xdate()
     fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
+    return _save(fig, Path(out), dpi=90)
+
+
+def _save(fig, out: Path, dpi: int) -> Path:
+    """Write the PNG beside ``out`` and rename it: an interrupted plot leaves the old file
+    (or none), never half a PNG; the figure is closed either way."""
+    try:
+        write_whole(out, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+    except OSError as exc:
+        raise StreamrnnError(f"cannot write {out}: {exc.strerror or exc}") from None
+    finally:
+        plt.close(fig)
     return out
 
 
@@ -170,10 +180,7 @@ def plot_small_multiples(table: pa.Table, streams: list[str], out: str | Path, *
     for ax in axes.ravel()[len(streams):]:
         ax.axis("off")
     fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=80)
-    plt.close(fig)
-    return out
+    return _save(fig, Path(out), dpi=80)
 
 
 def streams_by_alerts(table: pa.Table) -> list[str]:

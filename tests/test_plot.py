@@ -67,3 +67,29 @@ def test_rolling_std_and_file_names():
     assert got[2] == pytest.approx(np.std([1.0, 3.0]))
     assert got[4] == pytest.approx(np.std([3.0, 5.0, 7.0]))
     assert safe_filename("a/b c:d") == "a_b_c_d" and safe_filename("..") == "stream"
+
+
+def test_an_interrupted_plot_leaves_the_old_png_and_no_partial(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    write_scores(tmp_path / "s.parquet", alert_stream="db:3")
+    paths = plot_scores(tmp_path / "s.parquet", tmp_path / "png", streams=["db:3"])
+    before = {p.name: p.read_bytes() for p in paths}
+
+    def half_then_interrupt(fig, target, **kwargs):
+        with open(target, "wb") as fh:
+            fh.write(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", half_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        plot_scores(tmp_path / "s.parquet", tmp_path / "png", streams=["db:3"])
+    assert {p.name: p.read_bytes() for p in (tmp_path / "png").iterdir()} == before
+
+    def disk_full(fig, target, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", disk_full)
+    with pytest.raises(StreamrnnError, match="cannot write .*db_3.png: No space left on device"):
+        plot_scores(tmp_path / "s.parquet", tmp_path / "png", streams=["db:3"])
+    assert {p.name: p.read_bytes() for p in (tmp_path / "png").iterdir()} == before
