@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from daemon.broker import Broker, free_port, start_broker
 from daemon.errors import DaemonError
@@ -57,6 +56,7 @@ class DemoFiles:
 
 def write_fleet(files: DemoFiles, streams: int, length: int, seed: int) -> tuple[int, int]:
     """Write history, live period and labels; return (history rows, live rows)."""
+    from streamrnn.data import write_parquet
     from streamrnn.synthetic import anomaly_fleet
 
     fleet = anomaly_fleet(n_streams=streams, length=length, history=0.5, seed=seed)
@@ -64,9 +64,9 @@ def write_fleet(files: DemoFiles, streams: int, length: int, seed: int) -> tuple
                       "ts": pa.array(fleet.timestamps, pa.timestamp("ms", tz="UTC")),
                       "value": pa.array(fleet.values[:, 0])})
     hist = np.asarray(fleet.timestamps) < fleet.split_ts
-    pq.write_table(table.filter(pa.array(hist)), files.history)
-    pq.write_table(table.filter(pa.array(~hist)), files.live)
-    pq.write_table(fleet.labels_table(), files.labels)
+    write_parquet(table.filter(pa.array(hist)), files.history)
+    write_parquet(table.filter(pa.array(~hist)), files.live)
+    write_parquet(fleet.labels_table(), files.labels)
     return int(hist.sum()), int((~hist).sum())
 
 

@@ -33,12 +33,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
 from streamrnn.errors import StreamrnnError
 
 __all__ = [
     "DataError", "Schema", "EventBatch", "Source", "open_source", "check_outputs", "write_whole", "iter_events",
-    "data_notes", "DATA_NOTES", "blank_id_error",
+    "data_notes", "DATA_NOTES", "blank_id_error", "write_parquet", "parquet_writer", "read_parquet",
+    "read_error",
     "EventIterator", "History", "load_history", "iter_history", "stream_counts", "Split",
     "split_by_time", "Scaler", "fit_scaler", "WindowSampler",
 ]
@@ -190,8 +192,9 @@ def _dataset(path: Path, fmt: str, column_types: dict[str, pa.DataType] | None =
         file_format: Any = _csv_format(column_types)
     else:
         # Stream ids read as a dictionary: one Python string per distinct id, not per row.
-        file_format = ds.ParquetFileFormat(read_options=ds.ParquetReadOptions(
-            dictionary_columns=list(dictionary_columns)))
+        file_format = ds.ParquetFileFormat(
+            read_options=ds.ParquetReadOptions(dictionary_columns=list(dictionary_columns)),
+            default_fragment_scan_options=ds.ParquetFragmentScanOptions(page_checksum_verification=True))
     try:
         return ds.dataset(str(path), format=file_format)
     except (pa.ArrowException, OSError) as exc:
@@ -381,6 +384,40 @@ def _first_non_number(f: _File, name: str) -> tuple[int, str] | None:
     except (pa.ArrowException, OSError):
         return None
     return None
+
+
+# Parquet files this tool writes carry a CRC per page and every Parquet read verifies it, so
+# a flipped bit on disk is an error, not a wrong number. Cost measured on 1M rows: 8-30 % of
+# the bare Arrow read's CPU (about 10-25 ms per 25 MB), lost in the noise of a whole replay
+# (1.4 s CPU) or evaluate (1.7 s CPU).
+_CHECKSUM_FAILED = "checksum verification failed"
+
+
+def write_parquet(table: pa.Table, path: str | os.PathLike, **options: Any) -> None:
+    """``pq.write_table`` with page checksums."""
+    pq.write_table(table, path, write_page_checksum=True, **options)
+
+
+def parquet_writer(path: str | os.PathLike, schema: pa.Schema, **options: Any) -> pq.ParquetWriter:
+    """``pq.ParquetWriter`` with page checksums."""
+    return pq.ParquetWriter(path, schema, write_page_checksum=True, **options)
+
+
+def read_parquet(path: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
+    """``pq.read_table`` verifying page checksums; a file that cannot be read raises
+    :class:`DataError` naming it."""
+    try:
+        return pq.read_table(path, columns=columns, page_checksum_verification=True)
+    except (pa.ArrowException, OSError, KeyError) as exc:
+        raise read_error(path, exc) from None
+
+
+def read_error(path: str | os.PathLike, exc: BaseException) -> DataError:
+    """The error for a file Arrow failed to read; a page failing its checksum says so plainly."""
+    if _CHECKSUM_FAILED in str(exc).lower():
+        return DataError(f"{path} is damaged: a Parquet page fails its checksum ({exc}); the file "
+                         f"changed after it was written: restore it from a copy or write it again")
+    return DataError(f"cannot read {path}: {exc}")
 
 
 def write_whole(path: Path, write: Callable[[Path], None]) -> None:
@@ -678,7 +715,7 @@ class Source:
                 for start in range(0, rb.num_rows, batch_rows):
                     yield self._convert(f, rb.slice(start, batch_rows), const_stream, time_only)
         except (pa.ArrowException, OSError) as exc:
-            raise DataError(f"cannot read {f.path}: {exc}") from None
+            raise read_error(f.path, exc) from None
 
     def _convert(self, f: _File, rb: pa.RecordBatch, const_stream: str | None, time_only: bool) -> _Chunk:
         s, n = self.schema, rb.num_rows

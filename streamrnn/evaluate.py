@@ -92,20 +92,23 @@ class Scores:
 
 
 def _read_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
+    from streamrnn.data import DataError, read_parquet
+
     path = Path(path)
     if not path.exists():
         raise EvaluationError(f"{path}: no such file")
-    try:
-        if path.suffix.lower() in {".csv", ".tsv", ".txt"}:
-            import pyarrow.csv as pacsv
+    if path.suffix.lower() in {".csv", ".tsv", ".txt"}:
+        import pyarrow.csv as pacsv
 
+        try:
             table = pacsv.read_csv(path)
             return table.select(columns) if columns else table
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path, columns=columns)
-    except (pa.ArrowInvalid, OSError, KeyError) as exc:
-        raise EvaluationError(f"{path}: cannot read ({exc})") from None
+        except (pa.ArrowInvalid, OSError, KeyError) as exc:
+            raise EvaluationError(f"{path}: cannot read ({exc})") from None
+    try:
+        return read_parquet(path, columns=columns)
+    except DataError as exc:  # this module's callers catch EvaluationError
+        raise EvaluationError(str(exc)) from None
 
 
 def _as_ms(col: pa.Array | pa.ChunkedArray, name: str) -> np.ndarray:

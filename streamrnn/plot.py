@@ -19,9 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
 
-from streamrnn.data import write_whole  # noqa: E402
+from streamrnn.data import read_parquet, write_whole  # noqa: E402
 from streamrnn.errors import StreamrnnError  # noqa: E402
 from streamrnn.evaluate import Labels, alert_episodes, load_labels  # noqa: E402
 
@@ -59,10 +58,7 @@ def _read_scores(path: str | Path) -> pa.Table:
     path = Path(path)
     if not path.exists():
         raise StreamrnnError(f"{path}: no such file")
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise StreamrnnError(f"{path}: cannot read ({exc})") from None
+    table = read_parquet(path)
     missing = {"stream", "ts", "score", "alert"} - set(table.column_names)
     if missing:
         raise StreamrnnError(f"{path}: not a SCORES file, missing columns {sorted(missing)}")

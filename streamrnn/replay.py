@@ -24,11 +24,10 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from streamrnn.alerts import Alert, alerts_to_arrow
 from streamrnn.data import (DataError, EventBatch, Schema, check_outputs, data_notes, iter_events, open_source,
-                            write_whole)
+                            parquet_writer, write_parquet, write_whole)
 from streamrnn.errors import StreamrnnError
 from streamrnn.model import Model
 
@@ -209,7 +208,7 @@ class _AtomicParquet:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # Dictionary encoding only where values repeat (stream ids): trying it on the
             # float columns costs more than the rest of the write and saves nothing.
-            self.writer = pq.ParquetWriter(self.tmp, schema, compression="zstd", use_dictionary=["stream"])
+            self.writer = parquet_writer(self.tmp, schema, compression="zstd", use_dictionary=["stream"])
         except OSError as exc:
             raise ReplayError(f"cannot write {self.path}: {exc}") from None
         self._queue: queue.Queue = queue.Queue(maxsize=2)
@@ -346,7 +345,7 @@ def _write_alerts(path: Path, alerts: list[Alert]) -> None:
     table = alerts_to_arrow(alerts)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_whole(path, lambda tmp: pq.write_table(table, tmp))
+        write_whole(path, lambda tmp: write_parquet(table, tmp))
     except OSError as exc:
         raise ReplayError(f"cannot write {path}: {exc}") from None
 

@@ -266,6 +266,34 @@ def test_rows_without_a_stream_id_are_named_whatever_the_batch_or_format(tmp_pat
         Schema(stream_id="")
 
 
+def flip_bytes_in_last_data_page(path, column: str) -> None:
+    """Invert 4 bytes inside the payload of the last page of ``column``'s first chunk."""
+    meta = pq.ParquetFile(path).metadata
+    chunk = meta.row_group(0).column(meta.schema.names.index(column))
+    start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+    at = start + chunk.total_compressed_size - 20  # the chunk ends with a data page's payload
+    raw = bytearray(path.read_bytes())
+    raw[at:at + 4] = bytes(b ^ 0xFF for b in raw[at:at + 4])
+    path.write_bytes(bytes(raw))
+
+
+def test_a_damaged_parquet_page_is_an_error_naming_the_file(tmp_path):
+    from streamrnn.data import read_parquet, write_parquet
+
+    n = 5000
+    table = pa.table({"stream": ["a"] * n, "ts": np.arange(n), "v": np.arange(n, dtype=np.float64)})
+    path = tmp_path / "x.parquet"
+    write_parquet(table, path, compression="none")
+    flip_bytes_in_last_data_page(path, "v")
+    # unverified, the damage reads as wrong numbers
+    assert not np.array_equal(pq.read_table(path).column("v").to_numpy(), np.arange(n))
+    msg = r"x.parquet is damaged: a Parquet page fails its checksum"
+    for read in (lambda: list(iter_events(open_source(path))), lambda: load_history(open_source(path)),
+                 lambda: read_parquet(path)):
+        with pytest.raises(DataError, match=msg):
+            read()
+
+
 # --------------------------------------------------------------------------- global order for replay
 
 

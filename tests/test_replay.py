@@ -127,6 +127,42 @@ def test_rows_sharing_stream_and_time_are_one_event_as_in_train(tmp_path):
                "timestamp (mean kept)" in ln for ln in lines), lines
 
 
+def test_a_damaged_page_in_a_file_replay_wrote_is_one_error_naming_it(whole, tmp_path):
+    import shutil
+
+    from streamrnn.evaluate import EvaluationError, evaluate_files
+    from streamrnn.plot import plot_scores
+    from tests.test_data import flip_bytes_in_last_data_page
+
+    d, res = whole
+    for name, column in (("scores.parquet", "cpu"), ("alerts.parquet", "score")):
+        shutil.copy(d / name, tmp_path / name)
+        flip_bytes_in_last_data_page(tmp_path / name, column)
+    pq.write_table(pa.table({"stream": ["host-00"], "ts": [1_700_000_000_000]}), tmp_path / "labels.parquet")
+    damaged = "is damaged: a Parquet page fails its checksum"
+    with pytest.raises(EvaluationError, match=f"scores.parquet {damaged}"):
+        evaluate_files(tmp_path / "scores.parquet", tmp_path / "labels.parquet")
+    with pytest.raises(DataError, match=f"scores.parquet {damaged}"):
+        plot_scores(tmp_path / "scores.parquet", tmp_path / "png")
+    with pytest.raises(DataError, match=f"scores.parquet {damaged}"):  # a SCORES file replayed as input
+        replay(tmp_path / "scores.parquet", model(), progress=False)
+    with pytest.raises(DataError, match=f"alerts.parquet {damaged}"):
+        from streamrnn.data import read_parquet
+        read_parquet(tmp_path / "alerts.parquet")
+    from typer.testing import CliRunner
+
+    from streamrnn.cli import app
+
+    model().save(tmp_path / "m.safetensors")
+    for args in (["evaluate", tmp_path / "scores.parquet", "--labels", tmp_path / "labels.parquet"],
+                 ["replay", tmp_path / "scores.parquet", "--model", tmp_path / "m.safetensors", "--out",
+                  tmp_path / "again.parquet", "--no-progress"]):
+        r = CliRunner().invoke(app, [str(a) for a in args])
+        out = " ".join(r.output.split())
+        assert r.exit_code == 2 and out.startswith("error: ") and damaged in out, r.output
+        assert not (tmp_path / "again.parquet").exists()
+
+
 def test_feature_mapping_and_user_errors(tmp_path):
     ids, ts, x = events()
     pq.write_table(pa.table({"stream": ids, "ts": ts, "load": x}), tmp_path / "in.parquet")
