@@ -101,6 +101,11 @@ class Decoder:
         The model's features, in order.
     fmt : Format
         Input field names.
+    derived : list of str
+        Model features after ``feature_names`` that the detector derives (a ``--time-delta``
+        model's "dt", :func:`streamrnn.detector.input_features`): events need not carry them;
+        one that does (a field, a ``values`` key or trailing list item, an Arrow column) has
+        them ignored.
 
     Examples
     --------
@@ -110,10 +115,11 @@ class Decoder:
     (['a'], [[1.5]], ['invalid JSON'])
     """
 
-    def __init__(self, feature_names: list[str], fmt: Format | None = None) -> None:
+    def __init__(self, feature_names: list[str], fmt: Format | None = None, derived: list[str] = ()) -> None:
         self.features = list(feature_names)
         self.fmt = fmt or Format()
         self.d = len(self.features)
+        self._list_lengths = (self.d, self.d + len(derived))
         f = self.fmt
         reserved = {f.stream, f.ts, f.value, f.values}
         named = [n for n in self.features if n not in reserved]
@@ -269,9 +275,10 @@ class Decoder:
         if e.vs is not msgspec.UNSET:
             vs = e.vs
             if isinstance(vs, list):
-                if len(vs) != self.d:
-                    raise _Invalid(f"event {j}: {f.values!r} has {len(vs)} values, the model has {self.d} features")
-                return [math.nan if v is None else v for v in vs]
+                if len(vs) not in self._list_lengths:
+                    raise _Invalid(f"event {j}: {f.values!r} has {len(vs)} values; the model takes {self.d} "
+                                   f"({', '.join(self.features)})")
+                return [math.nan if v is None else v for v in vs[:self.d]]
             missing = [n for n in self.features if n not in vs]
             if missing:
                 raise _Invalid(f"event {j}: {f.values!r} lacks feature(s) {missing}")

@@ -53,7 +53,7 @@ from daemon.fastpoll import FetchState, send_fetches_without_waiting, skip_known
 from daemon.fastrecords import parse_records_fast
 from daemon.metrics import HealthServer, Metrics, setup_logging
 from streamrnn.alerts import encode_alert
-from streamrnn.detector import Detector
+from streamrnn.detector import Detector, input_features
 from streamrnn.errors import StreamrnnError
 from streamrnn.model import Model
 
@@ -221,8 +221,7 @@ class Daemon:
         self.model = self._load_model()
         self._model_stamp = self._stamp()
         self._set_threads()
-        self.decoder = Decoder(self.model.feature_names,
-                               Format(cfg.stream_field, cfg.ts_field, cfg.value_field, cfg.values_field))
+        self.decoder = self._decoder_for(self.model)
         self._warm_up()
         gc.freeze()  # start-up objects (model, kernels, clients) leave the GC's scans
         if cfg.metrics_port:
@@ -244,6 +243,13 @@ class Daemon:
     # ------------------------------------------------------------------ set-up
     def _load_model(self) -> Model:
         return Model.load(self.cfg.model)
+
+    def _decoder_for(self, model: Model) -> Decoder:
+        """Events carry the model's features but the one the detector derives (a --time-delta dt)."""
+        cfg = self.cfg
+        names = input_features(model)
+        return Decoder(names, Format(cfg.stream_field, cfg.ts_field, cfg.value_field, cfg.values_field),
+                       derived=list(model.feature_names)[len(names):])
 
     def _stamp(self):
         try:
@@ -286,7 +292,7 @@ class Daemon:
         would stop the loop (or a checkpoint) for milliseconds while it holds the GIL."""
         t0 = time.perf_counter()
         det = self.new_detector()
-        names, fmt = self.model.feature_names, self.decoder.fmt
+        names, fmt = self.decoder.features, self.decoder.fmt
         d = len(names)
         messages = [encode_events(["decode-a"], [1000 * k], np.zeros((1, d)), names, fmt=fmt) for k in range(2)]
         messages += [encode_events(["decode-a", "decode-b"], [2000, 2000], np.zeros((2, d)), names, fmt=fmt),
@@ -806,6 +812,7 @@ class Daemon:
             for t in self.tasks.values():
                 t.detector = self.new_detector(model=model)
         self.model = model
+        self.decoder = self._decoder_for(model)
         self.metrics.model_reloads.inc()
         _info("model reloaded", kept_state=same, name=model.name)
 

@@ -123,7 +123,7 @@ def train(paths: list[Path] = typer.Argument(..., help="Parquet/CSV files, direc
           calib: float = typer.Option(0.15, "--calib", help="Fraction of each stream's newest rows for threshold calibration."),
           missing: str = typer.Option("ffill", "--missing", help="Missing values: ffill, drop or zero."),
           max_gap_ms: int | None = typer.Option(None, "--max-gap-ms", help="Split streams at gaps longer than this."),
-          time_delta: bool = typer.Option(False, "--time-delta", help="Add a feature 'dt': seconds since the previous event (replay and the daemon then need a dt column)."),
+          time_delta: bool = typer.Option(False, "--time-delta", help="Add a feature 'dt': seconds since the stream's previous event (0 after a gap); replay and the daemon derive it from the timestamps."),
           max_windows: int = typer.Option(200_000, "--max-windows", help="Training windows kept (reservoir sample)."),
           false_alert_rate: float = typer.Option(1e-4, "--false-alert-rate", help="Target false alerts per event for the calibrated threshold (1e-4: ~0.14 per stream per day at 1-minute sampling)."),
           calibration: str = typer.Option("pot", "--calibration", help="Threshold estimator: pot (generalised Pareto tail fit, steadier at small rates) or quantile (empirical)."),

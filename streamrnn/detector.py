@@ -54,7 +54,7 @@ class ScoredBatch:
 
     stream_ids: list[str] | np.ndarray | pa.Array
     timestamps: np.ndarray  # (E,) int64 epoch ms
-    values: np.ndarray  # (E, D) raw units as given
+    values: np.ndarray  # (E, D) raw units as given (a time-delta model's dt: derived, NaN if not applied)
     prediction: np.ndarray  # (E, D) the prediction stored for this event, raw units (NaN: none)
     error: np.ndarray  # (E,) error in scaled units (RMS; Gaussian NLL for "gaussian"); NaN: not scored
     score: np.ndarray  # (E,) in [0, 1], comparable across streams; NaN: not scored
@@ -93,6 +93,45 @@ class ScoredBatch:
 #: its rate of repeated values is learnt afresh.
 ADDED_COLUMNS = {"x_lo": -np.inf, "x_hi": np.inf, "err_bias": 0.0, "err_energy": 1.0, "x_last": np.nan,
                  "rep": 0.0, "x_fit": np.nan}
+
+
+#: The feature ``streamrnn train --time-delta`` adds (seconds since the stream's previous event).
+TIME_DELTA_FEATURE = "dt"
+
+
+def time_delta_column(model) -> int | None:
+    """The index of the feature the Detector derives from the timestamps, or None.
+
+    A model trained with ``--time-delta`` records ``hyper_parameters.time_delta`` and has
+    :data:`TIME_DELTA_FEATURE` as its last feature (the trainer appends it). A model that
+    records the option without that last feature is refused: its inputs cannot be built.
+    A feature merely named "dt" in a model without the option is an ordinary input.
+    """
+    training = getattr(model, "training", None)
+    hyper = training.get("hyper_parameters") if isinstance(training, dict) else None
+    if not (isinstance(hyper, dict) and hyper.get("time_delta")):
+        return None
+    names = list(model.feature_names)
+    if not names or names[-1] != TIME_DELTA_FEATURE:
+        raise StreamrnnError(f"the model was trained with --time-delta but its last feature is "
+                             f"{names[-1] if names else None!r}, not {TIME_DELTA_FEATURE!r}; "
+                             f"its feature names were changed after training")
+    return len(names) - 1
+
+
+def input_features(model) -> list[str]:
+    """The features a caller supplies: the model's, without the one the Detector derives."""
+    names = list(model.feature_names)
+    return names if time_delta_column(model) is None else names[:-1]
+
+
+def _training_gap_default(model, config: ScoringConfig) -> ScoringConfig:
+    """A time-delta model scores with its training ``max_gap_ms`` unless one is set: its dt
+    is 0 after the gaps the trainer split at, and it never saw a larger dt."""
+    if config.max_gap_ms is not None or time_delta_column(model) is None:
+        return config
+    gap = model.training["hyper_parameters"].get("max_gap_ms")
+    return config.replace(max_gap_ms=int(gap)) if gap else config
 
 
 def _kernel_array(a: np.ndarray, dtype) -> np.ndarray:
@@ -140,6 +179,8 @@ class Detector:
             config = config.replace(**config_overrides)
         else:
             config.validate()
+        self._dt_col = time_delta_column(model)
+        config = _training_gap_default(model, config)
         self.model = model
         self.config = config
         self.resolved = config.resolve(model)
@@ -247,6 +288,17 @@ class Detector:
         ``offsets`` (E,) int64 input offsets, optional: an event whose offset is not above
         its stream's last applied offset is skipped (it was applied before a restart).
         Each stream's events are applied in the order given; streams may interleave.
+
+        A model trained with ``--time-delta`` (:func:`time_delta_column`) takes the other
+        features, (E, D-1) (:func:`input_features`), and the Detector derives its last feature
+        "dt" per event as training's ``data._with_dt`` does: seconds since the stream's previous
+        applied event (the int64 ms difference / 1000.0 in float64, then the model's scaler).
+        dt is 0 at a stream's first event, after a gap longer than ``max_gap_ms`` (under either
+        gap policy: training starts every segment it splits at dt 0) and for a late event the
+        config accepts. Such a model's ``max_gap_ms`` defaults to its training one; a different
+        one moves where dt restarts at 0 (larger: the network sees dt values training never
+        had). An (E, D) array is accepted too, and its dt column is replaced by the derived
+        value. The result's ``values`` carry the derived dt (NaN for events not applied).
         """
         x, ts, off = self._validate(stream_ids, values, timestamps, offsets)
         n, d = x.shape
@@ -284,6 +336,7 @@ class Detector:
             fp, ip = self.resolved.kernel_params(has_offsets)
             if not self._fits:
                 ip[K.I_FIT_EVENTS] = 0
+            ip[K.I_DERIVE_DT] = self._dt_col is not None
             cached = self._params_cache[has_offsets] = (self.resolved, (fp, ip))
         return cached[1]
 
@@ -333,13 +386,15 @@ class Detector:
 
     def _validate(self, stream_ids, values, timestamps, offsets):
         x = values if isinstance(values, np.ndarray) else np.asarray(values, dtype=np.float64)
-        if x.ndim == 1 and self.model.n_features == 1:
+        d = self.model.n_features
+        given = d if self._dt_col is None else d - 1
+        if x.ndim == 1 and given == 1:
             x = x[:, None]
-        if x.ndim != 2 or x.shape[1] != self.model.n_features:
-            raise StreamrnnError(f"values must have shape (events, {self.model.n_features}); got {x.shape}")
+        if x.ndim != 2 or x.shape[1] not in (given, d):
+            raise StreamrnnError(f"values must have shape (events, {given}); got {x.shape}{self._dt_note()}")
         if x.dtype.kind not in "biufc":  # dtype kinds, not np.issubdtype: this runs per batch
             raise StreamrnnError(f"values must be numeric, not {x.dtype}")
-        x = _kernel_array(x, np.float64)
+        x = _kernel_array(x, np.float64) if self._dt_col is None else self._with_dt_slot(x)
         ts = np.asarray(timestamps)
         if ts.shape != (x.shape[0],) or len(stream_ids) != x.shape[0]:
             raise StreamrnnError(f"stream_ids ({len(stream_ids)}), values ({x.shape[0]}) and "
@@ -357,6 +412,20 @@ class Detector:
                 raise StreamrnnError(f"offsets must be one integer per event; got shape {off.shape}, dtype {off.dtype}")
             off = _kernel_array(off, np.int64)
         return x, ts, off
+
+    def _with_dt_slot(self, x: np.ndarray) -> np.ndarray:
+        """A fresh (E, D) array of the given features and a NaN dt column the kernel fills.
+        A dt column the caller gave is replaced: the model learnt the trainer's dt."""
+        full = np.empty((x.shape[0], self.model.n_features))
+        full[:, :self._dt_col] = x[:, :self._dt_col]
+        full[:, self._dt_col] = np.nan
+        return full
+
+    def _dt_note(self) -> str:
+        if self._dt_col is None:
+            return ""
+        return (f" (the features {input_features(self.model)}; the model's {TIME_DELTA_FEATURE!r} is derived "
+                f"from the timestamps, and a given {TIME_DELTA_FEATURE!r} column is accepted and replaced)")
 
     # ---------------------------------------------------------------- state
     def drifted_streams(self) -> list[str]:
@@ -414,4 +483,4 @@ def _ids_at(stream_ids, idx: np.ndarray) -> list[str]:
     return [str(stream_ids[i]) for i in idx.tolist()]
 
 
-__all__ = ["COUNTERS", "Detector", "ScoredBatch"]
+__all__ = ["COUNTERS", "Detector", "ScoredBatch", "TIME_DELTA_FEATURE", "input_features", "time_delta_column"]

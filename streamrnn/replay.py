@@ -89,16 +89,26 @@ def load_model(model: Model | str | os.PathLike) -> Model:
 
 
 def schema_for(model: Model | None, schema: Schema | None) -> Schema:
-    """The input mapping: ``schema`` with its features defaulting to the model's."""
+    """The input mapping: ``schema`` with its features defaulting to the model's.
+
+    A ``--time-delta`` model's "dt" is derived by the Detector, so it is no column of the
+    input; a mapping that still names a column for it (the earlier rule) has that one dropped.
+    """
+    from streamrnn.detector import input_features
+
     schema = schema or Schema()
     if model is None:
         return schema
-    names = tuple(model.feature_names)
+    names = tuple(input_features(model))
     if schema.features is None:
         return Schema(schema.stream_col, schema.time_col, names, schema.stream_id)
-    if len(schema.features) != len(names):
-        raise ReplayError(f"the model takes {len(names)} features ({', '.join(names)}); "
-                          f"{len(schema.features)} were mapped ({', '.join(schema.features)})")
+    mapped = tuple(schema.features)
+    if len(mapped) == len(model.feature_names) > len(names):
+        return Schema(schema.stream_col, schema.time_col, mapped[:len(names)], schema.stream_id)
+    if len(mapped) != len(names):
+        derived = " ('dt' is derived from the timestamps)" if len(names) < len(model.feature_names) else ""
+        raise ReplayError(f"the model takes {len(names)} features ({', '.join(names)}){derived}; "
+                          f"{len(mapped)} were mapped ({', '.join(mapped)})")
     return schema
 
 
@@ -131,21 +141,6 @@ class _Progress:
     def __exit__(self, *exc) -> None:
         if self._bar is not None:
             self._bar.stop()
-
-
-def _open_for(model: Model, paths, schema: Schema):
-    """open_source, with the reason when a --time-delta model's 'dt' column is missing."""
-    try:
-        return open_source(paths, schema)
-    except DataError as exc:
-        if not model.training.get("hyper_parameters", {}).get("time_delta"):
-            raise
-        dt = schema.features[list(model.feature_names).index("dt")]
-        if repr(dt) not in str(exc):
-            raise
-        raise ReplayError(f"{exc}; the model was trained with --time-delta: its feature {dt!r} (seconds "
-                          f"since the stream's previous event) must be a column of the input, for replay "
-                          f"and the daemon alike (neither derives it)") from None
 
 
 def _prefetch(it: Iterator[EventBatch], depth: int = 2) -> Iterator[EventBatch]:
@@ -291,7 +286,7 @@ def replay(paths: str | os.PathLike | Sequence[str | os.PathLike], model: Model 
     _check_parquet_names({"--out": out, "--alerts-out": alerts_out})
     model = detector.model if detector is not None else load_model(model)
     schema = schema_for(model, schema)
-    source = _open_for(model, paths, schema)
+    source = open_source(paths, schema)
     det = detector if detector is not None else Detector(model, config=config)
     out_schema = scores_schema(source.features)  # the input's column names
     events = iter_events(source, batch_rows)
@@ -361,12 +356,14 @@ def replay_to_kafka(paths: str | os.PathLike | Sequence[str | os.PathLike], boot
     ``daemon.producer.produce_events`` returns (its delivery report).
     """
     from daemon.producer import produce_events  # Kafka stays out of the library's import path
+    from streamrnn.detector import input_features
 
     model = load_model(model) if model is not None else None
     schema = schema_for(model, schema)
-    source = _open_for(model, paths, schema) if model is not None else open_source(paths, schema)
-    # The daemon decodes values by the model's feature names; without a model, the columns'.
-    names = list(model.feature_names) if model is not None else list(source.features)
+    source = open_source(paths, schema)
+    # The daemon decodes values by the model's feature names (but a derived dt); without a
+    # model, the columns'.
+    names = list(input_features(model)) if model is not None else list(source.features)
     _check_bootstrap(bootstrap)
     if speed is not None and not speed > 0:
         raise ReplayError(f"--speed must be positive, not {speed}")

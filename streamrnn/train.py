@@ -667,10 +667,6 @@ def train(paths: Sequence[str | Path] | str | Path, out: str | Path, *, cell: st
         if notes:
             log(notes)
         warnings = _check_windows(prep, cfg)
-        if cfg.time_delta:
-            warnings.append("--time-delta: the model's feature 'dt' (seconds since the stream's previous "
-                            "event) must be a column of the input of replay and a value of the daemon's "
-                            "events; neither derives it")
         for w in warnings:
             log(w)
         net = cfg.net(len(prep.features))

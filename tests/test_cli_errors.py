@@ -402,23 +402,29 @@ def test_csv_times_in_a_local_format(data):
     assert "CSV times are read as ISO 8601, like 2026-01-01T00:00:00Z; line 2 holds '01/04/2014 00:00'" in out
 
 
-def test_a_time_delta_model_says_what_replay_needs(data):
-    # a model trained with --time-delta failed in replay with "feature column 'dt' not found"
+def test_a_time_delta_model_replays_files_without_a_dt_column(data):
+    # a model trained with --time-delta failed in replay with "feature column 'dt' not found";
+    # replay (and the daemon) now derive dt from the timestamps
     code, out = invoke("train", data / "live.parquet", "--out", data / "td.safetensors", "--time-delta",
                        "--epochs", "1", "--window", "8", "--no-progress")
-    assert code == 0 and "--time-delta: the model's feature 'dt'" in out and "neither derives it" in out
+    assert code == 0 and "'dt'" not in out
     code, out = invoke("replay", data / "live.parquet", "--model", data / "td.safetensors", "--out",
                        data / "s.parquet", "--no-progress")
-    assert code == 2 and "feature column 'dt' not found" in out
-    assert "the model was trained with --time-delta: its feature 'dt' (seconds since the stream's previous event) " \
-           "must be a column of the input" in out
-    # with the column the user computed, it replays
+    assert code == 0, out
+    # a file with the column a user computed before (it is derived all the same)
     table = fleet_table()  # stream by stream, one event a minute
     dt = np.where(np.arange(table.num_rows) % T == 0, 0.0, 60.0)
     pq.write_table(table.append_column("dt", pa.array(dt)), data / "with_dt.parquet")
     code, out = invoke("replay", data / "with_dt.parquet", "--model", data / "td.safetensors", "--out",
-                       data / "s.parquet", "--no-progress")
+                       data / "s2.parquet", "--no-progress")
     assert code == 0, out
+    a, b = pq.read_table(data / "s.parquet"), pq.read_table(data / "s2.parquet")
+    assert a.column_names == b.column_names and "dt" not in a.column_names
+    assert np.array_equal(a["score"].to_numpy(), b["score"].to_numpy(), equal_nan=True)
+    # naming too few columns says which features the model takes and that dt is derived
+    code, out = invoke("replay", data / "live.parquet", "--model", data / "td.safetensors", "--features", "a,b,c,d,e",
+                       "--out", data / "s3.parquet", "--no-progress")
+    assert code == 2 and "('dt' is derived from the timestamps)" in out, out
 
 
 def test_rows_without_a_stream_id_are_refused_by_train_replay_and_evaluate(data):

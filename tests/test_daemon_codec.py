@@ -250,3 +250,25 @@ def test_epoch_second_timestamps_are_dead_lettered_with_the_reason():
     assert all("looks like epoch seconds" in r.reason and str(secs) in r.reason for r in b.rejected)
     assert b.stream_ids == ["a", "e"] and b.timestamps.tolist() == [1767225600000, 999999999]
     assert b.messages_ok == 2
+
+
+def test_decode_for_a_time_delta_model_needs_no_dt_and_ignores_one_given():
+    # The detector derives a --time-delta model's dt: events carry the other features only;
+    # an event from a producer that still sends dt has it ignored, wherever it is.
+    dec = Decoder(["cpu", "mem"], derived=["dt"])
+    t0 = 1_767_225_600_000
+    msgs = [json.dumps({"stream": "a", "ts": t0, "cpu": 0.5, "mem": 0.25}).encode(),
+            json.dumps({"stream": "a", "ts": t0 + 1, "cpu": 0.5, "mem": 0.25, "dt": 7.0}).encode(),
+            json.dumps({"stream": "a", "ts": t0 + 2, "values": {"mem": 0.25, "cpu": 0.5, "dt": 7.0}}).encode(),
+            json.dumps({"stream": "a", "ts": t0 + 3, "values": [0.5, 0.25]}).encode(),
+            json.dumps({"stream": "a", "ts": t0 + 4, "values": [0.5, 0.25, 7.0]}).encode(),
+            json.dumps([{"stream": "a", "ts": t0 + 5, "cpu": 0.5, "mem": 0.25}]).encode(),
+            encode_events(["a"], [t0 + 6], [[0.5, 0.25]], ["cpu", "mem"], arrow=True),
+            encode_events(["a"], [t0 + 7], [[0.5, 0.25, 7.0]], ["cpu", "mem", "dt"], arrow=True),
+            json.dumps({"stream": "a", "ts": t0 + 8, "values": [0.5, 0.25, 7.0, 1.0]}).encode()]
+    b = dec.decode(msgs, [None] * len(msgs), list(range(len(msgs))))
+    assert b.values.tolist() == [[0.5, 0.25]] * 8 and b.timestamps.tolist() == [t0 + i for i in range(8)]
+    assert [(r.index, r.reason) for r in b.rejected] == [(8, "event 0: 'values' has 4 values; the model takes 2 (cpu, mem)")]
+    # Without derived features a list of three is refused as before.
+    plain = Decoder(["cpu", "mem"]).decode(msgs[4:5], [None], [0])
+    assert plain.rejected and "has 3 values" in plain.rejected[0].reason

@@ -304,3 +304,50 @@ def test_prefetch_puts_the_next_fetch_in_flight_with_the_pinned_client(kafka_bro
         assert batch == before
     finally:
         consumer.close()
+
+
+def test_time_delta_model_scores_events_without_dt_and_dead_letters_none(kafka_broker, tmp_path):
+    # A model trained with --time-delta: its events carry 'value' only; the daemon derived
+    # nothing before and dead-lettered every one of them.
+    gap = 60_000
+    model = Model.random("gru", n_features=2, hidden=[8], seed=9, feature_names=["value", "dt"],
+                         training={"hyper_parameters": {"time_delta": True, "max_gap_ms": gap}})
+    model.scaler_mean[:] = [0.0, 20.0]
+    model.scaler_scale[:] = [1.0, 15.0]
+    path = model.save(tmp_path / "td.safetensors")
+    rng = np.random.default_rng(9)
+    streams = []
+    for i in range(6):
+        steps = rng.integers(1000, 40_000, 40)
+        steps[20] = gap + 5000  # a gap the detector restarts dt at
+        t = 1_767_225_600_000 + np.cumsum(steps)
+        streams.append((np.full(len(t), f"td-{i}"), t, np.sin(t / 50_000.0 + i)))
+    ids, ts, x = (np.concatenate(c) for c in zip(*streams))
+    order = np.argsort(ts, kind="stable")
+    ids, ts, x = [str(s) for s in ids[order]], ts[order], x[order][:, None]
+    topic, alerts, scores = unique("in"), unique("alerts"), unique("scores")
+    create_topic(kafka_broker.bootstrap, topic, 2)
+    third = len(ids) // 3
+    parts = [(0, third, {}), (third, 2 * third, {"events_per_message": 4}),
+             (2 * third, len(ids), {"events_per_message": 8, "arrow": True})]  # single JSON, arrays, Arrow
+    sent = sum(produce_events(kafka_broker.bootstrap, topic, [(ids[a:b], ts[a:b], x[a:b])], **how).messages
+               for a, b, how in parts)
+    run = Running(kafka_broker.bootstrap, path, tmp_path, topic=topic, alerts=alerts, scores=scores)
+    run.wait_consumed(sent)
+    counts = run.stop()
+    recs = read_topic(kafka_broker.bootstrap, scores, expect=len(ids))
+    assert counts["dead_lettered"] == 0 and counts["events"] == len(ids) == len(recs)
+    ref = Detector(Model.load(path), config=ScoringConfig.from_dict(SCORING)).process(ids, x, ts)
+    assert ref.values[:, 1].max() > 0 and (ref.values[1:, 1] == 0).any()  # dt derived, 0 after the gaps
+    assert np.isfinite(ref.score).sum() > len(ids) // 2
+
+    def num(v):
+        return float(v) if np.isfinite(v) else None
+
+    want = {(ids[i], int(ts[i])): {"stream": ids[i], "ts": int(ts[i]), "score": num(ref.score[i]),
+                                   "alert": bool(ref.alert[i]),
+                                   "predicted": {"value": num(ref.prediction[i, 0]), "dt": num(ref.prediction[i, 1])}}
+            for i in range(len(ids))}
+    for k, v, *_ in recs:
+        rec = msgspec.json.decode(v)
+        assert rec == want[(k.decode(), rec["ts"])]

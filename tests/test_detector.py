@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from streamrnn import Model
 from streamrnn.detector import Detector
+from streamrnn.errors import StreamrnnError
 
 CELLS = [
     {"cell": "gru"},
@@ -579,3 +580,171 @@ def test_engine_classes_are_public_names_of_the_package():
                           "print(Detector.__name__, Model.__name__, StreamTable.__name__)"],
                          capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["Detector", "Model", "StreamTable"]
+
+
+# ----------------------------------------------------------------- a --time-delta model's dt
+GAP_MS = 10_000
+
+
+def _td_model(seed=0, max_gap_ms=GAP_MS, **hyper):
+    """A model as ``train --time-delta --max-gap-ms`` writes it: last feature 'dt'."""
+    model = Model.random("gru", n_features=3, hidden=[8], seed=seed, feature_names=["a", "b", "dt"],
+                         training={"hyper_parameters": {"time_delta": True, "max_gap_ms": max_gap_ms, **hyper}})
+    model.scaler_mean[:] = [0.5, -1.0, 1.7]
+    model.scaler_scale[:] = [2.0, 0.5, 1.3]
+    return model
+
+
+def _irregular(n_streams, length, seed):
+    """Streams with irregular steps (0.2-3.1 s) and a few gaps over GAP_MS, in a random
+    global arrival order; values are the two inputs (no dt)."""
+    rng = np.random.default_rng(seed)
+    streams = {}
+    for i in range(n_streams):
+        steps = rng.integers(200, 3100, length)
+        steps[rng.random(length) < 0.05] = GAP_MS + 1 + rng.integers(0, 30_000)
+        steps[rng.integers(1, length)] = GAP_MS  # exactly max_gap_ms: no split, as in training
+        ts = 1_700_000_000_000 + np.cumsum(steps)
+        streams[f"s{i}"] = (ts, np.sin(ts[:, None] / (4000.0 + 500 * i) + np.array([0.0, 1.0])))
+    order = np.concatenate([[sid] * length for sid in streams])
+    rng.shuffle(order)
+    pos = dict.fromkeys(streams, 0)
+    ids, vals, ts = [], [], []
+    for sid in order:
+        k = pos[sid]
+        ids.append(str(sid))
+        ts.append(streams[sid][0][k])
+        vals.append(streams[sid][1][k])
+        pos[sid] = k + 1
+    return streams, ids, np.array(vals), np.array(ts, np.int64)
+
+
+def _training_inputs(ts, values):
+    """What training feeds the network for one stream: data._with_dt per _split_gaps segment."""
+    from streamrnn.data import _split_gaps, _with_dt
+
+    return np.concatenate([_with_dt(ts[seg], values[seg]) for seg in _split_gaps(ts, GAP_MS)])
+
+
+def _plain_twin(model):
+    """The same weights and scaler as an ordinary model: its dt is an input like the others."""
+    import copy
+
+    twin = copy.copy(model)
+    twin.training = {}
+    return twin
+
+
+def test_time_delta_model_derives_dt_as_training_does_and_scores_as_if_given():
+    model = _td_model(seed=40)
+    streams, ids, x, ts = _irregular(4, 120, seed=40)
+    det = Detector(model)
+    assert det.config.max_gap_ms == GAP_MS  # from the model's training
+    out = det.process(ids, x, ts)
+    assert out.values.shape == (len(ids), 3) and out.applied.all()
+    ids_arr = np.array(ids)
+    full = np.empty((len(ids), 3))
+    for sid, (s_ts, s_x) in streams.items():
+        rows = np.flatnonzero(ids_arr == sid)
+        want = _training_inputs(s_ts, s_x)
+        assert np.array_equal(out.values[rows], want)  # the dt column bit for bit, incl. 0 after gaps
+        assert (want[1:, 2] == 0).any() and (want[:, 2] == GAP_MS / 1000).any(), "the data must have gaps"
+        full[rows] = want
+    assert det.counters["gap_resets"] == sum((np.diff(s[0]) > GAP_MS).sum() for s in streams.values())
+    # The network gets what an ordinary model gets from an explicit column of training's dt.
+    ref = Detector(_plain_twin(model), max_gap_ms=GAP_MS).process(ids, full, ts)
+    for name in ("prediction", "error", "score", "alert"):
+        assert np.array_equal(getattr(out, name), getattr(ref, name), equal_nan=True), name
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_time_delta_streaming_in_random_micro_batches_equals_one_batch(seed):
+    model = _td_model(seed=41)
+    _, ids, x, ts = _irregular(5, 80, seed=seed)
+    whole = Detector(model).process(ids, x, ts)
+    rng = np.random.default_rng(seed)
+    det = Detector(model)
+    bounds = [0, *sorted(rng.choice(np.arange(1, len(ids)), 25, replace=False)), len(ids)]
+    parts = [det.process(ids[a:b], x[a:b], ts[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    for name in ("values", "prediction", "score"):
+        got = np.concatenate([getattr(p, name) for p in parts])
+        assert np.array_equal(got, getattr(whole, name), equal_nan=True), name
+
+
+def test_time_delta_snapshot_restore_continues_with_the_right_dt():
+    model = _td_model(seed=42)
+    streams, ids, x, ts = _irregular(3, 60, seed=42)
+    whole = Detector(model).process(ids, x, ts)
+    half = len(ids) // 2
+    first = Detector(model)
+    first.process(ids[:half], x[:half], ts[:half])
+    second = Detector.restore(model, first.snapshot())
+    rest = second.process(ids[half:], x[half:], ts[half:])
+    assert np.array_equal(rest.values, whole.values[half:])
+    assert np.array_equal(rest.prediction, whole.prediction[half:], equal_nan=True)
+    assert np.array_equal(rest.score, whole.score[half:], equal_nan=True)
+    # A stream's first event after the restore counts from its last event before it.
+    last = {i: t for i, t in zip(ids[:half], ts[:half])}
+    firsts = {}
+    for k in range(half, len(ids)):
+        firsts.setdefault(ids[k], k)
+    checked = 0
+    for sid, k in firsts.items():
+        if ts[k] - last[sid] <= GAP_MS:
+            assert rest.values[k - half, 2] == (ts[k] - last[sid]) / 1000.0 > 0
+            checked += 1
+    assert checked, "the test needs a stream continuing without a gap"
+
+
+def test_time_delta_rules_at_edges():
+    model = _td_model(seed=43)
+    t0 = 1_700_000_000_000
+    x = np.array([[1.0, 2.0], [1.1, 2.1], [np.nan, 2.2], [1.3, 2.3], [1.4, 2.4], [1.5, 2.5]])
+    ts = t0 + np.array([0, 1500, 2000, 2750, 2750 + GAP_MS + 1, 2750 + GAP_MS + 1 + 250])
+    out = Detector(model).process(["a"] * 6, x, ts)
+    # 0 at the start; a missing event is not applied (dt NaN) and the next counts from the
+    # last applied one; 0 after a gap over max_gap_ms.
+    assert np.array_equal(out.values[:, 2], [0.0, 1.5, np.nan, 1.25, 0.0, 0.25], equal_nan=True)
+    # Under gap_policy "decay" the event after a gap is a segment start too.
+    dec = Detector(model, gap_policy="decay").process(["a"] * 6, x, ts)
+    assert dec.values[4, 2] == 0.0 and np.array_equal(dec.values, out.values, equal_nan=True)
+    # A max_gap_ms set in the scoring config wins over the training one.
+    wide = Detector(model, max_gap_ms=GAP_MS + 1).process(["a"] * 6, x, ts)
+    assert wide.values[4, 2] == (GAP_MS + 1) / 1000.0
+    # A late event the config accepts gets dt 0 (training sorted its rows: never negative).
+    late = Detector(model, out_of_order="accept").process(["a"] * 3, x[[0, 1, 3]], t0 + np.array([0, 2000, 1000]))
+    assert late.values[:, 2].tolist() == [0.0, 2.0, 0.0]
+    # A model trained without --max-gap-ms: no gap restarts dt.
+    nogap = Detector(_td_model(seed=43, max_gap_ms=None))
+    assert nogap.config.max_gap_ms is None
+    assert nogap.process(["a"] * 6, x, ts).values[4, 2] == (GAP_MS + 1) / 1000.0
+
+
+def test_time_delta_given_dt_column_is_replaced_and_bad_shapes_say_what_is_derived():
+    model = _td_model(seed=44)
+    _, ids, x, ts = _irregular(2, 40, seed=44)
+    plain = Detector(model).process(ids, x, ts)
+    given = np.column_stack([x, np.full(len(ids), 123.0)])  # a dt column computed some other way
+    withcol = Detector(model).process(ids, given, ts)
+    assert np.array_equal(withcol.values, plain.values) and np.array_equal(withcol.score, plain.score, equal_nan=True)
+    assert given[0, 2] == 123.0  # the caller's array is not written to
+    with pytest.raises(StreamrnnError, match=r"shape \(events, 2\).*'dt' is derived from the timestamps"):
+        Detector(model).process(ids, x[:, :1], ts)
+    one = Model.random("gru", n_features=2, hidden=[4], feature_names=["value", "dt"],
+                       training={"hyper_parameters": {"time_delta": True}})
+    assert Detector(one).process(["a", "a"], np.array([1.0, 2.0]), np.array([0, 3000])).values[1].tolist() == [2.0, 3.0]
+
+
+def test_time_delta_is_read_from_the_training_record_only():
+    from streamrnn.detector import input_features, time_delta_column
+
+    assert time_delta_column(_td_model()) == 2 and input_features(_td_model()) == ["a", "b"]
+    named = Model.random("gru", n_features=2, hidden=[4], feature_names=["value", "dt"])  # no --time-delta
+    assert time_delta_column(named) is None and input_features(named) == ["value", "dt"]
+    odd = Model.random("gru", n_features=2, hidden=[4], feature_names=["value", "gap"],
+                       training={"hyper_parameters": {"time_delta": True}})
+    with pytest.raises(StreamrnnError, match="trained with --time-delta but its last feature is 'gap'"):
+        Detector(odd)
+    for training in ({}, {"hyper_parameters": None}, {"hyper_parameters": {"time_delta": False}}):
+        named.training = training
+        assert time_delta_column(named) is None

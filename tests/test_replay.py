@@ -244,3 +244,46 @@ def test_cli_replay_evaluate_plot(whole, tmp_path):
                  ["evaluate", str(tmp_path / "s.parquet"), "--labels", str(tmp_path / "nope.csv")]):
         r = runner.invoke(app, args)
         assert r.exit_code == 2 and "error:" in r.output and "Traceback" not in r.output, r.output
+
+
+def test_time_delta_model_replays_a_file_without_dt_with_the_inputs_training_had(tmp_path):
+    from streamrnn.data import load_history, open_source
+    from streamrnn.train import train
+
+    # Four streams, irregular steps and a gap over max_gap_ms in each (training splits there).
+    rng = np.random.default_rng(8)
+    gap = 30_000
+    rows = []
+    for i in range(4):
+        steps = rng.integers(500, 4000, 120)
+        steps[40 + 10 * i] = gap + 1 + 1000 * i
+        t = 1_700_000_000_000 + np.cumsum(steps)
+        rows.append((np.full(len(t), f"dev-{i}"), t, np.sin(t / 9000.0 + i) + 0.05 * rng.standard_normal(len(t))))
+    ids, ts, x = (np.concatenate(c) for c in zip(*rows))
+    order = np.argsort(ts, kind="stable")
+    src = tmp_path / "history.parquet"
+    write(src, ids[order], ts[order], x[order])  # stream, ts, cpu: no dt column
+    trained = train([src], tmp_path / "td.safetensors", cell="gru", hidden=[4], window=8, stride=4, epochs=1,
+                    time_delta=True, max_gap_ms=gap, progress=False)
+    model = trained.model
+    assert model.feature_names == ["cpu", "dt"] and not any("dt" in w for w in trained.warnings)
+
+    seen = []
+    res = replay(src, tmp_path / "td.safetensors", tmp_path / "scores.parquet", batch_rows=53, progress=False,
+                 on_batch=lambda b, r: seen.append((list(b.stream_ids), r.values.copy())))
+    assert res.n_events == len(ids) and res.counters["gap_resets"] == 4
+    got_ids = np.concatenate([s for s, _ in seen])
+    got = np.concatenate([v for _, v in seen])
+    history = load_history(open_source([src]), max_gap_ms=gap, time_delta_feature=True)
+    assert history.stats["gaps_split"] == 4
+    for sid in sorted(set(history.streams)):
+        want = np.concatenate([v for s, v in zip(history.streams, history.values) if s == sid])
+        assert np.array_equal(got[got_ids == sid], want), sid  # cpu and dt, bit for bit
+    # The scores file holds the input's columns; a file that still has a dt column scores the same.
+    scores = pq.read_table(tmp_path / "scores.parquet")
+    assert "cpu" in scores.column_names and "dt" not in scores.column_names
+    pq.write_table(pq.read_table(src).append_column("dt", pa.array(np.full(len(ids), 99.0))), tmp_path / "old.parquet")
+    again = replay(tmp_path / "old.parquet", model, tmp_path / "again.parquet", schema=Schema(features=("cpu", "dt")),
+                   progress=False)
+    assert again.n_events == len(ids)
+    assert_same_table(pq.read_table(tmp_path / "again.parquet"), scores)

@@ -36,8 +36,8 @@ F_THRESHOLD, F_LOWER, F_ALPHA, F_SHORT_ALPHA, F_MAX_GAP, F_DRIFT, F_PRIOR_MEAN, 
 N_FPARAMS = 16
 # Indices into the integer parameter vector.
 I_METHOD, I_WARMUP, I_CLOSE_AFTER, I_LEARN, I_GAP_DECAY, I_ACCEPT_LATE, I_HAS_OFFSETS, \
-    I_DYNAMIC, I_DYN_REFRESH, I_RELEARN, I_RANGE_WARMUP, I_REPEATS, I_FIT_EVENTS = range(13)
-N_IPARAMS = 13
+    I_DYNAMIC, I_DYN_REFRESH, I_RELEARN, I_RANGE_WARMUP, I_REPEATS, I_FIT_EVENTS, I_DERIVE_DT = range(14)
+N_IPARAMS = 14
 # Columns of the per-stream ``rep`` state: the current run of repeated values, and the
 # repeats and comparisons among learnt events (the stream's own rate of repeats).
 R_RUN, R_COUNT, R_N = range(3)
@@ -53,6 +53,14 @@ DRIFT_MIN_EVENTS = 20
 WINDOW_START = 20
 # Per-event codes in ``out_code``.
 OPENED, CLOSED = 1, 2
+
+
+@njit(**{**_OPTS, "fastmath": False})
+def _seconds(ms):
+    """``ms / 1000.0`` rounded as NumPy divides: the kernels' fastmath ("arcp") would multiply
+    by the rounded reciprocal instead, a bit off training's dt for some gaps. Not inlined, so
+    the division keeps strict flags."""
+    return np.float64(ms) / 1000.0
 
 
 # The per-event helpers are inlined into the event loop (inline="always", measured ~15%
@@ -334,6 +342,9 @@ def _detect_list(lo, hi, ev, sl, x, ts, offsets, fp, ip, xs, state, pred, x_mean
         fast = max(fp[F_BIAS_ALPHA], fp[F_ENERGY_ALPHA])
         repeats = ip[I_REPEATS] != 0
     max_gap = fp[F_MAX_GAP]
+    # A time-delta model's last feature is derived here (the caller leaves it NaN): it is
+    # neither checked as missing nor taken from the input.
+    dt_col = n_feat - 1 if ip[I_DERIVE_DT] != 0 else n_feat
     n_fit = ip[I_FIT_EVENTS]  # 0: no stream fits a scaler, and x_fit may have no rows
     app_ev = blk[0]
     app_sl = blk[1]
@@ -367,7 +378,7 @@ def _detect_list(lo, hi, ev, sl, x, ts, offsets, fp, ip, xs, state, pred, x_mean
                     continue
                 last_offset[s] = offsets[e]
             finite = True
-            for d in range(n_feat):
+            for d in range(dt_col):
                 if not np.isfinite(x[e, d]):
                     finite = False
             if not finite:
@@ -378,10 +389,17 @@ def _detect_list(lo, hi, ev, sl, x, ts, offsets, fp, ip, xs, state, pred, x_mean
                 cnt[C_LATE] += 1
                 continue
             scoreable = np.isfinite(pred[s, 0])
+            if dt_col < n_feat:
+                # Seconds since the stream's previous applied event, as data._with_dt computes
+                # it (int64 ms difference / 1000.0 in float64); 0 at a start, after a gap
+                # (below) and for a late event.
+                x[e, dt_col] = _seconds(max(ts[e] - prev_ts, 0)) if prev_ts != _TS_NONE else 0.0
             if prev_ts == _TS_NONE:
                 cnt[C_COLD] += 1
             elif max_gap > 0 and ts[e] - prev_ts > max_gap:
                 cnt[C_GAP] += 1
+                if dt_col < n_feat:
+                    x[e, dt_col] = 0.0  # a segment start, as training splits at its max_gap_ms
                 warm[s] = 0
                 scoreable = False
                 if ip[I_GAP_DECAY] != 0:
