@@ -40,7 +40,7 @@ from streamrnn.errors import StreamrnnError
 __all__ = [
     "DataError", "Schema", "EventBatch", "Source", "open_source", "check_outputs", "write_whole", "iter_events",
     "data_notes", "DATA_NOTES", "blank_id_error", "write_parquet", "parquet_writer", "read_parquet",
-    "read_error",
+    "read_error", "did_you_mean",
     "EventIterator", "History", "load_history", "iter_history", "stream_counts", "Split",
     "split_by_time", "Scaler", "fit_scaler", "WindowSampler",
 ]
@@ -150,6 +150,25 @@ def _hive_keys(root: Path, path: Path) -> tuple[tuple[str, str], ...]:
     return tuple(keys)
 
 
+def did_you_mean(path: Path) -> str:
+    """For a path that does not exist: "; did you mean ...?" naming the entries beside it
+    that it most likely meant (``history`` -> ``history.parquet``), or ""."""
+    import difflib
+
+    try:
+        near = sorted(e.name for e in path.parent.iterdir())
+    except OSError:
+        return ""
+    name = path.name
+    if not name:
+        return ""
+    # The name without its suffix, then a prefix of a name, then a near spelling.
+    ranked = ([n for n in near if n.split(".", 1)[0] == name] + [n for n in near if n.startswith(name)]
+              + difflib.get_close_matches(name, near, n=3, cutoff=0.8))
+    shown = [str(path.parent / n) for n in dict.fromkeys(ranked)][:3]
+    return f"; did you mean {' or '.join(shown)}?" if shown else ""
+
+
 def _expand(paths: Iterable[str | os.PathLike]) -> list[tuple[Path, str, tuple]]:
     """Files named directly or found under directories: (path, format, hive keys)."""
     out: list[tuple[Path, str, tuple]] = []
@@ -172,7 +191,7 @@ def _expand(paths: Iterable[str | os.PathLike]) -> list[tuple[Path, str, tuple]]
         elif path.is_file():
             files = [(path, _format_of(path) or "parquet", ())]
         else:
-            raise DataError(f"no such file or directory: {path}")
+            raise DataError(f"no such file or directory: {path}{did_you_mean(path)}")
         for f, fmt, keys in files:
             real = f.resolve()
             if real not in seen:

@@ -92,11 +92,11 @@ class Scores:
 
 
 def _read_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
-    from streamrnn.data import DataError, read_parquet
+    from streamrnn.data import DataError, did_you_mean, read_parquet
 
     path = Path(path)
     if not path.exists():
-        raise EvaluationError(f"{path}: no such file")
+        raise EvaluationError(f"{path}: no such file{did_you_mean(path)}")
     if path.suffix.lower() in {".csv", ".tsv", ".txt"}:
         import pyarrow.csv as pacsv
 

@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 
-from streamrnn.data import read_parquet, write_whole  # noqa: E402
+from streamrnn.data import did_you_mean, read_parquet, write_whole  # noqa: E402
 from streamrnn.errors import StreamrnnError  # noqa: E402
 from streamrnn.evaluate import Labels, alert_episodes, load_labels  # noqa: E402
 
@@ -57,7 +57,7 @@ def rolling_std(x: np.ndarray, window: int) -> np.ndarray:
 def _read_scores(path: str | Path) -> pa.Table:
     path = Path(path)
     if not path.exists():
-        raise StreamrnnError(f"{path}: no such file")
+        raise StreamrnnError(f"{path}: no such file{did_you_mean(path)}")
     table = read_parquet(path)
     missing = {"stream", "ts", "score", "alert"} - set(table.column_names)
     if missing:

@@ -466,3 +466,20 @@ def test_daemon_set_with_an_unknown_name_names_it_and_the_valid_ones():
     assert "bootstrap" in out and "values_field" in out
     code, out = invoke("daemon", "--set", "threshold=0.9")
     assert code == 2 and "'threshold' is a scoring setting: put it under [scoring] in the --config" in out, out
+
+
+def test_a_missing_input_suggests_the_file_beside_it(data, monkeypatch):
+    # README's "streamrnn train history/" in the demo's directory, which holds history.parquet
+    monkeypatch.chdir(data)
+    pq.write_table(fleet_table(), data / "history.parquet")
+    code, out = invoke("train", "history/", "--out", "m2.safetensors")
+    assert code == 2 and "error: no such file or directory: history; did you mean history.parquet?" in out
+    code, out = invoke("replay", "liv.parquet", "--model", "m.safetensors", "--out", "s.parquet")
+    assert code == 2 and "no such file or directory: liv.parquet; did you mean live.parquet?" in out
+    code, out = invoke("evaluate", "live", "--labels", "x.parquet")
+    assert code == 2 and "live: no such file; did you mean live.parquet?" in out
+    code, out = invoke("plot", "histori.parquet", "--out-dir", "p")
+    assert code == 2 and "histori.parquet: no such file; did you mean history.parquet?" in out
+    code, out = invoke("train", "nothing-like-it", "--out", "m2.safetensors")
+    assert code == 2 and out.strip() == "error: no such file or directory: nothing-like-it"
+
