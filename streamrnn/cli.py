@@ -13,7 +13,8 @@ from streamrnn.errors import StreamrnnError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Streaming anomaly detection with recurrent networks compiled by Numba.")
-console = Console()
+# Lines are not cut at the terminal width (80 columns when piped): one record, one line, for grep and logs.
+console = Console(soft_wrap=True)
 
 
 def _fail(exc: Exception) -> None:

@@ -483,3 +483,13 @@ def test_a_missing_input_suggests_the_file_beside_it(data, monkeypatch):
     code, out = invoke("train", "nothing-like-it", "--out", "m2.safetensors")
     assert code == 2 and out.strip() == "error: no such file or directory: nothing-like-it"
 
+
+def test_output_lines_are_not_cut_at_80_columns(data):
+    # piped output was hard-wrapped by rich at 80 columns, splitting one record over two lines
+    r = runner.invoke(app, [str(a) for a in replay_args(data, "--out", data / "s.parquet")])
+    assert r.exit_code == 0, r.output
+    counters = [ln for ln in r.output.splitlines() if ln.startswith("counters")]
+    assert len(counters) == 1 and len(counters[0]) > 80 and counters[0].rstrip().endswith(tuple("0123456789"))
+    long_error = runner.invoke(app, ["evaluate", str(data / "s.parquet"), "--labels",
+                                     str(data / ("x" * 90 + ".parquet"))]).output
+    assert long_error.count("\n") == 1 and "no such file" in long_error
