@@ -9,6 +9,9 @@ A message value is one of
 - a JSON array of such objects (many events in one record: kafka-python's cost is per record);
 - an Arrow IPC stream whose columns are the stream id, the timestamp and the features.
 
+A ``--time-delta`` model's "dt" is no input: the detector derives it from the timestamps,
+so events carry the other features (see ``Decoder``'s ``derived``).
+
 The stream id falls back to the message key when the event has none. Field names are
 configurable (:class:`Format`). A message that cannot be decoded or validated is rejected
 as a whole with a reason; the daemon sends it, unchanged, to the dead-letter topic.
