@@ -40,7 +40,7 @@ from streamrnn.errors import StreamrnnError
 __all__ = [
     "DataError", "Schema", "EventBatch", "Source", "open_source", "check_outputs", "write_whole", "iter_events",
     "data_notes", "DATA_NOTES", "blank_id_error", "write_parquet", "parquet_writer", "read_parquet",
-    "read_error", "did_you_mean",
+    "read_error", "did_you_mean", "check_output_names",
     "EventIterator", "History", "load_history", "iter_history", "stream_counts", "Split",
     "split_by_time", "Scaler", "fit_scaler", "WindowSampler",
 ]
@@ -449,6 +449,22 @@ def write_whole(path: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+#: Names that promise a format, by what the tool writes in it.
+_NAMED_FORMATS = {"Parquet": _PARQUET_SUFFIXES, "text": (".csv", ".csv.gz", ".tsv", ".txt", ".json", ".jsonl"),
+                  "model": (".safetensors",), "PNG": (".png",), "checkpoint": (".npz",)}
+
+
+def check_output_names(outputs: dict[str, str | os.PathLike | None], writes: str, what: str,
+                       suffix: str) -> None:
+    """Refuse an output named like another format than the ``writes`` one (a model saved as
+    ``out.parquet``, Parquet bytes under ``scores.csv``): the next command would read it by
+    its name and fail far from the cause. ``what`` says what the command writes."""
+    for flag, p in outputs.items():
+        name = Path(p).name.lower() if p is not None else ""
+        if any(name.endswith(sfx) for kind, sfxs in _NAMED_FORMATS.items() if kind != writes for sfx in sfxs):
+            raise DataError(f"{flag} {p}: {what}; give the file a {suffix} name")
 
 
 def check_outputs(outputs: dict[str, str | os.PathLike | None],

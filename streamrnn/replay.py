@@ -26,8 +26,8 @@ import numpy as np
 import pyarrow as pa
 
 from streamrnn.alerts import Alert, alerts_to_arrow
-from streamrnn.data import (DataError, EventBatch, Schema, check_outputs, data_notes, iter_events, open_source,
-                            parquet_writer, write_parquet, write_whole)
+from streamrnn.data import (DataError, EventBatch, Schema, check_output_names, check_outputs, data_notes,
+                            iter_events, open_source, parquet_writer, write_parquet, write_whole)
 from streamrnn.errors import StreamrnnError
 from streamrnn.model import Model
 
@@ -283,7 +283,7 @@ def replay(paths: str | os.PathLike | Sequence[str | os.PathLike], model: Model 
     if batch_rows < 1:
         raise ReplayError(f"batch_rows must be at least 1, not {batch_rows}")
     check_outputs({"--out": out, "--alerts-out": alerts_out}, paths)
-    _check_parquet_names({"--out": out, "--alerts-out": alerts_out})
+    check_output_names({"--out": out, "--alerts-out": alerts_out}, "Parquet", "replay writes Parquet", ".parquet")
     model = detector.model if detector is not None else load_model(model)
     schema = schema_for(model, schema)
     source = open_source(paths, schema)
@@ -323,17 +323,6 @@ def replay(paths: str | os.PathLike | Sequence[str | os.PathLike], model: Model 
     return ReplayResult(alerts=alerts, counters=counters, n_events=n, seconds=seconds,
                         n_streams=len(det.table), scores_path=Path(out) if out is not None else None,
                         alerts_path=alerts_path, input_stats=dict(events.stats))
-
-
-#: Names that promise text: evaluate and plot read such a file as CSV.
-_TEXT_SUFFIXES = (".csv", ".csv.gz", ".tsv", ".txt", ".json", ".jsonl")
-
-
-def _check_parquet_names(outputs: dict[str, Any]) -> None:
-    """Replay writes Parquet; a file named like text would hold Parquet bytes under that name."""
-    for flag, p in outputs.items():
-        if p is not None and Path(p).name.lower().endswith(_TEXT_SUFFIXES):
-            raise ReplayError(f"{flag} {p}: replay writes Parquet; give the file a .parquet name")
 
 
 def _write_alerts(path: Path, alerts: list[Alert]) -> None:

@@ -703,12 +703,13 @@ def train(paths: Sequence[str | Path] | str | Path, out: str | Path, *, cell: st
 
 def _check_outputs(out: Path, report: str | Path | None, checkpoint: str | Path | None, paths) -> None:
     """Before reading any data: every file the run writes can be written and replaces no input."""
-    from streamrnn.data import check_outputs
+    from streamrnn.data import check_output_names, check_outputs
 
     ckpt = Path(checkpoint) if checkpoint is not None else out.with_name(out.name + ".ckpt.npz")
     outputs = {"--out": out, "--checkpoint": ckpt, "--report": report,
                "--report (its PNG)": Path(report).with_suffix(".png") if report is not None else None}
     check_outputs(outputs, paths)
+    check_output_names({"--out": out}, "model", "train writes a safetensors model", ".safetensors")
     for flag, p in outputs.items():
         if p is not None and not Path(p).parent.is_dir():
             raise TrainError(f"{flag} {p}: directory {Path(p).parent} does not exist")

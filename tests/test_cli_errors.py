@@ -493,3 +493,17 @@ def test_output_lines_are_not_cut_at_80_columns(data):
     long_error = runner.invoke(app, ["evaluate", str(data / "s.parquet"), "--labels",
                                      str(data / ("x" * 90 + ".parquet"))]).output
     assert long_error.count("\n") == 1 and "no such file" in long_error
+
+
+def test_train_output_named_like_another_format(data):
+    # README walk: "train ... --out out.parquet" wrote a safetensors model named out.parquet
+    for name in ("m.parquet", "m.csv", "m.json", "m.png", "m.npz"):
+        code, out = invoke("train", data / "live.parquet", "--out", data / name, "--no-progress")
+        assert code == 2 and f"--out {data / name}: train writes a safetensors model; give the file a " \
+                             ".safetensors name" in out, out
+        assert not (data / name).exists()
+    code, out = invoke(*replay_args(data, "--out", data / "s.safetensors"))
+    assert code == 2 and "replay writes Parquet; give the file a .parquet name" in out
+    code, out = invoke("train", data / "live.parquet", "--out", data / "model", "--epochs", "1", "--window", "8",
+                       "--no-progress")
+    assert code == 0 and Model.load(data / "model").feature_names == ["value"]  # no suffix: fine
