@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -22,6 +22,7 @@ class ProduceResult:
     messages: int
     events: int
     seconds: float
+    input_stats: dict = field(default_factory=dict)  # what reading the files did (replay --to-kafka)
 
 
 def _batch_arrays(batch):

@@ -186,6 +186,7 @@ def replay(paths: list[Path] = typer.Argument(..., help="Parquet/CSV files or di
            progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar.")) -> None:
     """Run the Detector over history in time order (or produce it to Kafka with --to-kafka)."""
     from streamrnn import replay as rp
+    from streamrnn.data import data_notes
 
     try:
         schema = _input_schema(features, stream_col, time_col, stream_id)
@@ -196,6 +197,9 @@ def replay(paths: list[Path] = typer.Argument(..., help="Parquet/CSV files or di
                                       batch_rows=batch_rows, progress=progress)
             _say(f"produced {sent.events:,} events in {sent.messages:,} messages to {topic} "
                  f"in {sent.seconds:.2f} s")
+            notes = data_notes(sent.input_stats)
+            if notes is not None:
+                _say(notes)
             return
         if model is None or out is None:
             raise StreamrnnError("replay needs --model and --out (or --to-kafka HOST:PORT --topic T)")

@@ -342,7 +342,8 @@ def replay_to_kafka(paths: str | os.PathLike | Sequence[str | os.PathLike], boot
 
     ``speed`` X replays at X times the original pace (``None``: as fast as possible). With a
     ``model``, its feature names select the columns. Returns what
-    ``daemon.producer.produce_events`` returns (its delivery report).
+    ``daemon.producer.produce_events`` returns (its delivery report), with ``input_stats``
+    saying what reading the files did (duplicates dropped, rows merged; see ``iter_events``).
     """
     from daemon.producer import produce_events  # Kafka stays out of the library's import path
     from streamrnn.detector import input_features
@@ -362,9 +363,12 @@ def replay_to_kafka(paths: str | os.PathLike | Sequence[str | os.PathLike], boot
             yield b
             bar.advance(len(b))
 
+    events = iter_events(source, batch_rows)
     with _Progress(progress, source.n_rows, f"to {topic}") as bar:
-        return produce_events(bootstrap, topic, counted(iter_events(source, batch_rows), bar),
-                              speed=speed, feature_names=names, **producer_options)
+        sent = produce_events(bootstrap, topic, counted(events, bar), speed=speed, feature_names=names,
+                              **producer_options)
+    sent.input_stats = dict(events.stats)
+    return sent
 
 
 def _check_bootstrap(bootstrap: str) -> None:

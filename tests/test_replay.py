@@ -163,6 +163,25 @@ def test_a_damaged_page_in_a_file_replay_wrote_is_one_error_naming_it(whole, tmp
         assert not (tmp_path / "again.parquet").exists()
 
 
+@pytest.mark.broker
+def test_to_kafka_sends_same_time_rows_as_one_event_and_says_so(tmp_path, kafka_broker):
+    from typer.testing import CliRunner
+
+    from streamrnn.cli import app
+
+    ids, ts, x = events()
+    extra = np.flatnonzero(ids == "host-05")[[3, 9, 9]]
+    write(tmp_path / "in.parquet", np.concatenate([ids, ids[extra]]), np.concatenate([ts, ts[extra]]),
+          np.concatenate([x, x[extra] + np.array([1.0, 2.0, 2.0])]))
+    model().save(tmp_path / "m.safetensors")
+    r = CliRunner().invoke(app, ["replay", str(tmp_path / "in.parquet"), "--model", str(tmp_path / "m.safetensors"),
+                                 "--to-kafka", kafka_broker.bootstrap, "--topic", "merged-rows", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert f"produced {S * T:,} events" in r.output
+    assert (f"data: {S * T + 3:,} rows read; 1 exact duplicate rows dropped; 2 rows merged into another of "
+            "their stream and timestamp (mean kept)") in r.output, r.output
+
+
 def test_feature_mapping_and_user_errors(tmp_path):
     ids, ts, x = events()
     pq.write_table(pa.table({"stream": ids, "ts": ts, "load": x}), tmp_path / "in.parquet")
