@@ -603,28 +603,31 @@ def _blank(ids: pa.Array) -> pa.Array:
     return pc.fill_null(pc.equal(pc.utf8_length(text.cast(pa.string())), 0), True)
 
 
-def blank_id_error(path: Path | str, col: str, batches: Iterable[pa.Array],
+def blank_id_error(path: Path | str, col: str, batches: Iterable[pa.Array], csv: bool = False,
                    shown: int = 5) -> DataError | None:
     """The error for rows without a stream id (null or empty) among ``batches`` of one
-    file's stream column, in file order; None when every row has one.
+    file's stream column, in file order; None when every row has one. A ``csv`` file's rows
+    are named by their line in the file (the header is line 1), as a text editor shows them.
 
     Such rows belong to no stream; dropping them would hide a broken export or a wrong
     ``--stream-col``, so train, replay and evaluate refuse the file and name the rows."""
     n_blank = offset = 0
+    first = 2 if csv else 1
     rows: list[int] = []
     for ids in batches:
         blank = _blank(ids)
         n = pc.sum(blank).as_py() or 0
         if n and len(rows) < shown:
-            rows += (offset + 1 + np.flatnonzero(np.asarray(blank))[:shown - len(rows)]).tolist()
+            rows += (offset + first + np.flatnonzero(np.asarray(blank))[:shown - len(rows)]).tolist()
         n_blank += n
         offset += len(ids)
     if not n_blank:
         return None
-    more = ", ..." if n_blank > len(rows) else ""
-    return DataError(f"{path}: stream column {col!r} is empty or null in {n_blank:,} rows (rows "
-                     f"{', '.join(map(str, rows))}{more}, counting data rows from 1); every row needs a "
-                     f"stream id: fill them in or drop those rows")
+    listed = ", ".join(map(str, rows)) + (", ..." if n_blank > len(rows) else "")
+    s = "s" if n_blank > 1 else ""
+    where = f"line{s} {listed}" if csv else f"row{s} {listed}, counting data rows from 1"
+    return DataError(f"{path}: stream column {col!r} is empty or null in {n_blank:,} row{s} ({where}); "
+                     f"every row needs a stream id: fill them in or drop those rows")
 
 
 def _stream_codes(arr: pa.Array, path: Path, col: str, names: _Names) -> np.ndarray | None:
@@ -778,7 +781,8 @@ class Source:
         """The error naming every row of ``f`` without a stream id (read again, unfiltered)."""
         col = self.schema.stream_col
         dataset = _dataset(f.path, f.fmt, {col: pa.string()} if f.fmt == "csv" else None, [col])
-        return blank_id_error(f.path, col, (rb.column(col) for rb in dataset.to_batches(columns=[col])))
+        return blank_id_error(f.path, col, (rb.column(col) for rb in dataset.to_batches(columns=[col])),
+                              csv=f.fmt == "csv")
 
     def _time_sorted(self, f: _File) -> bool:
         last = None

@@ -91,13 +91,17 @@ class Scores:
     alert: np.ndarray  # (E,) bool
 
 
+def _is_csv(path: Path) -> bool:
+    return path.suffix.lower() in {".csv", ".tsv", ".txt"}
+
+
 def _read_table(path: str | Path, columns: list[str] | None = None) -> pa.Table:
     from streamrnn.data import DataError, did_you_mean, read_parquet
 
     path = Path(path)
     if not path.exists():
         raise EvaluationError(f"{path}: no such file{did_you_mean(path)}")
-    if path.suffix.lower() in {".csv", ".tsv", ".txt"}:
+    if _is_csv(path):
         import pyarrow.csv as pacsv
 
         try:
@@ -177,7 +181,7 @@ def _check_stream_ids(table: pa.Table, path: str | Path) -> None:
     """Rows without a stream id are refused, as train and replay refuse them."""
     from streamrnn.data import blank_id_error
 
-    err = blank_id_error(path, "stream", table.column("stream").chunks)
+    err = blank_id_error(path, "stream", table.column("stream").chunks, csv=_is_csv(Path(path)))
     if err is not None:
         raise err
 

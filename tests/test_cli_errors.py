@@ -451,7 +451,10 @@ def test_rows_without_a_stream_id_are_refused_by_train_replay_and_evaluate(data)
     scores = scores.set_column(0, "stream", pa.array([""] + scores.column("stream").to_pylist()[1:]))
     pq.write_table(scores, data / "s2.parquet")
     code, out = invoke("evaluate", data / "s2.parquet", "--labels", data / "labels.parquet")
-    assert code == 2 and "s2.parquet: stream column 'stream' is empty or null in 1 rows (rows 1," in out, out
+    assert code == 2 and "s2.parquet: stream column 'stream' is empty or null in 1 row (row 1, counting" in out, out
+    (data / "labels.csv").write_text(f"stream,ts\ns0,{T0}\n,{T0}\n")
+    code, out = invoke("evaluate", data / "s.parquet", "--labels", data / "labels.csv")
+    assert code == 2 and "labels.csv: stream column 'stream' is empty or null in 1 row (line 3)" in out, out
     code, out = invoke(*replay_args(data, "--out", data / "s3.parquet", "--stream-col", "x", "--stream-id", ""))
     assert code == 2 and "the stream id for files without a stream column is empty" in out, out
 
