@@ -630,7 +630,7 @@ def blank_id_error(path: Path | str, col: str, batches: Iterable[pa.Array], csv:
                      f"every row needs a stream id: fill them in or drop those rows")
 
 
-def _stream_codes(arr: pa.Array, path: Path, col: str, names: _Names) -> np.ndarray | None:
+def _stream_codes(arr: pa.Array, names: _Names) -> np.ndarray | None:
     """Codes of the batch's ids; None when some row has no id (the caller names them)."""
     if arr.null_count:
         return None
@@ -761,7 +761,7 @@ class Source:
         if time_only:
             return _Chunk(np.empty(0, np.int64), ts, np.empty((n, 0)))
         if const_stream is None:
-            codes = _stream_codes(rb.column(s.stream_col), f.path, s.stream_col, self._names)
+            codes = _stream_codes(rb.column(s.stream_col), self._names)
             if codes is None:
                 raise self._blank_ids(f)
         else:
@@ -922,8 +922,8 @@ class EventIterator:
             raise DataError(f"batch_rows must be at least 1, not {batch_rows}")
         self.source = source
         self.batch_rows = batch_rows
-        self.stats: dict[str, Any] = {"rows_read": 0, "duplicates_dropped": 0, "conflicts_merged": 0, "events": 0,
-                                      "files": len(source._files), "unsorted_files": [],
+        self.stats: dict[str, Any] = {"rows_read": 0, "duplicates_dropped": 0, "conflicts_merged": 0,
+                                      "events": 0, "files": len(source._files), "unsorted_files": [],
                                       "max_buffered_rows": 0}
         self._gen = self._generate()
 
@@ -1015,18 +1015,17 @@ def iter_events(source: Source, batch_rows: int = 65536) -> EventIterator:
 
 #: What reading did to rows and values, as the stats of load_history and iter_events count it.
 DATA_NOTES = (("duplicates_dropped", "exact duplicate rows dropped"),
-               ("conflicts_merged", "rows merged into another of their stream and timestamp (mean kept)"),
-               ("nonfinite_values", "infinite values read as missing"),
-               ("missing_filled", "missing values filled"),
-               ("rows_dropped_missing", "rows dropped for missing values"),
-               ("gaps_split", "gaps split a stream"))
+              ("conflicts_merged", "rows merged into another of their stream and timestamp (mean kept)"),
+              ("nonfinite_values", "infinite values read as missing"),
+              ("missing_filled", "missing values filled"),
+              ("rows_dropped_missing", "rows dropped for missing values"),
+              ("gaps_split", "gaps split a stream"))
 
 
 def data_notes(stats: dict[str, Any]) -> str | None:
     """One line on rows the data preparation dropped, merged or filled (None: nothing)."""
     done = [f"{stats[k]:,} {what}" for k, what in DATA_NOTES if stats.get(k)]
     return f"data: {stats['rows_read']:,} rows read; " + "; ".join(done) if done else None
-
 
 
 # --------------------------------------------------------------------------- history
