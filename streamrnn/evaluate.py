@@ -183,7 +183,7 @@ def _check_stream_ids(table: pa.Table, path: str | Path) -> None:
 
     err = blank_id_error(path, "stream", table.column("stream").chunks, csv=_is_csv(Path(path)))
     if err is not None:
-        raise err
+        raise EvaluationError(str(err))
 
 
 def _flagged_rows(table: pa.Table, path: str | Path) -> pa.Table:

@@ -455,6 +455,9 @@ def test_rows_without_a_stream_id_are_refused_by_train_replay_and_evaluate(data)
     (data / "labels.csv").write_text(f"stream,ts\ns0,{T0}\n,{T0}\n")
     code, out = invoke("evaluate", data / "s.parquet", "--labels", data / "labels.csv")
     assert code == 2 and "labels.csv: stream column 'stream' is empty or null in 1 row (line 3)" in out, out
+    from streamrnn.evaluate import EvaluationError, load_labels
+    with pytest.raises(EvaluationError, match="empty or null in 1 row"):
+        load_labels(data / "labels.csv")
     code, out = invoke(*replay_args(data, "--out", data / "s3.parquet", "--stream-col", "x", "--stream-id", ""))
     assert code == 2 and "the stream id for files without a stream column is empty" in out, out
 
