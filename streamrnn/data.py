@@ -777,8 +777,9 @@ class Source:
         values += 0.0
         return _Chunk(codes, ts, values)
 
-    def _blank_ids(self, f: _File) -> DataError:
-        """The error naming every row of ``f`` without a stream id (read again, unfiltered)."""
+    def _blank_ids(self, f: _File) -> DataError | None:
+        """The error naming every row of ``f`` without a stream id (read again, unfiltered);
+        None when every row has one."""
         col = self.schema.stream_col
         dataset = _dataset(f.path, f.fmt, {col: pa.string()} if f.fmt == "csv" else None, [col])
         return blank_id_error(f.path, col, (rb.column(col) for rb in dataset.to_batches(columns=[col])),
@@ -1139,8 +1140,11 @@ def load_history(source: Source, *, missing: str = "ffill", max_gap_ms: int | No
     stream's previous kept event (0 for a segment's first event).
 
     ``streams`` restricts the load to those stream ids (memory then holds only their rows;
-    see :func:`iter_history`); each stream is prepared exactly as in a full load.
+    see :func:`iter_history`); each stream is prepared exactly as in a full load, and rows
+    of other streams without a stream id are refused as a full load refuses them.
     """
+    if streams is not None:
+        _check_stream_ids(source)
     return _prepare(source, missing, max_gap_ms, time_delta_feature, streams, check_features=True)
 
 
@@ -1180,6 +1184,16 @@ def _prepare(source: Source, missing: str, max_gap_ms: int | None, time_delta_fe
         raise DataError(f"no rows left after the {missing!r} missing-value policy in "
                         f"{', '.join(map(str, source.paths))}")
     return History(seg_ids, ts_list, val_list, features, stats)
+
+
+def _check_stream_ids(source: Source) -> None:
+    """Raise for rows without a stream id in any file: a read filtered to some streams
+    passes over them (iter_history's counting pass finds them instead)."""
+    for f in source._files:
+        if source._const_stream(f) is None:
+            error = source._blank_ids(f)
+            if error is not None:
+                raise error
 
 
 def _check_features_seen(all_nan: np.ndarray, source: Source) -> None:
