@@ -157,6 +157,10 @@ def load_labels(path: str | Path) -> Labels:
     """
     table = _read_table(path)
     names = set(table.column_names)
+    if _is_scores_table(names):
+        raise EvaluationError(f"{path} is a SCORES file (replay's output, with columns score and alert), not labels: "
+                              f"evaluate takes the SCORES file first and the labels (stream+ts points or "
+                              f"stream+start+end windows) with --labels")
     if "stream" not in names:
         raise EvaluationError(f"{path}: labels need a 'stream' column; found {sorted(names)}")
     _check_stream_ids(table, path)
@@ -175,6 +179,13 @@ def load_labels(path: str | Path) -> Labels:
         return labels
     raise EvaluationError(f"{path}: labels need columns stream+ts (points) or stream+start+end "
                           f"(windows); found {sorted(names)}")
+
+
+def _is_scores_table(names: set[str]) -> bool:
+    """Columns of replay's SCORES file and neither windows nor a per-event flag: read as
+    labels, every scored event would count as a label point."""
+    return ({"score", "alert"} <= names and not {"start", "end"} <= names
+            and not any(c in names for c in FLAG_COLUMNS))
 
 
 def _check_stream_ids(table: pa.Table, path: str | Path) -> None:
@@ -540,7 +551,12 @@ def evaluate_files(scores_path: str | Path, labels_path: str | Path, **options) 
     Labels of which none falls on a scored stream and time are an error: every measure would
     be n/a or zero, and the cause is nearly always a mismatch of ids or time units.
     """
-    scores, labels = load_scores(scores_path), load_labels(labels_path)
+    try:
+        scores = load_scores(scores_path)
+    except EvaluationError:
+        _refuse_swapped(scores_path, labels_path)
+        raise
+    labels = load_labels(labels_path)
     ev = evaluate(scores, labels, **options)
     n = len(labels.stream)
     if n and ev.unmatched_labels == n:
@@ -549,6 +565,26 @@ def evaluate_files(scores_path: str | Path, labels_path: str | Path, **options) 
             f"(label streams e.g. {_examples(labels.stream)}, scored {_examples(scores.stream)}; label "
             f"times {_time_span(labels.start)}, scored {_time_span(scores.ts)}): check the ids and the times")
     return ev
+
+
+def _column_names(path: Path) -> set[str]:
+    """A file's column names from its schema alone (none when it cannot be read)."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pacsv.open_csv(path).schema if _is_csv(path) else pq.read_schema(path)
+    except (pa.ArrowException, OSError):
+        return set()
+    return set(schema.names)
+
+
+def _refuse_swapped(scores_path: str | Path, labels_path: str | Path) -> None:
+    """Raise the message for the two files given the wrong way round (when they are)."""
+    if _is_scores_table(_column_names(Path(labels_path))):
+        raise EvaluationError(f"the files are the wrong way round: {labels_path} is the SCORES file (replay's "
+                              f"output) and {scores_path} is not: evaluate takes the SCORES file first and "
+                              f"the labels with --labels") from None
 
 
 def _examples(ids: np.ndarray, n: int = 2) -> str:

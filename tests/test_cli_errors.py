@@ -272,6 +272,11 @@ def test_labels_listing_every_event_with_a_flag_column(data):
     code2, only = invoke("evaluate", data / "s.parquet", "--labels", data / "only.parquet")
     assert code == code2 == 0 and "/1 label events detected" in only
     assert every == only
+    # the SCORES file as labels, and the two files the wrong way round
+    code, out = invoke("evaluate", data / "s.parquet", "--labels", data / "s.parquet")
+    assert code == 2 and "s.parquet is a SCORES file (replay's output" in out
+    code, out = invoke("evaluate", data / "only.parquet", "--labels", data / "s.parquet")
+    assert code == 2 and "wrong way round" in out and "s.parquet is the SCORES file" in out
     # labels in epoch seconds would match no event
     secs = scores.filter(pa.array(flagged))
     secs = secs.set_column(1, "ts", pa.array(secs.column("ts").cast(pa.int64()).to_numpy() // 1000))

@@ -159,6 +159,22 @@ def test_bad_label_files_give_one_clear_error(tmp_path):
         evaluate_files(tmp_path / "s.parquet", tmp_path / "bad.csv")
 
 
+def test_a_scores_file_is_refused_as_labels_and_swapped_files_are_named(tmp_path):
+    # replay's output given as --labels made every scored event a label point
+    sc = two_streams()
+    pq.write_table(pa.table({"stream": sc.stream.astype(str), "ts": sc.ts, "x": np.zeros(40), "pred_x": np.zeros(40),
+                             "score": sc.score, "alert": sc.alert}), tmp_path / "scores.parquet")
+    (tmp_path / "labels.csv").write_text("stream,ts\nA,5000\n")
+    with pytest.raises(EvaluationError, match=r"scores.parquet is a SCORES file \(replay's output"):
+        evaluate_files(tmp_path / "scores.parquet", tmp_path / "scores.parquet")
+    with pytest.raises(EvaluationError, match=r"wrong way round: \S*scores.parquet is the SCORES file"):
+        evaluate_files(tmp_path / "labels.csv", tmp_path / "scores.parquet")
+    # scores joined with a per-event flag column are labels (only the flagged rows)
+    flagged = pa.table({"stream": ["A"], "ts": [5000], "score": [0.5], "alert": [True], "label": [1]})
+    pq.write_table(flagged, tmp_path / "flagged.parquet")
+    assert load_labels(tmp_path / "flagged.parquet").stream.tolist() == ["A"]
+
+
 def test_f1_is_zero_when_nothing_alerts_and_undefined_without_labels():
     quiet = two_streams()
     quiet.alert[:] = False
