@@ -44,6 +44,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    from daemon.config import unknown_env_warnings
+
+    for line in unknown_env_warnings():
+        print(f"warning: {line}", file=sys.stderr)
     try:
         cfg = build_config(config=args.config, settings=args.settings, bootstrap=args.bootstrap, input=args.input,
                            alerts=args.alerts, model=args.model, group=args.group, state_dir=args.state_dir)

@@ -216,6 +216,16 @@ class DaemonConfig:
 
 _FIELDS = {f.name: f for f in fields(DaemonConfig)}
 _PLAIN = {n for n in _FIELDS if n not in ("scoring", "detector")}
+#: The environment variables :func:`load_config` reads.
+ENV_NAMES = frozenset(ENV_PREFIX + n.upper() for n in _PLAIN)
+
+
+def unknown_env_warnings(env: dict[str, str] | None = None) -> list[str]:
+    """A line for each ``STREAMRNN_*`` variable of ``env`` (default ``os.environ``) that
+    neither the daemon nor the library reads."""
+    from streamrnn.environment import unknown_env_messages
+
+    return unknown_env_messages(os.environ if env is None else env, ENV_NAMES)
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:

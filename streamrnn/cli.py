@@ -24,6 +24,15 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(code=2)
 
 
+@app.callback()
+def _check_environment() -> None:
+    # Before every command: a misspelt STREAMRNN_* variable would be ignored without a word.
+    from daemon.config import unknown_env_warnings
+
+    for line in unknown_env_warnings():
+        typer.echo(f"warning: {line}", err=True)
+
+
 def _say(line: str, highlight: bool = True) -> None:
     """Print a line of plain text (stream ids and paths may hold brackets rich would eat)."""
     console.print(line, markup=False, highlight=highlight)

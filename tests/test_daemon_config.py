@@ -112,3 +112,27 @@ def test_cli_daemon_reports_unreachable_input_topic(tmp_path, model_file, kafka_
                                    "--state-dir", str(tmp_path)])
     assert res.exit_code == 2, res.output
     assert "do not exist" in res.output and "--to-kafka" in res.output
+
+
+def test_unknown_streamrnn_variables_are_named_with_their_close_matches():
+    # A misspelt variable was ignored without a word and its setting kept the default.
+    from daemon.config import unknown_env_warnings
+
+    env = {"STREAMRNN_LINGERMS": "3", "STREAMRNN_FASTMAHT": "0", "STREAMRNN_GROUP": "g", "STREAMRNN_PANEL": "16",
+           "STREAMRNN_ZZZ": "1", "PATH": "/bin", "STREAMRNNX": "1"}
+    lines = unknown_env_warnings(env)
+    assert len(lines) == 3
+    assert lines[0].startswith("environment variable STREAMRNN_FASTMAHT is not a streamrnn setting and is ignored; "
+                               "did you mean STREAMRNN_FASTMATH?")
+    assert lines[1].endswith("STREAMRNN_LINGERMS is not a streamrnn setting and is ignored; "
+                             "did you mean STREAMRNN_LINGER_MS?")
+    assert "STREAMRNN_ZZZ" in lines[2] and "STREAMRNN_<daemon setting>" in lines[2]
+    assert unknown_env_warnings({"STREAMRNN_SPLIT": "0", "STREAMRNN_BOOTSTRAP": "h:1"}) == []
+
+
+def test_every_command_warns_of_an_unknown_streamrnn_variable(tmp_path):
+    result = CliRunner().invoke(app, ["inspect", str(tmp_path / "absent.safetensors")],
+                                env={"STREAMRNN_BOOTSTRAPP": "127.0.0.1:9092"})
+    assert result.exit_code == 2
+    assert "warning: environment variable STREAMRNN_BOOTSTRAPP is not a streamrnn setting" in result.output
+    assert "did you mean STREAMRNN_BOOTSTRAP?" in result.output
