@@ -40,14 +40,17 @@ def _say(line: str, highlight: bool = True) -> None:
 
 @app.command()
 def inspect(model: Path = typer.Argument(..., help="A streamrnn model file (.safetensors).")) -> None:
-    """Print a model file's architecture and metadata as JSON."""
+    """Print a model file's architecture and metadata as JSON, and the features a caller supplies."""
+    from streamrnn.detector import describe_inputs
     from streamrnn.model import Model
 
     try:
         m = Model.load(model)
+        inputs = describe_inputs(m)
     except StreamrnnError as exc:
         _fail(exc)
     info = m.metadata()
+    info.update(inputs)
     info["state_floats_per_stream"] = m.state_width
     info["flops_per_event"] = m.flops_per_event()
     console.print_json(json.dumps(info))

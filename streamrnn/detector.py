@@ -29,14 +29,18 @@ from streamrnn.state import Column, StreamTable
 #: - ``scored``: events that got a score (applied and with a prediction);
 #: - ``missing``: events with a NaN/inf/missing value (not applied; the state is untouched);
 #: - ``late_dropped``: events older than their stream's last applied event (policy "drop");
+#: - ``same_ts_dropped``: events at their stream's last applied timestamp (``same_timestamp``
+#:   "drop"): the first value of an instant stands;
 #: - ``replay_skipped``: events whose offset the stream had already applied;
 #: - ``gap_resets``: events after a gap longer than ``max_gap_ms`` (state reset or decayed);
 #: - ``cold_starts``: first events of new streams (no prediction yet, not scored);
 #: - ``scale_drift``: times a stream's inputs moved outside the training range (RMS over
 #:   ``drift_factor`` scaler units); see :meth:`Detector.drifted_streams`;
-#: - ``alerts_opened`` / ``alerts_closed``: alert episodes opened and closed.
+#: - ``alerts_opened`` / ``alerts_closed``: alert episodes opened and closed;
+#: - ``scaler_fitting``: events a stream spent fitting its own scaler (not scored).
 COUNTERS = ("events", "scored", "missing", "late_dropped", "replay_skipped", "gap_resets",
-            "cold_starts", "scale_drift", "alerts_opened", "alerts_closed", "scaler_fitting")
+            "cold_starts", "scale_drift", "alerts_opened", "alerts_closed", "scaler_fitting",
+            "same_ts_dropped")
 _COUNTER_INDEX = {name: i for i, name in enumerate(COUNTERS[1:])}
 _TS_NONE = np.iinfo(np.int64).min
 #: Alerts name at most this many contributing features.
@@ -123,6 +127,17 @@ def input_features(model) -> list[str]:
     """The features a caller supplies: the model's, without the one the Detector derives."""
     names = list(model.feature_names)
     return names if time_delta_column(model) is None else names[:-1]
+
+
+def describe_inputs(model) -> dict:
+    """What a caller of replay, the daemon or :meth:`Detector.process` supplies for ``model``,
+    and what the Detector derives (``streamrnn inspect`` prints it)."""
+    out: dict = {"input_features": input_features(model)}
+    if time_delta_column(model) is not None:
+        out["derived_features"] = {TIME_DELTA_FEATURE: (
+            "seconds since the stream's previous event (--time-delta): derived from the timestamps by "
+            "replay, the daemon and Detector.process, not supplied (a given one is replaced)")}
+    return out
 
 
 def _training_gap_default(model, config: ScoringConfig) -> ScoringConfig:
@@ -483,4 +498,5 @@ def _ids_at(stream_ids, idx: np.ndarray) -> list[str]:
     return [str(stream_ids[i]) for i in idx.tolist()]
 
 
-__all__ = ["COUNTERS", "Detector", "ScoredBatch", "TIME_DELTA_FEATURE", "input_features", "time_delta_column"]
+__all__ = ["COUNTERS", "Detector", "ScoredBatch", "TIME_DELTA_FEATURE", "describe_inputs", "input_features",
+           "time_delta_column"]

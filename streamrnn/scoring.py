@@ -104,6 +104,7 @@ DEFAULT_THRESHOLD = 0.6
 MAX_CALIBRATED = 0.999
 GAP_POLICIES = ("reset", "decay")
 OUT_OF_ORDER_POLICIES = ("drop", "accept")
+SAME_TIMESTAMP_POLICIES = ("drop", "apply")
 
 
 class ScoringConfigError(StreamrnnError):
@@ -135,6 +136,9 @@ class ScoringConfig:
     max_gap_ms: int | None = None
     gap_policy: str = "reset"
     out_of_order: str = "drop"
+    # An event at its stream's last applied timestamp: "drop" (counted ``same_ts_dropped``;
+    # (stream, ts) is one event, as training and replay merge it) or "apply" (a second step).
+    same_timestamp: str = "drop"
     error_alpha: float = 0.01
     short_alpha: float = 0.2
     range_alpha: float = 0.01  # how fast the normal value range widens; 0 turns the range term off
@@ -199,6 +203,8 @@ class ScoringConfig:
             bad(f"gap_policy must be one of {', '.join(GAP_POLICIES)}; got {self.gap_policy!r}")
         if self.out_of_order not in OUT_OF_ORDER_POLICIES:
             bad(f"out_of_order must be one of {', '.join(OUT_OF_ORDER_POLICIES)}; got {self.out_of_order!r}")
+        if self.same_timestamp not in SAME_TIMESTAMP_POLICIES:
+            bad(f"same_timestamp must be one of {', '.join(SAME_TIMESTAMP_POLICIES)}; got {self.same_timestamp!r}")
         for name in ("error_alpha", "short_alpha"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and 0.0 < v <= 1.0):
@@ -281,6 +287,7 @@ class ResolvedScoring:
         ip[K.I_LEARN] = int(c.learn_during_alert)
         ip[K.I_GAP_DECAY] = int(c.gap_policy == "decay")
         ip[K.I_ACCEPT_LATE] = int(c.out_of_order == "accept")
+        ip[K.I_APPLY_SAME_TS] = int(c.same_timestamp == "apply")
         ip[K.I_HAS_OFFSETS] = int(has_offsets)
         ip[K.I_DYNAMIC] = int(c.dynamic)
         ip[K.I_DYN_REFRESH] = c.dynamic_refresh

@@ -173,7 +173,8 @@ def test_snapshot_restored_in_another_process_continues_identically(tmp_path):
 
 # ---------------------------------------------------------------- awkward data and decisions
 def _awkward(n_streams, length, seed):
-    """Per-stream events with NaNs, a late event, a long gap, replayed offsets and a spike."""
+    """Per-stream events with NaNs, a late event, a long gap, replayed offsets, a repeated
+    timestamp and a spike."""
     rng = np.random.default_rng(seed)
     events = {}
     for i in range(n_streams):
@@ -187,6 +188,7 @@ def _awkward(n_streams, length, seed):
         ts[late] = ts[late - 2] - 1  # older than the event before it
         rep = int(rng.integers(3, length))
         off[rep] = off[rep - 2]  # a replayed offset
+        ts[4 + 3 * i] = ts[3 + 3 * i]  # the previous event's timestamp again
         events[f"s{i}"] = [(x[k], ts[k], off[k]) for k in range(length)]
     return events
 
@@ -241,7 +243,7 @@ def test_awkward_data_and_alerts_do_not_depend_on_batching(seed, n_cuts):
         assert got[1].get(sid) == ref[1].get(sid)
     assert got[2] == ref[2]
     c = ref[2]
-    assert c["missing"] == 12 and c["late_dropped"] >= 1 and c["replay_skipped"] >= 1
+    assert c["missing"] == 12 and c["late_dropped"] >= 1 and c["replay_skipped"] >= 1 and c["same_ts_dropped"] >= 1
     assert c["gap_resets"] == 6 and c["cold_starts"] == 6 and c["alerts_opened"] >= 1
     assert c["events"] == 180
 
@@ -280,7 +282,49 @@ def test_out_of_order_events_dropped_or_accepted():
     acc = Detector(model, out_of_order="accept")
     assert acc.process(["a"] * 5, x, ts).applied.all() and acc.counters["late_dropped"] == 0
     assert np.array_equal(acc.process(["a"], [[0.6]], [5000]).prediction,
-                          Detector(model).process(["a"] * 6, np.r_[x, [[0.6]]], np.r_[ts[:3], 3000, 4000, 5000]).prediction[-1:])
+                          Detector(model).process(["a"] * 6, np.r_[x, [[0.6]]], np.r_[ts[:3], 3500, 4000, 5000]).prediction[-1:])
+
+
+def test_event_at_the_streams_last_timestamp_is_dropped_and_counted():
+    model = Model.random("gru", n_features=1, hidden=[8], seed=26)
+    x = np.array([[0.1], [0.2], [0.9], [0.3], [0.3], [0.4]])
+    ts = np.array([1000, 2000, 2000, 3000, 3000, 4000])
+    det = Detector(model, warmup=0)
+    out = det.process(["a"] * 6, x, ts)
+    assert out.applied.tolist() == [True, True, False, True, False, True]
+    assert np.isnan(out.score[[2, 4]]).all() and det.counters["same_ts_dropped"] == 2
+    # The first value of an instant stands: as if only the distinct timestamps had come.
+    once = Detector(model, warmup=0).process(["a"] * 4, x[[0, 1, 3, 5]], ts[[0, 1, 3, 5]])
+    for name in ("prediction", "error", "score"):
+        assert np.array_equal(getattr(out, name)[[0, 1, 3, 5]], getattr(once, name), equal_nan=True), name
+    # "apply" steps on each, as events at distinct timestamps would (no max_gap_ms: ts unused).
+    both = Detector(model, warmup=0, same_timestamp="apply")
+    got = both.process(["a"] * 6, x, ts)
+    apart = Detector(model, warmup=0).process(["a"] * 6, x, ts + np.arange(6))
+    assert got.applied.all() and both.counters["same_ts_dropped"] == 0
+    for name in ("prediction", "error", "score"):
+        assert np.array_equal(getattr(got, name), getattr(apart, name), equal_nan=True), name
+
+
+def test_same_timestamp_rule_beside_missing_values_late_events_and_offsets():
+    model = Model.random("gru", n_features=1, hidden=[8], seed=26)
+    # A missing value does not take its instant: the finite one after it at that ts applies.
+    det = Detector(model)
+    out = det.process(["a"] * 3, np.array([[0.1], [np.nan], [0.2]]), np.array([1000, 2000, 2000]))
+    assert out.applied.tolist() == [True, False, True] and det.counters["same_ts_dropped"] == 0
+    # Out of order accepted: an older ts applies, the last applied one (the latest) does not.
+    acc = Detector(model, out_of_order="accept")
+    out = acc.process(["a"] * 4, np.array([[0.1], [0.2], [0.3], [0.4]]), np.array([1000, 3000, 2000, 3000]))
+    assert out.applied.tolist() == [True, True, True, False] and acc.counters["same_ts_dropped"] == 1
+    # Redelivered offsets stay replay_skipped; a retried message under a new offset is a
+    # same-timestamp event; across micro-batches alike.
+    det = Detector(model)
+    det.process(["a", "a"], np.array([[0.1], [0.2]]), np.array([1000, 2000]), np.array([5, 6]))
+    again = det.process(["a"] * 4, np.array([[0.1], [0.2], [0.2], [0.3]]),
+                        np.array([1000, 2000, 2000, 3000]), np.array([5, 6, 7, 8]))
+    assert again.applied.tolist() == [False, False, False, True]
+    assert det.counters["replay_skipped"] == 2 and det.counters["same_ts_dropped"] == 1
+    assert det.table.column("last_offset")[det.table.lookup(["a"])[0]] == 8
 
 
 def test_gap_reset_starts_the_stream_afresh_and_decay_shrinks_the_state():
@@ -714,6 +758,9 @@ def test_time_delta_rules_at_edges():
     # A late event the config accepts gets dt 0 (training sorted its rows: never negative).
     late = Detector(model, out_of_order="accept").process(["a"] * 3, x[[0, 1, 3]], t0 + np.array([0, 2000, 1000]))
     assert late.values[:, 2].tolist() == [0.0, 2.0, 0.0]
+    # An event at the last applied ts is not applied (dt NaN); the next counts from the kept one.
+    same = Detector(model).process(["a"] * 4, x[[0, 1, 3, 5]], t0 + np.array([0, 1500, 1500, 2750]))
+    assert np.array_equal(same.values[:, 2], [0.0, 1.5, np.nan, 1.25], equal_nan=True)
     # A model trained without --max-gap-ms: no gap restarts dt.
     nogap = Detector(_td_model(seed=43, max_gap_ms=None))
     assert nogap.config.max_gap_ms is None
@@ -733,6 +780,23 @@ def test_time_delta_given_dt_column_is_replaced_and_bad_shapes_say_what_is_deriv
     one = Model.random("gru", n_features=2, hidden=[4], feature_names=["value", "dt"],
                        training={"hyper_parameters": {"time_delta": True}})
     assert Detector(one).process(["a", "a"], np.array([1.0, 2.0]), np.array([0, 3000])).values[1].tolist() == [2.0, 3.0]
+
+
+def test_inspect_names_the_features_a_caller_supplies_and_the_derived_dt(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from streamrnn.cli import app
+
+    _td_model(seed=45).save(tmp_path / "td.safetensors")
+    Model.random("gru", n_features=2, hidden=[4], feature_names=["a", "dt"]).save(tmp_path / "plain.safetensors")
+    runner = CliRunner()
+    td = json.loads(runner.invoke(app, ["inspect", str(tmp_path / "td.safetensors")]).output)
+    assert td["input_features"] == ["a", "b"] and td["feature_names"] == ["a", "b", "dt"]
+    assert list(td["derived_features"]) == ["dt"] and "derived from the timestamps" in td["derived_features"]["dt"]
+    plain = json.loads(runner.invoke(app, ["inspect", str(tmp_path / "plain.safetensors")]).output)
+    assert plain["input_features"] == ["a", "dt"] and "derived_features" not in plain
 
 
 def test_time_delta_is_read_from_the_training_record_only():

@@ -274,7 +274,7 @@ def test_config_from_dict_rejects_unknown_and_bad_values():
     with pytest.raises(ScoringConfigError, match="unknown \\[scoring\\] setting.*treshold"):
         ScoringConfig.from_dict({"treshold": 0.5})
     for bad in ({"method": "zscore"}, {"threshold": 4.0}, {"warmup": -1}, {"gap_policy": "skip"},
-                {"out_of_order": "keep"}, {"error_alpha": 0.0}, {"max_gap_ms": 0},
+                {"out_of_order": "keep"}, {"same_timestamp": "first"}, {"error_alpha": 0.0}, {"max_gap_ms": 0},
                 {"threshold": 0.2, "lower_threshold": 0.3}, {"dynamic": "yes"}):
         with pytest.raises(ScoringConfigError, match=r"\[scoring\]"):
             ScoringConfig.from_dict(bad)

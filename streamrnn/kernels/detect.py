@@ -5,11 +5,12 @@ as in ``kernels.stream.step_events``, split by stream: chunk c owns the streams 
 ``slot % n_chunks == c`` and walks their events wave by wave, all chunks in one parallel
 region (no barrier per wave). Within a chunk, runs of up to TILE_ROWS events of distinct
 streams form a tile: each event is first handled against its stream's columns (duplicate
-offsets, missing values, late events, gaps, the per-stream scaler, the score, warm-up and
-hysteresis, the learn-during-alert substitution), then the tile's applied rows step
-together. Every per-stream quantity lives in a StreamTable column and is updated in the
-stream's event order by the same code, so results do not depend on how a stream's events
-are split into batches, chunks or tiles, or interleaved with others.
+offsets, missing values, late events, events at the stream's last timestamp, gaps, the
+per-stream scaler, the score, warm-up and hysteresis, the learn-during-alert substitution),
+then the tile's applied rows step together. Every per-stream quantity lives in a
+StreamTable column and is updated in the stream's event order by the same code, so results
+do not depend on how a stream's events are split into batches, chunks or tiles, or
+interleaved with others.
 """
 
 from __future__ import annotations
@@ -36,14 +37,16 @@ F_THRESHOLD, F_LOWER, F_ALPHA, F_SHORT_ALPHA, F_MAX_GAP, F_DRIFT, F_PRIOR_MEAN, 
 N_FPARAMS = 16
 # Indices into the integer parameter vector.
 I_METHOD, I_WARMUP, I_CLOSE_AFTER, I_LEARN, I_GAP_DECAY, I_ACCEPT_LATE, I_HAS_OFFSETS, \
-    I_DYNAMIC, I_DYN_REFRESH, I_RELEARN, I_RANGE_WARMUP, I_REPEATS, I_FIT_EVENTS, I_DERIVE_DT = range(14)
-N_IPARAMS = 14
+    I_DYNAMIC, I_DYN_REFRESH, I_RELEARN, I_RANGE_WARMUP, I_REPEATS, I_FIT_EVENTS, I_DERIVE_DT, \
+    I_APPLY_SAME_TS = range(15)
+N_IPARAMS = 15
 # Columns of the per-stream ``rep`` state: the current run of repeated values, and the
 # repeats and comparisons among learnt events (the stream's own rate of repeats).
 R_RUN, R_COUNT, R_N = range(3)
 # Indices into the counters vector (names in streamrnn.detector.COUNTERS, same order).
-C_SCORED, C_MISSING, C_LATE, C_REPLAY, C_GAP, C_COLD, C_DRIFT, C_OPENED, C_CLOSED, C_FITTING = range(10)
-N_COUNTERS = 10
+C_SCORED, C_MISSING, C_LATE, C_REPLAY, C_GAP, C_COLD, C_DRIFT, C_OPENED, C_CLOSED, C_FITTING, \
+    C_SAME_TS = range(11)
+N_COUNTERS = 11
 #: Error statistics are updated with errors clipped to mean - CLIP_LOW sd .. mean + CLIP_HIGH sd.
 CLIP_LOW, CLIP_HIGH = 2.0, 4.0
 #: Events a stream's input statistics need before scale drift is judged.
@@ -387,6 +390,11 @@ def _detect_list(lo, hi, ev, sl, x, ts, offsets, fp, ip, xs, state, pred, x_mean
             prev_ts = last_ts[s]
             if prev_ts != _TS_NONE and ts[e] < prev_ts and ip[I_ACCEPT_LATE] == 0:
                 cnt[C_LATE] += 1
+                continue
+            if ts[e] == prev_ts and ip[I_APPLY_SAME_TS] == 0:
+                # (stream, ts) is one event, as in training and replay: the first applied
+                # value of an instant stands (live, a later one cannot be waited for).
+                cnt[C_SAME_TS] += 1
                 continue
             scoreable = np.isfinite(pred[s, 0])
             if dt_col < n_feat:
