@@ -177,7 +177,7 @@ class Daemon:
         self.cfg = config
         self.metrics = Metrics()
         self.counts = {"consumed": 0, "decoded": 0, "dead_lettered": 0, "events": 0, "events_skipped": 0,
-                       "alerts": 0, "checkpoints": 0}
+                       "same_ts_dropped": 0, "alerts": 0, "checkpoints": 0}
         self.tasks: dict[tuple[str, int], Task] = {}
         self._stop = threading.Event()
         self._sends = _SendCounter()
@@ -547,6 +547,7 @@ class Daemon:
         if len(dec):
             det = task.detector
             before = det.count("replay_skipped")
+            same_before = det.count("same_ts_dropped")
             for res in score_batch(det, dec, offsets):
                 if isinstance(res, Rejected):  # refused by the detector: its whole message
                     self._dead_letter(records[res.index], res.reason)
@@ -565,6 +566,10 @@ class Daemon:
             if skipped:
                 self.counts["events_skipped"] += skipped
                 self.metrics.events_skipped.inc(skipped)
+            same = det.count("same_ts_dropped") - same_before
+            if same:
+                self.counts["same_ts_dropped"] += same
+                self.metrics.events_same_ts.inc(same)
         task.next_offset = offsets[-1] + 1
         task.events_since += n
         self._events_since_ckpt += n

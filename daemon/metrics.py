@@ -26,6 +26,8 @@ class Metrics:
                               registry=r)
         self.events_skipped = Counter("streamrnn_events_replay_skipped_total",
                                       "Events already applied before a restart (skipped)", registry=r)
+        self.events_same_ts = Counter("streamrnn_events_same_ts_dropped_total",
+                                      "Events at their stream's last applied timestamp (not applied)", registry=r)
         self.dead_letters = Counter("streamrnn_dead_letters_total", "Messages sent to the dead-letter topic",
                                     registry=r)
         self.alerts = Counter("streamrnn_alerts_total", "Alert records produced", ["kind"], registry=r)

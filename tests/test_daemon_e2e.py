@@ -267,6 +267,52 @@ def test_backpressure_pauses_input_and_scores_topic_gets_every_event(kafka_broke
         assert rec == want[(k.decode(), rec["ts"])]
 
 
+def _finite_or_none(v):
+    """A float as the scores topic encodes it: non-finite (and missing) as null."""
+    return v if v is not None and np.isfinite(v) else None
+
+
+def test_a_retried_message_scores_as_replay_of_the_same_rows(kafka_broker, model_path, events, tmp_path):
+    """A producer retry (the same event again under a new offset) is one event, as replay
+    makes it: the daemon's alerts and scores equal replay's on the same rows, duplicates and all."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from streamrnn.replay import replay
+
+    topic, alerts, scores = unique("in"), unique("alerts"), unique("scores")
+    create_topic(kafka_broker.bootstrap, topic, 2)
+    retried = set(range(100, len(events[0]), 150))
+    rows = [i for i in range(len(events[0])) for _ in range(2 if i in retried else 1)]  # the copy right after
+    ids, ts, x = (np.asarray(events[0])[rows].tolist(), events[1][rows], events[2][rows])
+    sent = event_messages((ids, ts, x))
+    confluent_produce(kafka_broker.bootstrap, topic, sent)
+    run = Running(kafka_broker.bootstrap, model_path, tmp_path, topic=topic, alerts=alerts, scores=scores)
+    run.wait_consumed(len(sent))
+    counts = run.stop()
+    assert counts["events"] == len(sent) and counts["same_ts_dropped"] == len(retried)
+    assert run.daemon.metrics.events_same_ts._value.get() == len(retried)
+
+    src, out = tmp_path / "sent.parquet", tmp_path / "scores.parquet"
+    pq.write_table(pa.table({"stream": ids, "ts": pa.array(ts, pa.timestamp("ms", tz="UTC")), "value": x[:, 0]}), src)
+    ref = replay(src, model_path, out, config=ScoringConfig.from_dict(SCORING), progress=False)
+    assert ref.counters["duplicates_dropped"] == len(retried)
+    assert alert_records(read_alerts(kafka_broker.bootstrap, alerts)) == alert_records(ref.alerts)
+    table = pq.read_table(out)
+    want = {}
+    for sid, t, score, alert, pred in zip(table["stream"].to_pylist(), table["ts"].cast(pa.int64()).to_pylist(),
+                                          table["score"].to_pylist(), table["alert"].to_pylist(),
+                                          table["pred_value"].to_pylist()):
+        want[(sid, t)] = {"stream": sid, "ts": t, "score": _finite_or_none(score), "alert": alert,
+                          "predicted": {"value": _finite_or_none(pred)}}
+    got = {}
+    for _, v, *_ in read_topic(kafka_broker.bootstrap, scores):  # all of them, to the end
+        rec = msgspec.json.decode(v)
+        assert (rec["stream"], rec["ts"]) not in got, "one score per (stream, ts)"
+        got[(rec["stream"], rec["ts"])] = rec
+    assert got == want
+
+
 def test_prefetch_puts_the_next_fetch_in_flight_with_the_pinned_client(kafka_broker, model_path, tmp_path):
     """kafka-python returns from a poll that waited for its records with no fetch in flight;
     the loop's prefetch (the fetcher's request handed to the I/O thread) sends one and returns
