@@ -302,7 +302,10 @@ class Detector:
         D == 1 in raw units (NaN = missing), ``timestamps`` (E,) epoch milliseconds,
         ``offsets`` (E,) int64 input offsets, optional: an event whose offset is not above
         its stream's last applied offset is skipped (it was applied before a restart).
-        Each stream's events are applied in the order given; streams may interleave.
+        Each stream's events are applied in the order given; streams may interleave. An event
+        at its stream's last applied timestamp is not applied (``same_ts_dropped``; the
+        config's ``same_timestamp = "apply"`` steps on it): training and replay make one
+        event of a (stream, ts), and live the first value stands.
 
         A model trained with ``--time-delta`` (:func:`time_delta_column`) takes the other
         features, (E, D-1) (:func:`input_features`), and the Detector derives its last feature
