@@ -53,6 +53,7 @@ from daemon.fastpoll import FetchState, send_fetches_without_waiting, skip_known
 from daemon.fastrecords import parse_records_fast
 from daemon.metrics import HealthServer, Metrics, setup_logging
 from streamrnn.alerts import encode_alert
+from streamrnn.compiling import compiling_message, on_first_compile
 from streamrnn.detector import Detector, input_features
 from streamrnn.errors import StreamrnnError
 from streamrnn.model import Model
@@ -77,6 +78,12 @@ class _ScoreRecord(msgspec.Struct, gc=False):
 
 def _info(msg: str, **fields) -> None:
     log.info(msg, extra={"fields": fields})
+
+
+class _StoppedWhileStarting(BaseException):
+    """Raised by the signal handler before the daemon connects (while it compiles, mostly):
+    there is nothing to checkpoint yet. A BaseException, so no ``except Exception`` in the
+    compiler takes it for a failed compile."""
 
 
 @dataclass
@@ -194,6 +201,7 @@ class Daemon:
         self._model_stamp = None
         self._next_reload = 0.0
         self.ready = threading.Event()
+        self._starting = True  # until the loop connects: a signal then stops at once
         self.first_batch_at: float | None = None  # perf_counter of the first and latest batch
         self.last_batch_at: float | None = None
 
@@ -207,14 +215,22 @@ class Daemon:
         cfg = self.cfg
         if install_signals and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: self.stop())
+                signal.signal(sig, self._on_signal)
         _info("starting", config=cfg.redacted(), pid=os.getpid())
         switch = sys.getswitchinterval()
         sys.setswitchinterval(cfg.switch_interval_ms / 1000)  # see DaemonConfig.switch_interval_ms
         try:
             return self._run()
+        except _StoppedWhileStarting:
+            _info("stopped while starting: nothing to checkpoint")
+            return 0
         finally:
             sys.setswitchinterval(switch)
+
+    def _on_signal(self, *_) -> None:
+        self.stop()
+        if self._starting:
+            raise _StoppedWhileStarting
 
     def _run(self) -> int:
         cfg = self.cfg
@@ -222,7 +238,11 @@ class Daemon:
         self._model_stamp = self._stamp()
         self._set_threads()
         self.decoder = self._decoder_for(self.model)
-        self._warm_up()
+        with on_first_compile(lambda: _info(compiling_message("the kernels", "1-2 minutes on 2 cores"))):
+            self._warm_up()
+        self._starting = False
+        if self._stop.is_set():  # stopped before the flag fell (or by stop() from a thread)
+            raise _StoppedWhileStarting
         gc.freeze()  # start-up objects (model, kernels, clients) leave the GC's scans
         if cfg.metrics_port:
             self.health = HealthServer(self.metrics, cfg.metrics_host, cfg.metrics_port)

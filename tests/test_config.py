@@ -83,3 +83,25 @@ def test_kernel_weight_tuples_have_one_type_for_every_depth_up_to_four():
     deep = Model.random(cell="gru", n_features=2, hidden=[4] * 5).packed
     assert [len(t) for t in deep.kernel_args()[4:9]] == [5] * 5
     assert all(w is p for w, p in zip(deep.wx, deep.kernel_args()[4]))
+
+
+def test_on_first_compile_fires_once_and_only_for_a_compile():
+    from numba import njit
+
+    from streamrnn.compiling import on_first_compile
+
+    @njit(cache=False)
+    def add(a, b):
+        return a + b
+
+    calls = []
+    with on_first_compile(lambda: calls.append(1)):
+        pass
+    assert calls == []
+    with on_first_compile(lambda: calls.append(1)):
+        add(1, 2)
+        add(1.0, 2.0)  # a second compile in the same block says nothing more
+    assert calls == [1]
+    with on_first_compile(lambda: calls.append(2)):
+        add(3, 4)  # compiled already: nothing to say
+    assert calls == [1]

@@ -50,6 +50,27 @@ def _stopped_counts(log_path):
     return [r["counts"] for r in log_lines(log_path) if r.get("msg") == "stopped"][-1]
 
 
+def test_sigterm_while_compiling_on_a_cold_cache_exits_at_once(model_path, tmp_path, monkeypatch):
+    # On a cold Numba cache the daemon logged only "starting" for a minute or more, and a
+    # SIGTERM then waited out the grace period and exited 1. No broker: it never connects.
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "cold-cache"))
+    proc = daemon_process("127.0.0.1:1", topic="in", alerts="alerts", model=model_path, group="g",
+                          state_dir=tmp_path / "state", log_path=tmp_path / "d.log", settings={"grace_period_s": 20})
+    try:
+        deadline = time.monotonic() + 60
+        while not any(r.get("msg", "").startswith("compiling the kernels") for r in log_lines(tmp_path / "d.log")):
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "d.log").read_text()
+            time.sleep(0.1)
+        t0 = time.monotonic()
+        assert stop(proc, timeout=15) == 0
+        assert time.monotonic() - t0 < 10
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    msgs = [r.get("msg") for r in log_lines(tmp_path / "d.log")]
+    assert "stopped while starting: nothing to checkpoint" in msgs and "kernels ready" not in msgs
+
+
 def test_sigterm_exits_zero_within_grace_with_offsets_committed(kafka_broker, model_path, events, tmp_path):
     topic, alerts, group = unique("in"), unique("alerts"), unique("g")
     create_topic(kafka_broker.bootstrap, topic, 2)
