@@ -327,6 +327,25 @@ def test_same_timestamp_rule_beside_missing_values_late_events_and_offsets():
     assert det.table.column("last_offset")[det.table.lookup(["a"])[0]] == 8
 
 
+@pytest.mark.parametrize("n_streams", [1, 500])
+def test_scaled_inputs_round_as_the_trainers(n_streams):
+    """The network gets training's float32 inputs bit for bit: (x - mean) / scale in float64,
+    rounded once to float32 (fastmath's reciprocal, were it used, is one float64 bit off for a
+    quarter of values, which that rounding hides for all but ~1e-9 of them). Read back through
+    the repeat term's copy of each stream's last scaled input."""
+    rng = np.random.default_rng(n_streams)
+    model = Model.random("gru", n_features=3, hidden=[4], seed=28)
+    model.scaler_mean[:] = rng.normal(size=3) * 10.0 ** rng.uniform(-3, 3, 3)
+    model.scaler_scale[:] = 10.0 ** rng.uniform(-3, 3, 3) * rng.uniform(0.5, 2.0, 3)
+    det = Detector(model, method="normalised")
+    ids = [f"s{i}" for i in range(n_streams)]
+    for step in range(200 // n_streams + 1):
+        x = model.scaler_mean + model.scaler_scale * rng.normal(0, 3, (n_streams, 3))
+        det.process(ids, x, np.full(n_streams, 1000 * step))
+        got = det.table.column("x_last")[det.table.lookup(ids)]
+        assert np.array_equal(got, model.scale(x).astype(np.float64))
+
+
 def test_gap_reset_starts_the_stream_afresh_and_decay_shrinks_the_state():
     model = Model.random("gru", n_features=1, hidden=[8], seed=27)
     x = np.sin(np.arange(20) / 3.0)[:, None]
