@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from streamrnn.alerts import Alert, alerts_to_arrow
+from streamrnn.compiling import on_first_compile
 from streamrnn.data import (DataError, EventBatch, Schema, check_output_names, check_outputs, data_notes,
                             iter_events, open_source, parquet_writer, write_parquet, write_whole)
 from streamrnn.errors import StreamrnnError
@@ -124,6 +125,7 @@ class _Progress:
             self._bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), transient=False)
             self._task = self._bar.add_task(label, total=total, rate="")
+            self._label = label
             self._t0 = time.perf_counter()
             self._done = 0
 
@@ -132,11 +134,16 @@ class _Progress:
             self._bar.start()
         return self
 
+    def compiling(self) -> None:
+        """Say why the bar stands still: Numba compiles before the first batch is scored."""
+        if self._bar is not None:
+            self._bar.update(self._task, description=f"{self._label}: compiling kernels, first run only")
+
     def advance(self, n: int) -> None:
         if self._bar is not None:
             self._done += n
             rate = self._done / max(time.perf_counter() - self._t0, 1e-9)
-            self._bar.update(self._task, advance=n, rate=f"{rate:,.0f} events/s")
+            self._bar.update(self._task, advance=n, rate=f"{rate:,.0f} events/s", description=self._label)
 
     def __exit__(self, *exc) -> None:
         if self._bar is not None:
@@ -295,7 +302,7 @@ def replay(paths: str | os.PathLike | Sequence[str | os.PathLike], model: Model 
     n = 0
     t0 = time.perf_counter()
     try:
-        with _Progress(progress, source.n_rows, "replay") as bar:
+        with _Progress(progress, source.n_rows, "replay") as bar, on_first_compile(bar.compiling):
             for batch, ids in _prefetch(_with_arrow_ids(events)):
                 res = det.process(ids, batch.values, batch.ts)
                 alerts.extend(res.alerts)

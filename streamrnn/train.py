@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 import numba
 import numpy as np
 
+from streamrnn.compiling import compiling_message, on_first_compile
 from streamrnn.data import data_notes, write_whole
 from streamrnn.errors import StreamrnnError
 from streamrnn.kernels import bptt
@@ -660,7 +661,9 @@ def train(paths: Sequence[str | Path] | str | Path, out: str | Path, *, cell: st
     if resume is not None and not Path(resume).is_file():
         raise TrainError(f"--resume {resume}: no such checkpoint file")
     log = log or (lambda msg: None)
-    with numba_threads(threads):  # the caller's thread count comes back, even on an error
+    compiling = compiling_message("the training and scoring kernels", "2-3 minutes on 2 cores")
+    # the caller's thread count comes back, even on an error
+    with numba_threads(threads), on_first_compile(lambda: log(compiling)):
         t_start = time.perf_counter()
         prep = prepare(paths, cfg, stream_col, time_col, features, stream_id)
         notes = data_notes(prep.stats)
