@@ -36,9 +36,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model file")
     p.add_argument("--group", help="consumer group id")
     p.add_argument("--state-dir", dest="state_dir", help="directory for local state snapshots")
-    p.add_argument("--config", help="TOML file with every setting")
+    p.add_argument("--config", help="TOML file of settings (deploy/daemon.toml is a commented example)")
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="NAME=VALUE",
-                   help="any other setting (repeatable)")
+                   help="any other setting (repeatable): NAME is a key of the TOML file, e.g. metrics_port=9100")
     return p
 
 

@@ -196,7 +196,7 @@ def replay(paths: list[Path] = typer.Argument(..., help="Parquet/CSV files or di
            warmup: int | None = typer.Option(None, "--warmup", help="Override the warm-up events per stream."),
            batch_rows: int = typer.Option(65536, "--batch-rows", help="Events per Detector call."),
            progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar.")) -> None:
-    """Run the Detector over history in time order (or produce it to Kafka with --to-kafka)."""
+    """Score history files with a model, event by event in time order (or produce them to Kafka with --to-kafka)."""
     from streamrnn import replay as rp
     from streamrnn.data import data_notes
 
@@ -281,8 +281,9 @@ def daemon(bootstrap: str = typer.Option(None, help="Kafka bootstrap HOST:PORT[,
            model: str = typer.Option(None, help="Model file (reloaded when it changes)."),
            group: str = typer.Option(None, help="Consumer group id."),
            state_dir: str = typer.Option(None, "--state-dir", help="Directory for local state snapshots."),
-           config: Path = typer.Option(None, "--config", help="TOML file with every setting (daemon.toml)."),
-           settings: list[str] = typer.Option([], "--set", help="Any other setting as NAME=VALUE (repeatable).")) -> None:
+           config: Path = typer.Option(None, "--config", help="TOML file of settings (deploy/daemon.toml is a commented example)."),
+           settings: list[str] = typer.Option([], "--set", help="Any other setting as NAME=VALUE (repeatable): NAME is a key of the TOML file, "
+                                                       "e.g. metrics_port=9100.")) -> None:
     """Run the Kafka scoring daemon (settings: TOML < STREAMRNN_* environment < flags)."""
     from daemon.cli import build_config
 
