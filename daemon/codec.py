@@ -19,6 +19,8 @@ as a whole with a reason; the daemon sends it, unchanged, to the dead-letter top
 Every event gets an *event offset* ``message offset * 2**20 + index in the message``: it
 grows strictly along a partition, so the detector's idempotent-restart rule (skip events at
 or below a stream's recorded last offset) also works for messages that carry many events.
+A producer's retry (the same events again under a new offset) passes that rule; its events
+are not applied for sharing their stream's last applied timestamp (``same_ts_dropped``).
 """
 
 from __future__ import annotations
