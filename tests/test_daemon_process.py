@@ -55,15 +55,17 @@ def test_sigterm_while_compiling_on_a_cold_cache_exits_at_once(model_path, tmp_p
     # SIGTERM then waited out the grace period and exited 1. No broker: it never connects.
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "cold-cache"))
     proc = daemon_process("127.0.0.1:1", topic="in", alerts="alerts", model=model_path, group="g",
-                          state_dir=tmp_path / "state", log_path=tmp_path / "d.log", settings={"grace_period_s": 20})
+                          state_dir=tmp_path / "state", log_path=tmp_path / "d.log", settings={"grace_period_s": 90})
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while not any(r.get("msg", "").startswith("compiling the kernels") for r in log_lines(tmp_path / "d.log")):
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "d.log").read_text()
             time.sleep(0.1)
         t0 = time.monotonic()
-        assert stop(proc, timeout=15) == 0
-        assert time.monotonic() - t0 < 10
+        # The old code waited out the grace period (90 s), then exited 1. The bound is loose: the
+        # handler runs once the compiler is back in Python, which under load can take seconds.
+        assert stop(proc, timeout=60) == 0
+        assert time.monotonic() - t0 < 45
     finally:
         if proc.poll() is None:
             proc.kill()
