@@ -89,6 +89,26 @@ def _scratch(model):
     return np.empty((1, 4 * hmax), np.float32), np.empty((1, hmax), np.float32), np.empty(hmax, np.float32)
 
 
+@pytest.mark.parametrize("options,hidden", [({"cell": "lstm"}, [64]), ({"cell": "lstm", "peephole": True}, [40, 17]),
+                                            ({"cell": "gru", "reset_after": False}, [33, 64])])
+def test_worker_0_going_on_alone_mid_run_keeps_the_bits(options, hidden):
+    """Worker 0 takes over every unit after event 50 (as when pairing stops paying): it holds
+    only its own units' c and gets worker 1's when it leaves; forced here, so the hand-over
+    is checked every time, not only when a busy machine happens to stop a run."""
+    model = Model.random(n_features=3, hidden=hidden, seed=7, **options)
+    xs, state, pred = _inputs(model, 150, 7)
+    for mode in (OUT_BEFORE, OUT_AFTER):
+        want = _one_thread(model, xs, state, pred, mode)
+        split._HEALTH[5] = 50
+        try:
+            got, info = _split(model, xs, state, pred, mode, join=JOIN)
+        finally:
+            split._HEALTH[5] = 0
+        _assert_same_bits(got, want)
+        if info[0] == 1:  # paired (else the partner never came: one thread stepped the run)
+            assert info[1] > 0
+
+
 def _split(model, xs, state, pred, mode, join=STRICT):
     # STRICT with one Numba thread would wait for ever: prange runs the two workers in turn.
     assert join >= 0 or numba.get_num_threads() >= 2, "forced pairing needs two Numba threads"

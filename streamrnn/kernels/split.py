@@ -6,16 +6,18 @@ them from L2 every event. Here (a "persistent RNN", as GPU persistent kernels do
 owns a contiguous range of each layer's hidden units for the whole run: it computes the
 gate columns of its units only (so it reads about half of the weights, from its own
 caches), applies the gates and the c/h update of its units, publishes its part of the new
-h and meets the partner at a spin barrier once per layer and event (both need the whole
-h). Each worker first copies its columns of every layer's weights into a panel of its own,
+h and waits for the partner's once per layer and event (both need the whole h). Each
+worker first copies its columns of every layer's weights into a panel of its own,
 contiguous (``_pack``): read in place, rows G * H floats apart, its columns map to a quarter
 of L1's sets only (12-16 lines for 8 ways at H=64); packed, they spread over all of them.
-The h of every layer is double-buffered (step i writes buffer i % 2 and reads the
-other), so one barrier per layer-step suffices: a thread that passed the barrier of step i
-knows its partner has finished reading step i-1's buffer, the one step i+1 overwrites.
-An LSTM's c travels with its h in the same double-buffered block, written by its owner
-only. Worker 0 also runs the head and owns the stored prediction and the outputs, so they
-need no synchronisation.
+Each worker keeps its own copy of every layer's h, double-buffered (step i writes buffer
+i % 2 and reads the other); an LSTM's c travels with its h in the same block, each worker
+keeping its own units' c only (worker 1 hands its c over when worker 0 goes on alone).
+The exchange is a mailbox (``_post``/``_fetch``): the worker writes its units' h into
+cache lines that carry the epoch in their last 8 bytes, the partner polls those lines and
+copies the h out, so the poll itself brings the data (an epoch word, then the h lines read
+by the product, were three transfers in a row between the cores). Worker 0 also runs the
+head and owns the stored prediction and the outputs, so they need no synchronisation.
 
 What it costs: a barrier is two cache-line transfers between the cores (the writer takes
 the line back, the reader fetches it): 48-58 ns on this VM's two vCPUs when the machine is
@@ -28,6 +30,18 @@ GRU64 D=1 0.56-0.61 -> 0.42-0.44 us, LSTM64 D=1 0.93 -> 0.61-0.62, GRU64 D=8 0.5
 0.44-0.46, LSTM64 D=8 0.72-1.0 -> 0.70. A worker's half layer run alone (no partner)
 gained nothing from the panel in one probe and ~300 cycles in another: where the gain
 comes from in the paired run is not pinned down.
+The mailbox against the shared buffer and epoch barrier (/tmp/s12/K/ab_pairs.py: run by
+run in one process, pairs of adjacent runs split by the old code's time, median ratio new
+/ old of worker 0's cycles an event; load 1.3-2.7): LSTM64 D=1 0.98 in the quietest
+quarter (1438 -> 1409 cycles, 0.59 us), 0.76 in the loaded half; GRU64 D=1 0.93 / 0.89;
+GRU64 D=8 0.84 / 0.82; LSTM64 D=8 1.06 quiet (1613 -> 1704: its panel already overflows
+L1 and the mailbox lines add to it) but 0.80 loaded. Phase timings (/tmp/s12/K/trace2.py)
+put a worker's half-layer at ~1150 cycles an event in the paired run against ~720 alone,
+~130-700 of it stalls on the partner's h lines, more the busier the machine.
+L1 sets: a panel laid out so that 56 of its rows stay resident in 7/8 of the sets (the
+rest and the scratch in the other eighth) ran no faster than the contiguous one in a
+one-core C probe (/tmp/s12/K/mb.c: 65 rows 722 vs 752 cycles, 73 rows 922 vs 915;
+fitting rows cost ~9.9 cycles each, each row past ~60 about 26): not done.
 
 Numbers: each output column is summed exactly as ``single.matvec`` sums it (bias, input
 terms, recurrent terms, each in k order, one FMA per term), whatever vector group or scalar
@@ -38,7 +52,7 @@ Safety: the two workers are the two iterations of a ``prange``; Numba may run th
 after the other (one thread, a busy pool). So they first meet with a bounded wait: the
 second to arrive joins ("paired"), but if it has not arrived within ``JOIN_CYCLES`` the
 first atomically claims the run ("solo") and leaves; a late partner sees that and leaves
-too, and the calling thread steps the run with ``single.step_stream``. A barrier spins with ``pause``, and after ``SPIN_CYCLES`` yields the CPU
+too, and the calling thread steps the run with ``single.step_stream``. A wait spins with ``pause``, and after ``SPIN_CYCLES`` yields the CPU
 (sched_yield) between polls, so a partner preempted on this core gets to run; worker 0
 then goes on alone (the partner leaves at the next barrier). On a busy machine the
 parallel region itself may take milliseconds to start or end (its other thread asleep or
@@ -90,10 +104,17 @@ SPIN_CYCLES = 50_000
 JUDGE_STEPS = 32
 
 # The sync words (int64), each on its own 64-byte line: arrival ticket, run mode, the last
-# barrier epoch each worker reached (two lines), worker 1's "the pairing is slow" flag, and
-# the barrier epoch after which worker 0 goes on alone (0: none yet).
-_TICKET, _MODE, _EPOCH, _SLOW, _STOP = 0, 8, 16, 32, 40
-SYNC_WORDS = 48
+# barrier epoch each worker reached (two lines), worker 1's "the pairing is slow" flag, the
+# barrier epoch after which worker 0 goes on alone (0: none yet), and worker 1's "my c is in
+# your buffer" when it leaves.
+_TICKET, _MODE, _EPOCH, _SLOW, _STOP, _HANDOFF = 0, 8, 16, 32, 40, 48
+SYNC_WORDS = 56
+#: After the sync words, on lines of their own: the mailboxes in which each worker posts its
+#: units' new h at the end of a layer-step (``_post``): per worker, two slots (by epoch
+#: parity), each a run of 64-byte lines holding MAIL_FLOATS floats and, in the line's last 8
+#: bytes, the epoch they belong to.
+MAIL_WORD0 = 64
+MAIL_FLOATS = 14
 #: Run modes: not yet decided, both workers, one worker from the start.
 _UNDECIDED, _PAIRED, _SOLO = 0, 1, 2
 #: _join's answers besides a worker index (0 or 1).
@@ -122,8 +143,10 @@ _bind_sched_yield()
 #: The process's memory of how splitting went (int64 words, shared by every kernel call and
 #: thread): [0] the time-stamp counter until which runs are not split, [1] the current
 #: back-off, [2] runs split, [3] of which did not pay (counts for diagnostics, not exact
-#: when threads race), [4] 1 when splitting is on (``enable``). Compiled code reaches it by
-#: symbol name, so cached kernels find it (and a switch needs no recompilation).
+#: when threads race), [4] 1 when splitting is on (``enable``), [5] for tests: the event
+#: (> 1) after which worker 0 goes on alone as if pairing did not pay (0: none; runs with
+#: a bounded handshake only). Compiled code reaches it by symbol name, so cached kernels
+#: find it (and a switch needs no recompilation).
 _HEALTH_SYMBOL = "streamrnn_split_health"
 _HEALTH_WORDS = 8
 _HEALTH = (ctypes.c_int64 * _HEALTH_WORDS)()
@@ -240,6 +263,23 @@ def _yield_cpu(typingctx):
 
 
 @intrinsic
+def _prefetch_w(typingctx, ptr):
+    """Hint: take the line at ptr into this core's L1 for writing (exclusive)."""
+    if ptr != _F32P:
+        return None
+
+    def codegen(context, builder, signature, args):
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                            "llvm.prefetch.p0i8")
+        builder.call(fn, [builder.bitcast(args[0], i8p), ir.Constant(i32, 1), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(ptr), codegen
+
+
+@intrinsic
 def _cycles(typingctx):
     """The time-stamp counter (constant rate here), for bounded waits."""
 
@@ -295,21 +335,86 @@ def _join(sync, join_cycles):
 
 
 @njit(**_INLINE)
-def _barrier(sync, me, epoch):
-    """Publish that this worker reached ``epoch`` (release: its h writes go with it) and wait
-    until the partner has (acquire: the partner's h writes are visible). Returns the cycles
-    waited (0 when the partner was there first)."""
-    _store_release(sync, _EPOCH + 8 * me, epoch)
-    other = _EPOCH + 8 * (1 - me)
-    if _load_acquire(sync, other) >= epoch:
+def _wait(words, i, epoch):
+    """Spin until words[i] >= epoch (acquire); after SPIN_CYCLES, yield the CPU between polls.
+    Returns the cycles waited (0 when it was there already)."""
+    if _load_acquire(words, i) >= epoch:
         return 0
     start = _cycles()
-    while _load_acquire(sync, other) < epoch:
+    while _load_acquire(words, i) < epoch:
         if _cycles() - start > SPIN_CYCLES:
             _yield_cpu()
         else:
             _pause()
     return _cycles() - start
+
+
+@njit(**_INLINE)
+def _barrier(sync, me, epoch):
+    """Publish that this worker reached ``epoch`` (release: its h writes go with it) and wait
+    until the partner has (acquire: the partner's h writes are visible). Returns the cycles
+    waited (0 when the partner was there first)."""
+    _store_release(sync, _EPOCH + 8 * me, epoch)
+    return _wait(sync, _EPOCH + 8 * (1 - me), epoch)
+
+
+@njit(**_INLINE)
+def _mail_line(lines, worker, epoch):
+    """First mailbox line (counted from MAIL_WORD0) of ``worker``'s slot for ``epoch``."""
+    return (2 * worker + (epoch & 1)) * lines
+
+
+@njit(**_INLINE)
+def _post(sync, syncf, line, h, lo, hi, epoch):
+    """Publish h[lo:hi] of ``epoch`` from mailbox line ``line`` on: each line's floats, then its
+    epoch (release, so a reader that sees the epoch sees the floats)."""
+    j = lo
+    while j < hi:
+        word = MAIL_WORD0 + 8 * line
+        m = _at(_data(syncf), 2 * word)
+        if hi - j >= MAIL_FLOATS:
+            for f in range(MAIL_FLOATS):  # a fixed count: unrolled, in vectors
+                m[f] = h[j + f]
+        else:
+            for f in range(hi - j):
+                m[f] = h[j + f]
+        _store_release(sync, word + 7, epoch)
+        line += 1
+        j += MAIL_FLOATS
+
+
+@njit(**_INLINE)
+def _own(syncf, line, lines):
+    """Take mailbox lines [line, line + lines) into this core's cache for writing."""
+    for k in range(lines):
+        _prefetch_w(_at(_data(syncf), 2 * (MAIL_WORD0 + 8 * (line + k))))
+
+
+@njit(**_INLINE)
+def _fetch(sync, syncf, line, h, lo, hi, epoch):
+    """Wait for the partner's h[lo:hi] of ``epoch`` (``_post``) and copy it into this worker's
+    h. Returns the cycles waited.
+
+    Together they are the layer-step's barrier: instead of an epoch word the partner polls,
+    then the h lines it reads in its product (three cache-line transfers one after the other
+    between the cores), the poll fetches the h with its epoch; the copy is read from this
+    core's own cache. A slot is rewritten two epochs later, after the reader's next post,
+    which it makes only once it has copied this one."""
+    waited = 0
+    j = lo
+    while j < hi:
+        word = MAIL_WORD0 + 8 * line
+        waited += _wait(sync, word + 7, epoch)
+        m = _at(_data(syncf), 2 * word)
+        if hi - j >= MAIL_FLOATS:
+            for f in range(MAIL_FLOATS):
+                h[j + f] = m[f]
+        else:
+            for f in range(hi - j):
+                h[j + f] = m[f]
+        line += 1
+        j += MAIL_FLOATS
+    return waited
 
 
 @njit(**_INLINE)
@@ -613,6 +718,19 @@ def _pack(dst, src, rows, n_gates, hsz, lo, n):
 
 
 @njit(**_INLINE)
+def _hand_over_c(dst, src, hidden, hoff):
+    """Worker 1's units' c (every LSTM layer) from its h buffer src into worker 0's dst: each
+    worker keeps only its own units' c, and worker 0 goes on alone."""
+    for layer in range(hidden.shape[0]):
+        hsz = hidden[layer]
+        lo, hi = _units(1, True, hsz)
+        d = _at(dst, hoff[layer] + hsz)
+        c = _at(src, hoff[layer] + hsz)
+        for j in range(lo, hi):
+            d[j] = c[j]
+
+
+@njit(**_INLINE)
 def _units(me, paired, hsz):
     """The units [lo, hi) worker ``me`` owns in a layer of hsz units (all when alone)."""
     if not paired:
@@ -626,8 +744,10 @@ def _worker(sync, info, join_cycles, ev, s, xs, xo, state, pred, out, mode, cell
             wx, wh, b, bhn, peep, wo, bo, hbuf, hoff, priv, hmax, rh, panel, poff):
     """One of the two workers of ``step_stream_split`` (see the module docstring).
 
-    hbuf (2, HS): the layers' h (an LSTM's h and c, as in the state row), double-buffered,
-    layer l at hoff[l], each unit written by its owner only; priv (2, P): each worker's acc
+    hbuf (4, HS): each worker's copy of the layers' h (an LSTM's h and c, as in the state
+    row), double-buffered (rows 2 me and 2 me + 1), layer l at hoff[l]: its own units written
+    by its gates, the partner's copied from the partner's mailbox in sync (``_post``,
+    ``_fetch``); priv (2, P): each worker's acc
     and accn; rh: a GRU's r * h; panel (2, P): each worker's packed weights (``_pack``), layer
     l's input weights at poff[2 l], its recurrent ones at poff[2 l + 1]. Worker 0 watches the barriers' cost (and worker 1's flag) and, when pairing
     does not pay, goes on alone after the current event; worker 1 then leaves."""
@@ -646,14 +766,16 @@ def _worker(sync, info, join_cycles, ev, s, xs, xo, state, pred, out, mode, cell
     n_out = pred.shape[1]
     acc = _at(_data(priv), me * priv.shape[1])
     accn = _at(acc, 4 * hmax)
-    hb = _data(hbuf)
     hstride = hbuf.shape[1]
+    hb = _at(_data(hbuf), 2 * me * hstride)
+    syncf = sync.view(np.float32)
+    lines = _mail_lines(hmax)
     rhp = _data(rh)
     plain = _plain_layers(cell, hidden, peep)
     n_feat = wx[0].shape[0]
     n_gates = _n_gates(cell)
     pan = _at(_data(panel), me * panel.shape[1])
-    # The state's h (and c) go to buffer 1: step 0 reads it.
+    # The state's h (and c) go to buffer 1: step 0 reads it (every unit's h).
     for layer in range(n_layers):
         lo, hi = _units(me, paired, hidden[layer])
         n_in = n_feat if layer == 0 else hidden[layer - 1]
@@ -661,7 +783,7 @@ def _worker(sync, info, join_cycles, ev, s, xs, xo, state, pred, out, mode, cell
         _pack(_at(pan, poff[2 * layer + 1]), _item_data(wh, layer), hidden[layer], n_gates, hidden[layer], lo, hi - lo)
         src = _at(row, offsets[layer])
         h1 = _at(hb, hstride + hoff[layer])
-        for j in range(lo, hi):
+        for j in range(hidden[layer]):
             h1[j] = src[j]
             if lstm:
                 h1[hidden[layer] + j] = src[hidden[layer] + j]
@@ -704,10 +826,15 @@ def _worker(sync, info, join_cycles, ev, s, xs, xo, state, pred, out, mode, cell
                     slow = _slow(i, waited, longest, _cycles() - began)
                     if me == 1 and slow:
                         _store_release(sync, _SLOW, 1)
-                    elif me == 0 and (slow or _load_acquire(sync, _SLOW) != 0):
+                    elif me == 0 and (slow or _load_acquire(sync, _SLOW) != 0 or i == _health()[5]):
                         _store_release(sync, _STOP, epoch + 1)
                 epoch += 1
-                w = _barrier(sync, me, epoch)
+                _post(sync, syncf, _mail_line(lines, me, epoch), hnew, lo, hi, epoch)
+                plo, phi = _units(1 - me, paired, hsz)
+                w = _fetch(sync, syncf, _mail_line(lines, 1 - me, epoch), hnew, plo, phi, epoch)
+                # Own the slot of this worker's next post while computing, not when posting:
+                # it holds epoch - 1's h, which the partner copied before posting this one.
+                _own(syncf, _mail_line(lines, me, epoch + 1), lines)
                 waited += w
                 longest = max(longest, w)
             x = hnew
@@ -715,8 +842,13 @@ def _worker(sync, info, join_cycles, ev, s, xs, xo, state, pred, out, mode, cell
         # The stop is tagged with its barrier: worker 0 may already have set a later one.
         if paired and _load_acquire(sync, _STOP) == epoch:
             if me == 1:
-                return  # worker 0 steps every unit from the next event on
+                # Worker 0 steps every unit from the next event on: it needs this worker's c.
+                if lstm:
+                    _hand_over_c(_at(_data(hbuf), (i & 1) * hstride), cur, hidden, hoff)
+                _store_release(sync, _HANDOFF, 1)
+                return
             paired = False
+            _wait(sync, _HANDOFF, 1)
         if me == 0:
             matvec(prow, _data(bo), x, nx, _data(wo), wo.shape[1], x, 0, _data(wo), wo.shape[1], n_out)
             if mode == OUT_AFTER:
@@ -738,6 +870,12 @@ def _worker(sync, info, join_cycles, ev, s, xs, xo, state, pred, out, mode, cell
                 dst[j] = h[j]
                 if lstm:
                     dst[hidden[layer] + j] = h[hidden[layer] + j]
+
+
+@njit(**_INLINE)
+def _mail_lines(hmax):
+    """Mailbox lines a slot needs: the larger half of the widest layer."""
+    return ((hmax + 1) // 2 + MAIL_FLOATS - 1) // MAIL_FLOATS
 
 
 @njit(**_OPTS)
@@ -795,10 +933,11 @@ def step_stream_split(ev, rows, xs, xo, state, pred, out, mode, info, join_cycle
         poff[2 * layer + 1] = ps
         ps += (hidden[layer] * n_gates * half + 15) // 16 * 16
     panel = _aligned(2 * ps).reshape(2, ps)
-    hbuf = _aligned(2 * hs).reshape(2, hs)
+    hbuf = _aligned(4 * hs).reshape(4, hs)
     priv = _aligned(2 * p).reshape(2, p)
     rhs = _aligned(hmax)
-    sync = np.zeros(SYNC_WORDS, np.int64)
+    # The sync words and the mailboxes (4 slots), 64-byte aligned so each sits on lines of its own.
+    sync = _aligned(2 * (MAIL_WORD0 + 4 * 8 * _mail_lines(hmax))).view(np.int64)
     began = _cycles()
     _pair(sync, info, join_cycles, ev, rows[0], xs, xo, state, pred, out, mode, cell, reset_after, hidden, offsets,
           wx, wh, b, bhn, peep, wo, bo, hbuf, hoff, priv, hmax, rhs, panel, poff)
