@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-__all__ = ["on_first_compile", "compiling_message"]
+__all__ = ["on_first_compile", "compiling_message", "CompileClock", "compile_clock"]
 
 
 @contextmanager
@@ -28,6 +28,28 @@ def on_first_compile(callback: Callable[[], None]) -> Iterator[None]:
 
     with event.install_listener("numba:compile", _First()):
         yield
+
+
+class CompileClock:
+    """Seconds Numba spent compiling inside a :func:`compile_clock` block, so far."""
+
+    def __init__(self, listener) -> None:
+        self._listener = listener
+
+    @property
+    def seconds(self) -> float:
+        return self._listener.duration if self._listener.done else 0.0
+
+
+@contextmanager
+def compile_clock() -> Iterator[CompileClock]:
+    """Measure the compiling inside the block (outermost compiles only: a kernel's callees
+    compile within it), so a rate can leave out a cold cache's first-run minutes."""
+    from numba.core import event
+
+    listener = event.TimingListener()
+    with event.install_listener("numba:compile", listener):
+        yield CompileClock(listener)
 
 
 def compiling_message(what: str, seconds: str) -> str:

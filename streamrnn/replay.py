@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from streamrnn.alerts import Alert, alerts_to_arrow
-from streamrnn.compiling import on_first_compile
+from streamrnn.compiling import compile_clock, on_first_compile
 from streamrnn.data import (DataError, EventBatch, Schema, check_output_names, check_outputs, data_notes,
                             iter_events, open_source, parquet_writer, write_parquet, write_whole)
 from streamrnn.errors import StreamrnnError
@@ -52,10 +52,13 @@ class ReplayResult:
     scores_path: Path | None = None
     alerts_path: Path | None = None
     input_stats: dict[str, Any] = field(default_factory=dict)
+    compile_seconds: float = 0.0  # of ``seconds``: Numba compiling kernels (a cold cache's first run)
 
     @property
     def events_per_second(self) -> float:
-        return self.n_events / self.seconds if self.seconds > 0 else float("nan")
+        """Events over the seconds spent other than compiling kernels."""
+        busy = self.seconds - self.compile_seconds
+        return self.n_events / busy if busy > 0 else float("nan")
 
     @property
     def n_alerts(self) -> int:
@@ -302,7 +305,8 @@ def replay(paths: str | os.PathLike | Sequence[str | os.PathLike], model: Model 
     n = 0
     t0 = time.perf_counter()
     try:
-        with _Progress(progress, source.n_rows, "replay") as bar, on_first_compile(bar.compiling):
+        with _Progress(progress, source.n_rows, "replay") as bar, on_first_compile(bar.compiling), \
+                compile_clock() as compiled:
             for batch, ids in _prefetch(_with_arrow_ids(events)):
                 res = det.process(ids, batch.values, batch.ts)
                 alerts.extend(res.alerts)
@@ -328,7 +332,7 @@ def replay(paths: str | os.PathLike | Sequence[str | os.PathLike], model: Model 
     for key in _INPUT_COUNTERS:
         counters[key] = int(events.stats.get(key, 0))
     return ReplayResult(alerts=alerts, counters=counters, n_events=n, seconds=seconds,
-                        n_streams=len(det.table), scores_path=Path(out) if out is not None else None,
+                        compile_seconds=compiled.seconds, n_streams=len(det.table), scores_path=Path(out) if out is not None else None,
                         alerts_path=alerts_path, input_stats=dict(events.stats))
 
 
@@ -388,11 +392,17 @@ def _check_bootstrap(bootstrap: str) -> None:
 _INPUT_COUNTERS = ("duplicates_dropped", "conflicts_merged")
 
 
+def _compiled_note(seconds: float) -> str:
+    """What of a run's time went to compiling kernels, when it is worth a mention."""
+    return f", of which {seconds:.1f} s compiling kernels, first run only" if seconds >= 0.05 else ""
+
+
 def summary_lines(result: ReplayResult) -> list[str]:
     """Human-readable summary of a replay."""
     c = result.counters
     lines = [f"events {result.n_events:,}  streams {result.n_streams:,}  alert episodes {result.n_alerts:,}  "
-             f"{result.events_per_second:,.0f} events/s ({result.seconds:.2f} s)"]
+             f"{result.events_per_second:,.0f} events/s "
+             f"({result.seconds:.2f} s{_compiled_note(result.compile_seconds)})"]
     notes = data_notes({**result.input_stats, **{k: c.get(k, 0) for k in _INPUT_COUNTERS}})
     if notes is not None:
         lines.append(notes)

@@ -306,3 +306,32 @@ def test_time_delta_model_replays_a_file_without_dt_with_the_inputs_training_had
                    progress=False)
     assert again.n_events == len(ids)
     assert_same_table(pq.read_table(tmp_path / "again.parquet"), scores)
+
+
+class _CompilesOnce(Detector):
+    """A Detector whose first batch spends ``pause`` seconds inside a Numba compile event, as
+    a cold cache's first call does."""
+
+    pause = 0.4
+
+    def process(self, *args, **kwargs):
+        if not getattr(self, "_compiled", False):
+            from numba.core import event
+
+            self._compiled = True
+            with event.trigger_event("numba:compile"):
+                time.sleep(self.pause)
+        return super().process(*args, **kwargs)
+
+
+def test_rate_and_summary_leave_out_kernel_compiling(whole):
+    # On a cold cache replay printed rates like 14 events/s: the minutes of compiling counted.
+    from streamrnn.replay import summary_lines
+
+    d, _ = whole
+    res = replay(d / "all.parquet", model(), batch_rows=256, progress=False, detector=_CompilesOnce(model()))
+    assert _CompilesOnce.pause <= res.compile_seconds < res.seconds
+    assert res.events_per_second == pytest.approx(res.n_events / (res.seconds - res.compile_seconds))
+    assert "compiling kernels, first run only" in summary_lines(res)[0]
+    warm = replay(d / "all.parquet", model(), batch_rows=256, progress=False)  # kernels compiled by now
+    assert warm.compile_seconds < 0.05 and "compiling" not in summary_lines(warm)[0]

@@ -334,3 +334,33 @@ def test_bad_input_gives_one_clear_message(tmp_path):
         assert fragment in " ".join(text.split()), (case, text)
         assert "Traceback" not in text and text.count("error:") == 1, (case, text)
         assert not (tmp_path / "m.safetensors").exists(), case
+
+
+def test_epoch_seconds_leave_out_kernel_compiling(tmp_path, monkeypatch):
+    # On a cold cache the first epoch's minutes of compiling made train report a few windows/s.
+    import time
+
+    from numba.core import event
+
+    from streamrnn import train as train_mod
+
+    data = tmp_path / "sines.parquet"
+    sines(data, n_rows=120)
+    plain = train_mod.Stepper.step
+    pause = 2.0
+    calls = []
+
+    def step_compiling_first(self, *args, **kwargs):
+        if not calls:  # the first step of the first epoch compiles, as on a cold cache
+            with event.trigger_event("numba:compile"):
+                time.sleep(pause)
+        calls.append(1)
+        return plain(self, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod.Stepper, "step", step_compiling_first)
+    res = train([data], tmp_path / "a.safetensors", **{**SMALL, "epochs": 2})
+    assert len(calls) > 1 and len(res.epochs) == 2
+    # A few hundred windows take milliseconds an epoch; the old code counted the pause in.
+    assert all(0 < e["seconds"] < pause - 0.5 for e in res.epochs)
+    n = res.epochs[0]["windows_per_second"] * res.epochs[0]["seconds"]
+    assert n == pytest.approx(res.epochs[1]["windows_per_second"] * res.epochs[1]["seconds"])
