@@ -14,7 +14,7 @@ import functools
 import json
 import math
 import time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -528,35 +528,33 @@ def fit(net: Net, theta0: np.ndarray, train_windows: np.ndarray, valid_windows: 
     x = np.ascontiguousarray(train_windows, np.float32)
     stepper = Stepper(net, state.theta, adam, cfg.batch_size)
     bar = _Progress(progress, cfg.epochs, steps_per_epoch, state.epoch)
-    with compile_clock() as compiled:  # an epoch's seconds leave out kernel compiling
-        try:
-            while state.epoch < cfg.epochs and not _stopped(state, cfg):
-                t0, c0 = time.perf_counter(), compiled.seconds
-                order = np.random.default_rng([cfg.seed, state.epoch]).permutation(n)
-                loss_sum, count = 0.0, 0
-                for b in range(steps_per_epoch):
-                    idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-                    lr = cfg.lr * state.lr_factor
-                    if cfg.schedule == "cosine":
-                        lr *= cosine_factor(adam.step_count, total_steps)
-                    loss = stepper.step(x, idx, lr, cfg.clip)
-                    loss_sum += loss
-                    count += len(idx)
-                    bar.step(loss_sum / (count * (x.shape[1] - 1) * x.shape[2]))
-                if not np.all(np.isfinite(state.theta)):
-                    raise TrainError(f"training diverged in epoch {state.epoch + 1} (non-finite weights); "
-                                     f"lower --lr (now {cfg.lr}) or set --clip")
-                train_loss = loss_sum / (count * (x.shape[1] - 1) * x.shape[2])
-                valid_loss = _mean_loss(net, state.theta.astype(np.float32), valid_windows)
-                _after_epoch(state, cfg, train_loss, valid_loss, lr,
-                             time.perf_counter() - t0 - (compiled.seconds - c0), n)
-                bar.epoch_done(state)
-                if checkpoint is not None:
-                    save_checkpoint(Path(checkpoint), state, adam, fingerprint)
-                if on_epoch is not None:
-                    on_epoch(state)
-        finally:
-            bar.close()
+    # an epoch's seconds leave out kernel compiling; the bar closes on any exit
+    with compile_clock() as compiled, closing(bar):
+        while state.epoch < cfg.epochs and not _stopped(state, cfg):
+            t0, c0 = time.perf_counter(), compiled.seconds
+            order = np.random.default_rng([cfg.seed, state.epoch]).permutation(n)
+            loss_sum, count = 0.0, 0
+            for b in range(steps_per_epoch):
+                idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+                lr = cfg.lr * state.lr_factor
+                if cfg.schedule == "cosine":
+                    lr *= cosine_factor(adam.step_count, total_steps)
+                loss = stepper.step(x, idx, lr, cfg.clip)
+                loss_sum += loss
+                count += len(idx)
+                bar.step(loss_sum / (count * (x.shape[1] - 1) * x.shape[2]))
+            if not np.all(np.isfinite(state.theta)):
+                raise TrainError(f"training diverged in epoch {state.epoch + 1} (non-finite weights); "
+                                 f"lower --lr (now {cfg.lr}) or set --clip")
+            train_loss = loss_sum / (count * (x.shape[1] - 1) * x.shape[2])
+            valid_loss = _mean_loss(net, state.theta.astype(np.float32), valid_windows)
+            _after_epoch(state, cfg, train_loss, valid_loss, lr,
+                         time.perf_counter() - t0 - (compiled.seconds - c0), n)
+            bar.epoch_done(state)
+            if checkpoint is not None:
+                save_checkpoint(Path(checkpoint), state, adam, fingerprint)
+            if on_epoch is not None:
+                on_epoch(state)
     return state
 
 
